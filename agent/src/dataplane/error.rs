@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+/// What can go wrong between Palisade and the kernel. Each variant names the object.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("no bpffs at or above {0}: mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NoBpffs(PathBuf),
+    #[error("loading the eBPF object: {0}")]
+    Load(Box<aya::EbpfError>),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("pinned map {0} not found: is the agent running on this node? (or pass --bpffs-dir)")]
+    NotPinned(PathBuf),
+    #[error("interface {name}: {source}")]
+    Interface {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("link {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,162 @@
+//! Typed handles on the pinned maps, opened by path so the agent and the CLI (even with no
+//! agent running) see the same kernel state. Writers change entries one by one, never by
+//! clearing a map, so a packet always sees either the old or the new entry.
+
+use std::net::IpAddr;
+
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, Map, MapData, PerCpuArray,
+};
+use ipnetwork::IpNetwork;
+use palisade_common::{
+    maps as names, Config, Counter, CtKey, CtValue, Endpoint, IdentityValue, PolicyKey,
+    PolicyValue,
+};
+
+use super::{DataplaneError, Layout};
+
+pub struct Maps {
+    pub endpoints: HashMap<MapData, u32, Endpoint>,
+    pub identity_v4: LpmTrie<MapData, [u8; 4], IdentityValue>,
+    pub identity_v6: LpmTrie<MapData, [u8; 16], IdentityValue>,
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pub counters: PerCpuArray<MapData, Counter>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub config: Array<MapData, Config>,
+}
+
+fn open<T>(layout: &Layout, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let path = layout.map(name);
+    if !path.exists() {
+        return Err(DataplaneError::NotPinned(path));
+    }
+    let map_err = |source| DataplaneError::Map {
+        name,
+        source: Box::new(source),
+    };
+    let data = MapData::from_pin(&path).map_err(map_err)?;
+    let map = Map::from_map_data(data).map_err(map_err)?;
+    T::try_from(map).map_err(map_err)
+}
+
+impl Maps {
+    pub fn open(layout: &Layout) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            endpoints: open(layout, names::ENDPOINTS)?,
+            identity_v4: open(layout, names::IDENTITY_V4)?,
+            identity_v6: open(layout, names::IDENTITY_V6)?,
+            policy: open(layout, names::POLICY)?,
+            counters: open(layout, names::COUNTERS)?,
+            conntrack: open(layout, names::CONNTRACK)?,
+            config: open(layout, names::CONFIG)?,
+        })
+    }
+
+    pub fn set_config(&mut self, cfg: Config) -> Result<(), DataplaneError> {
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| map_err(names::CONFIG, e))
+    }
+
+    pub fn set_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<(), DataplaneError> {
+        self.endpoints
+            .insert(ifindex, ep, 0)
+            .map_err(|e| map_err(names::ENDPOINTS, e))
+    }
+
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        ignore_missing(self.endpoints.remove(&ifindex)).map_err(|e| map_err(names::ENDPOINTS, e))
+    }
+
+    pub fn set_identity(&mut self, net: IpNetwork, v: IdentityValue) -> Result<(), DataplaneError> {
+        match net {
+            IpNetwork::V4(n) => self
+                .identity_v4
+                .insert(&Key::new(n.prefix() as u32, n.network().octets()), v, 0)
+                .map_err(|e| map_err(names::IDENTITY_V4, e)),
+            IpNetwork::V6(n) => self
+                .identity_v6
+                .insert(&Key::new(n.prefix() as u32, n.network().octets()), v, 0)
+                .map_err(|e| map_err(names::IDENTITY_V6, e)),
+        }
+    }
+
+    pub fn remove_identity(&mut self, net: IpNetwork) -> Result<(), DataplaneError> {
+        match net {
+            IpNetwork::V4(n) => ignore_missing(
+                self.identity_v4
+                    .remove(&Key::new(n.prefix() as u32, n.network().octets())),
+            )
+            .map_err(|e| map_err(names::IDENTITY_V4, e)),
+            IpNetwork::V6(n) => ignore_missing(
+                self.identity_v6
+                    .remove(&Key::new(n.prefix() as u32, n.network().octets())),
+            )
+            .map_err(|e| map_err(names::IDENTITY_V6, e)),
+        }
+    }
+
+    /// The identity the programs would find for `ip`.
+    pub fn identity_of(&self, ip: IpAddr) -> Option<IdentityValue> {
+        match ip {
+            IpAddr::V4(a) => self.identity_v4.get(&Key::new(32, a.octets()), 0).ok(),
+            IpAddr::V6(a) => self.identity_v6.get(&Key::new(128, a.octets()), 0).ok(),
+        }
+    }
+
+    pub fn insert_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), DataplaneError> {
+        self.policy
+            .insert(&Key::new(prefix, key), PolicyValue { flags: 1 }, 0)
+            .map_err(|e| map_err(names::POLICY, e))
+    }
+
+    pub fn remove_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), DataplaneError> {
+        ignore_missing(self.policy.remove(&Key::new(prefix, key)))
+            .map_err(|e| map_err(names::POLICY, e))
+    }
+
+    /// Zeroes the counters of a slot, so a reused slot does not inherit a gone pod's counts.
+    pub fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Io {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source: e,
+        })?;
+        for dir in 0..palisade_common::DIRECTIONS as u8 {
+            for reason in 0..palisade_common::REASONS {
+                let idx = palisade_common::counter_index(slot, dir, reason);
+                let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])
+                    .map_err(|e| DataplaneError::Io {
+                        path: "COUNTERS".into(),
+                        source: e,
+                    })?;
+                self.counters
+                    .set(idx, zero, 0)
+                    .map_err(|e| map_err(names::COUNTERS, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
+    DataplaneError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}

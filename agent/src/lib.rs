@@ -1,0 +1,7 @@
+//! Palisade: a Kubernetes NetworkPolicy enforcer. The binary is thin; this library holds
+//! the dataplane (aya), the sources and the agent loop so tests drive them directly. The
+//! NetworkPolicy semantics live in the pure `palisade-policy` crate.
+
+pub mod dataplane;
+
+pub use palisade_common as common;

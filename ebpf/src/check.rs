@@ -1,0 +1,378 @@
+//! One policy check: the egress check of a pod (packets leaving it) or its ingress check
+//! (packets entering it). Order: conntrack (a flow this check allowed, or a reply to one),
+//! then, for an isolated pod, the peer's identity and the pod's allow entries. Anything an
+//! isolated pod cannot prove allowed is dropped and counted.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_log_ebpf::debug;
+use palisade_common::{
+    counter_index, Config, CtKey, CtValue, DropEvent, FragKey, IdentityValue, PolicyKey,
+    CFG_DEBUG_LOG, CFG_REVOKE_UNTRACKED, CT_ADOPTED, CT_CLOSING, CT_SEEN_REPLY, DIR_EGRESS,
+    DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IDENTITY_FLAG_HOST,
+    POLICY_PREFIX_FULL, PROTO_TCP, REASON_ALLOWED_HOST, REASON_ALLOWED_NOT_ISOLATED,
+    REASON_ALLOWED_POLICY, REASON_ALLOWED_TRACKED, REASON_DROPPED_CT_FULL,
+    REASON_DROPPED_FRAGMENT, REASON_DROPPED_MALFORMED, REASON_DROPPED_NO_RULE,
+};
+
+use crate::{
+    parse::{parse, Kind, Packet, Parsed, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY_V4,
+    IDENTITY_V6, POLICY, SCRATCH,
+};
+
+const SEC: u64 = 1_000_000_000;
+const DEFAULT_TCP_TIMEOUT_S: u32 = 3600;
+const DEFAULT_UDP_TIMEOUT_S: u32 = 60;
+const DEFAULT_CLOSING_TIMEOUT_S: u32 = 10;
+
+struct Ctx<'a> {
+    tc: &'a TcContext,
+    dir: u8,
+    slot: u32,
+    ifindex: u32,
+    isolated: bool,
+    cfg: Config,
+}
+
+/// Returns true when the packet may pass.
+pub fn check(tc: &TcContext, dir: u8) -> bool {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program.
+    let ifindex = unsafe { (*tc.skb.skb).ifindex };
+    // SAFETY: the value is copied out at once; the agent only replaces whole entries.
+    let ep = match unsafe { ENDPOINTS.get(&ifindex) } {
+        Some(ep) => *ep,
+        // Not a pod interface Palisade manages.
+        None => return true,
+    };
+    let bit = if dir == DIR_INGRESS {
+        EP_ISOLATED_INGRESS
+    } else {
+        EP_ISOLATED_EGRESS
+    };
+    let cfg = match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    };
+    let c = Ctx {
+        tc,
+        dir,
+        slot: ep.slot,
+        ifindex,
+        isolated: ep.flags & bit != 0,
+        cfg,
+    };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return !c.isolated;
+    };
+    // SAFETY: per-CPU scratch; nothing else uses it while this program runs on this CPU.
+    let p = unsafe { &mut (*scratch).packet };
+    match parse(tc, p) {
+        Parsed::Control => true,
+        Parsed::OtherEtherType => finish(&c, None, not_isolated_or(&c, REASON_DROPPED_NO_RULE)),
+        Parsed::Malformed => finish(&c, None, not_isolated_or(&c, REASON_DROPPED_MALFORMED)),
+        Parsed::Ip => {
+            let p = &*p;
+            let reason = judge(&c, p);
+            if !palisade_common::reason_is_drop(reason) && c.isolated && p.kind == Kind::Normal {
+                if let Some(id) = p.frag_id {
+                    remember_fragment(&c, &p.tuple, id);
+                }
+            }
+            finish(&c, Some(p), reason)
+        }
+    }
+}
+
+#[inline(always)]
+fn not_isolated_or(c: &Ctx, drop_reason: u32) -> u32 {
+    if c.isolated {
+        drop_reason
+    } else {
+        REASON_ALLOWED_NOT_ISOLATED
+    }
+}
+
+#[inline(always)]
+fn judge(c: &Ctx, p: &Packet) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let t = &p.tuple;
+    match p.kind {
+        Kind::LaterFragment => {
+            if !c.isolated {
+                return REASON_ALLOWED_NOT_ISOLATED;
+            }
+            let key = frag_key(c, t, p.frag_id.unwrap_or(0));
+            // SAFETY: read-only presence check.
+            return if unsafe { FRAGMENTS.get(&key) }.is_some() {
+                REASON_ALLOWED_TRACKED
+            } else {
+                REASON_DROPPED_FRAGMENT
+            };
+        }
+        Kind::IcmpError => {
+            // The quoted packet travelled the other way: it belongs to a flow this pod's
+            // opposite check tracked.
+            let key = ct_key(&p.inner, c.slot, opposite(c.dir));
+            if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
+                // SAFETY: pointer into the map value; plain data.
+                if alive(&c.cfg, t.proto, unsafe { &*v }, now) {
+                    return REASON_ALLOWED_TRACKED;
+                }
+            }
+        }
+        Kind::Normal => {}
+    }
+
+    let syn_only = t.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = t.proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let key = ct_key(t, c.slot, c.dir);
+
+    // A flow this check already allowed. A bare SYN on a flow that completed is a new
+    // connection reusing the tuple: judge it again.
+    if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: pointer into the map value; concurrent updates only race on timestamps.
+        let v = unsafe { &mut *v };
+        if alive(&c.cfg, t.proto, v, now) && !(syn_only && v.state & CT_SEEN_REPLY != 0) {
+            touch(v, now, closing, false);
+            return REASON_ALLOWED_TRACKED;
+        }
+    }
+
+    // A reply to a flow the opposite check allowed. A bare SYN is never a reply.
+    if !syn_only {
+        let rkey = ct_key(&reversed(t), c.slot, opposite(c.dir));
+        if let Some(v) = CONNTRACK.get_ptr_mut(&rkey) {
+            // SAFETY: as above.
+            let v = unsafe { &mut *v };
+            if alive(&c.cfg, t.proto, v, now) {
+                touch(v, now, closing, true);
+                return REASON_ALLOWED_TRACKED;
+            }
+        }
+    }
+
+    if !c.isolated {
+        // Track even when not isolated: the opposite direction may be, and its replies
+        // must find this flow.
+        let _ = track(&key, now, 0);
+        return REASON_ALLOWED_NOT_ISOLATED;
+    }
+
+    // A mid-stream TCP packet with no entry belongs to a connection opened before the pod
+    // was isolated (or before Palisade started): keep it unless told to revoke.
+    if t.proto == PROTO_TCP
+        && p.tcp_flags & TCP_SYN == 0
+        && p.tcp_flags & TCP_ACK != 0
+        && c.cfg.flags & CFG_REVOKE_UNTRACKED == 0
+    {
+        return match track(&key, now, CT_ADOPTED) {
+            Ok(()) => REASON_ALLOWED_TRACKED,
+            Err(()) => REASON_DROPPED_CT_FULL,
+        };
+    }
+
+    let peer_addr = if c.dir == DIR_INGRESS {
+        &t.saddr
+    } else {
+        &t.daddr
+    };
+    let peer = identity(t.family, peer_addr);
+    if c.dir == DIR_INGRESS && peer.flags & IDENTITY_FLAG_HOST != 0 {
+        return match track(&key, now, 0) {
+            Ok(()) => REASON_ALLOWED_HOST,
+            Err(()) => REASON_DROPPED_CT_FULL,
+        };
+    }
+    let pkey = Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyKey::new(c.slot, peer.id, c.dir, t.proto, p.policy_port),
+    );
+    if POLICY.get(&pkey).is_none() {
+        return REASON_DROPPED_NO_RULE;
+    }
+    match track(&key, now, 0) {
+        Ok(()) => REASON_ALLOWED_POLICY,
+        // Without an entry the replies would be dropped: refuse the flow visibly instead.
+        Err(()) => REASON_DROPPED_CT_FULL,
+    }
+}
+
+#[inline(always)]
+fn identity(family: u8, addr: &[u8; 16]) -> IdentityValue {
+    let found = if family == 4 {
+        let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        IDENTITY_V4.get(&key).copied()
+    } else {
+        let key = Key::new(128, *addr);
+        IDENTITY_V6.get(&key).copied()
+    };
+    found.unwrap_or_default()
+}
+
+#[inline(always)]
+fn opposite(dir: u8) -> u8 {
+    if dir == DIR_INGRESS {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    }
+}
+
+#[inline(always)]
+fn reversed(t: &Tuple) -> Tuple {
+    Tuple {
+        family: t.family,
+        proto: t.proto,
+        saddr: t.daddr,
+        daddr: t.saddr,
+        sport: t.dport,
+        dport: t.sport,
+    }
+}
+
+#[inline(always)]
+fn ct_key(t: &Tuple, slot: u32, dir: u8) -> CtKey {
+    CtKey {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        sport: t.sport,
+        dport: t.dport,
+        proto: t.proto,
+        family: t.family,
+        dir,
+        _pad: 0,
+        slot,
+    }
+}
+
+#[inline(always)]
+fn frag_key(c: &Ctx, t: &Tuple, id: u32) -> FragKey {
+    FragKey {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        id,
+        proto: t.proto,
+        family: t.family,
+        dir: c.dir,
+        _pad: 0,
+        slot: c.slot,
+    }
+}
+
+#[inline(always)]
+fn remember_fragment(c: &Ctx, t: &Tuple, id: u32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = FRAGMENTS.insert(&frag_key(c, t, id), &now, 0);
+}
+
+#[inline(always)]
+fn timeout_s(cfg: &Config, proto: u8, state: u32) -> u32 {
+    let (configured, default) = if state & CT_CLOSING != 0 {
+        (cfg.closing_timeout_s, DEFAULT_CLOSING_TIMEOUT_S)
+    } else if proto == PROTO_TCP {
+        (cfg.tcp_timeout_s, DEFAULT_TCP_TIMEOUT_S)
+    } else {
+        (cfg.udp_timeout_s, DEFAULT_UDP_TIMEOUT_S)
+    };
+    if configured == 0 {
+        default
+    } else {
+        configured
+    }
+}
+
+#[inline(always)]
+fn alive(cfg: &Config, proto: u8, v: &CtValue, now: u64) -> bool {
+    now.saturating_sub(v.last_seen_ns) < timeout_s(cfg, proto, v.state) as u64 * SEC
+}
+
+#[inline(always)]
+fn touch(v: &mut CtValue, now: u64, closing: bool, reply: bool) {
+    v.last_seen_ns = now;
+    if closing {
+        v.state |= CT_CLOSING;
+    }
+    if reply {
+        v.state |= CT_SEEN_REPLY;
+    }
+}
+
+#[inline(always)]
+fn track(key: &CtKey, now: u64, state: u32) -> Result<(), ()> {
+    let v = CtValue {
+        last_seen_ns: now,
+        state,
+        _pad: 0,
+    };
+    CONNTRACK.insert(key, &v, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn finish(c: &Ctx, p: Option<&Packet>, reason: u32) -> bool {
+    let len = c.tc.len() as u64;
+    if let Some(cell) = COUNTERS.get_ptr_mut(counter_index(c.slot, c.dir, reason)) {
+        // SAFETY: per-CPU cell: no other writer while this program runs on this CPU.
+        unsafe {
+            (*cell).packets += 1;
+            (*cell).bytes += len;
+        }
+    }
+    let drop = palisade_common::reason_is_drop(reason);
+    if drop {
+        emit_drop(c, p, reason, len as u32);
+    }
+    !drop
+}
+
+fn emit_drop(c: &Ctx, p: Option<&Packet>, reason: u32, len: u32) {
+    if c.cfg.flags & CFG_DEBUG_LOG != 0 {
+        debug!(c.tc, "drop slot={} dir={} reason={}", c.slot, c.dir, reason);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value.
+    let budget = unsafe { &mut *budget };
+    if now.saturating_sub(budget.window_start_ns) >= SEC {
+        budget.window_start_ns = now;
+        budget.sent = 0;
+    }
+    if budget.sent >= c.cfg.events_per_sec {
+        budget.lost = budget.lost.wrapping_add(1);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
+        budget.lost = budget.lost.wrapping_add(1);
+        return;
+    };
+    budget.sent += 1;
+    // Filled in place: a DropEvent on the stack would not fit beside the packet state.
+    let ev: &mut DropEvent = unsafe { &mut *entry.as_mut_ptr() };
+    ev.ts_ns = now;
+    ev.dir = c.dir;
+    ev._pad = 0;
+    ev.reason = reason;
+    ev.slot = c.slot;
+    ev.ifindex = c.ifindex;
+    ev.len = len;
+    match p {
+        Some(p) => {
+            ev.saddr = p.tuple.saddr;
+            ev.daddr = p.tuple.daddr;
+            ev.sport = p.tuple.sport;
+            ev.dport = p.tuple.dport;
+            ev.proto = p.tuple.proto;
+            ev.family = p.tuple.family;
+        }
+        None => {
+            ev.saddr = [0; 16];
+            ev.daddr = [0; 16];
+            ev.sport = 0;
+            ev.dport = 0;
+            ev.proto = 0;
+            ev.family = 0;
+        }
+    }
+    entry.submit(0);
+}

@@ -1,0 +1,82 @@
+//! Palisade's tc programs: default-deny NetworkPolicy enforcement on the host-side
+//! interface of every local pod. `palisade_from_pod` (tc ingress of the host veth) is the
+//! pod's egress check, `palisade_to_pod` (tc egress of the host veth) its ingress check.
+#![no_std]
+#![no_main]
+
+mod check;
+mod parse;
+
+use aya_ebpf::{
+    macros::{classifier, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::TcContext,
+};
+use palisade_common::{
+    Config, Counter, CtKey, CtValue, Endpoint, EventBudget, FragKey, IdentityValue, PolicyKey,
+    PolicyValue, COUNTER_ENTRIES, DIR_EGRESS, DIR_INGRESS, MAX_ENDPOINTS,
+};
+
+// Every map is pinned by name, so a restarted agent reopens the live state instead of
+// replacing it, and enforcement continues while no agent runs.
+#[map]
+static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
+#[map]
+static IDENTITY_V4: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::pinned(262_144, 0);
+#[map]
+static IDENTITY_V6: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::pinned(262_144, 0);
+#[map]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576, 0);
+#[map]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262_144, 0);
+#[map]
+static FRAGMENTS: LruHashMap<FragKey, u64> = LruHashMap::pinned(8_192, 0);
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+#[map]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU working memory for the packet being judged: the BPF stack is only 512 bytes.
+#[repr(C)]
+pub struct Scratch {
+    pub packet: parse::Packet,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+
+#[classifier]
+pub fn palisade_from_pod(ctx: TcContext) -> i32 {
+    verdict(check::check(&ctx, DIR_EGRESS))
+}
+
+#[classifier]
+pub fn palisade_to_pod(ctx: TcContext) -> i32 {
+    verdict(check::check(&ctx, DIR_INGRESS))
+}
+
+#[inline(always)]
+fn verdict(pass: bool) -> i32 {
+    if pass {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
