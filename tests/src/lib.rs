@@ -30,6 +30,7 @@
 pub mod cni;
 pub mod matrix;
 pub mod netns;
+pub mod pins;
 pub mod privilege;
 pub mod probe;
 pub mod util;

@@ -28,7 +28,7 @@ use crate::selector::Labels;
 /// One object event, as a watch delivers it.
 #[derive(Clone, Debug)]
 pub enum Change {
-    UpsertNamespace(Namespace),
+    UpsertNamespace(Box<Namespace>),
     DeleteNamespace(String),
     UpsertPod(Box<Pod>),
     DeletePod(PodRef),
@@ -129,8 +129,16 @@ impl Compiler {
     pub fn full_diff(&self) -> PlanDiff {
         let p = &self.plan;
         PlanDiff {
-            identities_v4: p.identities_v4.iter().map(|(k, v)| (*k, Some(*v))).collect(),
-            identities_v6: p.identities_v6.iter().map(|(k, v)| (*k, Some(*v))).collect(),
+            identities_v4: p
+                .identities_v4
+                .iter()
+                .map(|(k, v)| (*k, Some(*v)))
+                .collect(),
+            identities_v6: p
+                .identities_v6
+                .iter()
+                .map(|(k, v)| (*k, Some(*v)))
+                .collect(),
             endpoints: p
                 .endpoints
                 .iter()
@@ -152,7 +160,11 @@ impl Compiler {
                 .iter()
                 .map(|(k, v)| (k.clone(), Some(v.clone())))
                 .collect(),
-            classes: p.classes.iter().map(|(k, v)| (*k, Some(v.clone()))).collect(),
+            classes: p
+                .classes
+                .iter()
+                .map(|(k, v)| (*k, Some(v.clone())))
+                .collect(),
         }
     }
 
@@ -203,9 +215,14 @@ impl Compiler {
         if before == self.namespace_labels(&name) {
             return;
         }
-        for st in self.pods.range(ObjectRef::namespace_range(&name)).map(|(_, s)| s) {
+        for st in self
+            .pods
+            .range(ObjectRef::namespace_range(&name))
+            .map(|(_, s)| s)
+        {
             if st.is_peer() {
-                tx.dirty_prefixes.extend(st.ips.iter().map(|ip| net::host(*ip)));
+                tx.dirty_prefixes
+                    .extend(st.ips.iter().map(|ip| net::host(*ip)));
             }
         }
     }
@@ -267,12 +284,20 @@ impl Compiler {
         }
         tx.rejections.insert(r.clone());
         self.rule_cache.remove(&r);
-        tx.dirty_endpoints.extend(
-            self.plan
-                .endpoints
-                .range(ObjectRef::namespace_range(&r.namespace))
-                .map(|(k, _)| k.clone()),
-        );
+        // Only pods selected before or after can see a difference.
+        let selects = |p: &Option<Arc<CompiledPolicy>>, labels: &Labels| {
+            p.as_ref().is_some_and(|p| p.selector.matches(labels))
+        };
+        for (k, _) in self
+            .plan
+            .endpoints
+            .range(ObjectRef::namespace_range(&r.namespace))
+        {
+            let labels = self.pods.get(k).map(|p| &p.labels);
+            if labels.is_none_or(|l| selects(&old, l) || selects(&new, l)) {
+                tx.dirty_endpoints.insert(k.clone());
+            }
+        }
         if let Some(n) = new {
             self.policies.insert(r, n);
         }
@@ -290,7 +315,12 @@ impl Compiler {
             self.prefixes.entry(*p).or_default().block_refs += 1;
             tx.dirty_prefixes.insert(*p);
         }
-        let n = self.blocks.entry(b.cidr).or_default().entry(b.clone()).or_default();
+        let n = self
+            .blocks
+            .entry(b.cidr)
+            .or_default()
+            .entry(b.clone())
+            .or_default();
         *n += 1;
         if *n == 1 {
             self.dirty_range(b.cidr, tx);
@@ -471,7 +501,10 @@ impl Compiler {
                     continue;
                 };
                 let mut out = BTreeSet::new();
-                for (_, pol) in self.policies.range(ObjectRef::namespace_range(&r.namespace)) {
+                for (_, pol) in self
+                    .policies
+                    .range(ObjectRef::namespace_range(&r.namespace))
+                {
                     if !pol.selector.matches(&pod.labels) {
                         continue;
                     }
@@ -772,8 +805,11 @@ pub fn compile<'a>(
     let mut c = Compiler::new(node, node_ips.iter().copied());
     let changes = namespaces
         .into_iter()
-        .map(|n| Change::UpsertNamespace(n.clone()))
-        .chain(pods.into_iter().map(|p| Change::UpsertPod(Box::new(p.clone()))))
+        .map(|n| Change::UpsertNamespace(Box::new(n.clone())))
+        .chain(
+            pods.into_iter()
+                .map(|p| Change::UpsertPod(Box::new(p.clone()))),
+        )
         .chain(
             policies
                 .into_iter()

@@ -3,9 +3,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::policy::IpBlock;
 use crate::ports::NamedPort;
 use crate::selector::Labels;
-use crate::policy::IpBlock;
 
 /// What policies can tell about a pod peer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,6 +1,5 @@
 //! The parts of Pods and Namespaces the compiler looks at, normalized once per change.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -110,4 +109,3 @@ pub(crate) fn namespace_of(ns: &Namespace) -> (String, Labels) {
     let labels = namespace_labels(&name, ns.metadata.labels.as_ref());
     (name, labels)
 }
-

@@ -23,12 +23,20 @@ pub(crate) fn truncate(ip: IpAddr, len: u8) -> IpNetwork {
     match ip {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            let masked = if len == 0 { 0 } else { bits & (u32::MAX << (32 - u32::from(len))) };
+            let masked = if len == 0 {
+                0
+            } else {
+                bits & (u32::MAX << (32 - u32::from(len)))
+            };
             IpNetwork::V4(Ipv4Network::new(masked.into(), len).expect("len fits IPv4"))
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            let masked = if len == 0 { 0 } else { bits & (u128::MAX << (128 - u32::from(len))) };
+            let masked = if len == 0 {
+                0
+            } else {
+                bits & (u128::MAX << (128 - u32::from(len)))
+            };
             IpNetwork::V6(Ipv6Network::new(masked.into(), len).expect("len fits IPv6"))
         }
     }
@@ -55,7 +63,11 @@ pub(crate) fn last(net: IpNetwork) -> IpNetwork {
         IpNetwork::V4(n) => host(IpAddr::V4(n.broadcast())),
         IpNetwork::V6(n) => {
             let len = u32::from(n.prefix());
-            let host_mask = if len == 0 { u128::MAX } else { u128::MAX >> len };
+            let host_mask = if len == 0 {
+                u128::MAX
+            } else {
+                u128::MAX >> len
+            };
             host(IpAddr::V6((u128::from(n.ip()) | host_mask).into()))
         }
     }

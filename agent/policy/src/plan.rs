@@ -161,7 +161,11 @@ impl Plan {
         self.identities_v4.len()
             + self.identities_v6.len()
             + self.endpoints.len()
-            + self.endpoints.values().map(|e| e.entries.len()).sum::<usize>()
+            + self
+                .endpoints
+                .values()
+                .map(|e| e.entries.len())
+                .sum::<usize>()
     }
 
     /// Longest-prefix match of `ip` in the identity tries, as the programs do it.
@@ -296,7 +300,15 @@ impl Plan {
                 let entries = e
                     .entries
                     .iter()
-                    .map(|x| (class(x.identity), x.dir, x.proto, x.port, x.port_prefix_bits))
+                    .map(|x| {
+                        (
+                            class(x.identity),
+                            x.dir,
+                            x.proto,
+                            x.port,
+                            x.port_prefix_bits,
+                        )
+                    })
                     .collect();
                 (p.clone(), (e.ips.clone(), e.flags, entries))
             })

@@ -79,11 +79,7 @@ fn parse_cidr(s: &str, field: &str) -> Result<IpNetwork, FieldError> {
         .map_err(|e| FieldError::new(field, format!("{s:?} is not a valid CIDR: {e}")))
 }
 
-fn parse_peer(
-    p: &NetworkPolicyPeer,
-    path: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<Peer> {
+fn parse_peer(p: &NetworkPolicyPeer, path: &str, errors: &mut Vec<FieldError>) -> Option<Peer> {
     match (&p.ip_block, &p.pod_selector, &p.namespace_selector) {
         (Some(b), None, None) => {
             let cidr = parse_cidr(&b.cidr, &format!("{path}.ipBlock.cidr"))
@@ -105,7 +101,10 @@ fn parse_peer(
             }
             except.sort();
             except.dedup();
-            Some(Peer::Block(Arc::new(IpBlock { cidr: cidr?, except })))
+            Some(Peer::Block(Arc::new(IpBlock {
+                cidr: cidr?,
+                except,
+            })))
         }
         (Some(_), _, _) => {
             errors.push(FieldError::new(
@@ -228,8 +227,15 @@ pub(crate) fn compile(np: &NetworkPolicy) -> CompiledPolicy {
         rules[DIR_EGRESS as usize].push(rule);
     }
 
-    let rejections: Vec<Rejection> = errors.into_iter().map(|e| e.into_rejection(&object)).collect();
-    let isolates = isolates.unwrap_or([true, true]);
+    let rejections: Vec<Rejection> = errors
+        .into_iter()
+        .map(|e| e.into_rejection(&object))
+        .collect();
+    // Without a valid podSelector we cannot know what the author meant to cover at all.
+    let isolates = match (&selector, isolates) {
+        (Some(_), Some(iso)) => iso,
+        _ => [true, true],
+    };
     if !rejections.is_empty() {
         rules = [Vec::new(), Vec::new()];
     }

@@ -40,7 +40,8 @@ pub(crate) fn parse_protocol(p: Option<&str>) -> Option<u8> {
 pub(crate) fn is_port_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.bytes().any(|b| b.is_ascii_lowercase())
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -150,7 +151,11 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     while lo <= hi {
         // The largest block starting at `lo` that is aligned and stays within the range.
-        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
         while lo + size - 1 > hi {
             size >>= 1;
         }
@@ -179,10 +184,20 @@ mod tests {
 
     #[test]
     fn port_blocks_cover_exactly_the_range() {
-        for (lo, hi) in [(1, 65535), (0, 65535), (80, 80), (1000, 2000), (32768, 65535), (3, 4)] {
+        for (lo, hi) in [
+            (1, 65535),
+            (0, 65535),
+            (80, 80),
+            (1000, 2000),
+            (32768, 65535),
+            (3, 4),
+        ] {
             let b = port_blocks(lo, hi);
             assert!(b.len() <= 30, "{lo}..={hi}: {} blocks", b.len());
-            assert_eq!(expand(&b), (u32::from(lo)..=u32::from(hi)).collect::<Vec<_>>());
+            assert_eq!(
+                expand(&b),
+                (u32::from(lo)..=u32::from(hi)).collect::<Vec<_>>()
+            );
         }
         assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
         assert_eq!(port_blocks(8080, 8080), vec![(8080, 16)]);

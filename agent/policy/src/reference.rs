@@ -27,6 +27,12 @@ pub struct Cluster {
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
 }
 
+/// A rule's peers and ports as written.
+type RawRule = (
+    Option<Vec<NetworkPolicyPeer>>,
+    Option<Vec<NetworkPolicyPort>>,
+);
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
     Ingress,
@@ -55,7 +61,10 @@ fn labels_match(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool 
 
 fn pod_ips(p: &Pod) -> Vec<IpAddr> {
     let st = p.status.as_ref();
-    match st.and_then(|s| s.pod_ips.as_ref()).filter(|v| !v.is_empty()) {
+    match st
+        .and_then(|s| s.pod_ips.as_ref())
+        .filter(|v| !v.is_empty())
+    {
         Some(v) => v.iter().filter_map(|x| x.ip.parse().ok()).collect(),
         None => st
             .and_then(|s| s.pod_ip.as_ref())
@@ -67,7 +76,11 @@ fn pod_ips(p: &Pod) -> Vec<IpAddr> {
 
 /// A pod that stands for its IPs: running (or pending) with its own network namespace.
 fn is_peer_pod(p: &Pod) -> bool {
-    let host_net = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let host_net = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     !host_net && !matches!(phase, Some("Succeeded" | "Failed")) && !pod_ips(p).is_empty()
 }
@@ -119,9 +132,10 @@ impl Cluster {
             Some(s) => labels_match(s, &self.namespace_labels(ns_of(pod))),
         };
         let empty = BTreeMap::new();
-        let pod_ok = peer.pod_selector.as_ref().is_none_or(|s| {
-            labels_match(s, pod.metadata.labels.as_ref().unwrap_or(&empty))
-        });
+        let pod_ok = peer
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| labels_match(s, pod.metadata.labels.as_ref().unwrap_or(&empty)));
         ns_ok && pod_ok
     }
 
@@ -145,7 +159,8 @@ impl Cluster {
                 d.spec.iter().flat_map(|s| &s.containers).any(|c| {
                     c.ports.iter().flatten().any(|cp| {
                         cp.name.as_deref() == Some(name.as_str())
-                            && cp.protocol.as_deref().unwrap_or("TCP") == p.protocol.as_deref().unwrap_or("TCP")
+                            && cp.protocol.as_deref().unwrap_or("TCP")
+                                == p.protocol.as_deref().unwrap_or("TCP")
                             && cp.container_port == i32::from(port)
                     })
                 })
@@ -154,7 +169,15 @@ impl Cluster {
     }
 
     /// Whether the enforcement point of `pod` in `dir` lets traffic with `peer_ip` through.
-    fn check(&self, pod: &Pod, dir: Dir, peer_ip: IpAddr, dst_pod: Option<&Pod>, proto: u8, port: u16) -> bool {
+    fn check(
+        &self,
+        pod: &Pod,
+        dir: Dir,
+        peer_ip: IpAddr,
+        dst_pod: Option<&Pod>,
+        proto: u8,
+        port: u16,
+    ) -> bool {
         let peer_pod = self.pod_with_ip(peer_ip);
         let empty = BTreeMap::new();
         let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
@@ -171,7 +194,9 @@ impl Cluster {
             let selects = if rejected {
                 compiled.selector.matches(labels)
             } else {
-                spec.pod_selector.as_ref().is_none_or(|s| labels_match(s, labels))
+                spec.pod_selector
+                    .as_ref()
+                    .is_none_or(|s| labels_match(s, labels))
             };
             if !selects {
                 continue;
@@ -189,7 +214,13 @@ impl Cluster {
             let covers = if rejected {
                 compiled.isolates[if dir == Dir::Ingress { 0 } else { 1 }]
             } else {
-                types.iter().any(|t| t == if dir == Dir::Ingress { "Ingress" } else { "Egress" })
+                types.iter().any(|t| {
+                    t == if dir == Dir::Ingress {
+                        "Ingress"
+                    } else {
+                        "Egress"
+                    }
+                })
             };
             if !covers {
                 continue;
@@ -198,19 +229,32 @@ impl Cluster {
             if rejected {
                 continue;
             }
-            let rules: Vec<(Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>)> =
-                match dir {
-                    Dir::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.clone(), r.ports.clone())).collect(),
-                    Dir::Egress => spec.egress.iter().flatten().map(|r| (r.to.clone(), r.ports.clone())).collect(),
-                };
+            let rules: Vec<RawRule> = match dir {
+                Dir::Ingress => spec
+                    .ingress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.from.clone(), r.ports.clone()))
+                    .collect(),
+                Dir::Egress => spec
+                    .egress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.to.clone(), r.ports.clone()))
+                    .collect(),
+            };
             for (peers, ports) in rules {
                 let peer_ok = match peers.filter(|v| !v.is_empty()) {
                     None => true,
-                    Some(peers) => peers.iter().any(|p| self.peer_matches(np, p, peer_ip, peer_pod)),
+                    Some(peers) => peers
+                        .iter()
+                        .any(|p| self.peer_matches(np, p, peer_ip, peer_pod)),
                 };
                 let port_ok = match ports.filter(|v| !v.is_empty()) {
                     None => true,
-                    Some(ports) => ports.iter().any(|p| Self::port_matches(p, dst_pod, proto, port)),
+                    Some(ports) => ports
+                        .iter()
+                        .any(|p| Self::port_matches(p, dst_pod, proto, port)),
                 };
                 if peer_ok && port_ok {
                     return true;

@@ -1,0 +1,80 @@
+//! The plan, looked up exactly as the tc programs do, agrees with the reference evaluator.
+
+mod common;
+
+use common::*;
+use palisade_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use proptest::prelude::*;
+use proptest::sample::select;
+
+const PORTS: &[u16] = &[0, 53, 79, 80, 443, 999, 1000, 1001, 1030, 8080, 9090, 65535];
+
+fn check_cluster(
+    c: &palisade_policy::reference::Cluster,
+    seeds: &[(usize, usize, u8, u16)],
+) -> Result<(), TestCaseError> {
+    let plans = plans(c);
+    let ips = interesting_ips(c);
+    for &(s, d, proto, port) in seeds {
+        let src = ips[s % ips.len()];
+        // Pick a destination of the same family.
+        let same: Vec<_> = ips
+            .iter()
+            .filter(|ip| ip.is_ipv4() == src.is_ipv4())
+            .collect();
+        let dst = *same[d % same.len()];
+        let proto = match (proto, src.is_ipv4()) {
+            (PROTO_ICMP, false) => PROTO_ICMPV6,
+            (p, _) => p,
+        };
+        let port = if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
+            0
+        } else {
+            port
+        };
+        let want = c.allowed(src, dst, proto, port);
+        let got = cluster_verdict(&plans, src, dst, proto, port);
+        prop_assert_eq!(
+            got,
+            want,
+            "{} -> {} proto {} port {}\ncluster: {:#?}",
+            src,
+            dst,
+            proto,
+            port,
+            c
+        );
+    }
+    Ok(())
+}
+
+fn packets() -> impl Strategy<Value = Vec<(usize, usize, u8, u16)>> {
+    proptest::collection::vec(
+        (
+            any::<usize>(),
+            any::<usize>(),
+            select(&[PROTO_TCP, PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP][..]),
+            prop_oneof![4 => select(PORTS), 1 => any::<u16>()],
+        ),
+        60,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+
+    #[test]
+    fn plan_agrees_with_reference(c in cluster(8, 4), pk in packets()) {
+        check_cluster(&c, &pk)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20000, ..ProptestConfig::default() })]
+
+    #[test]
+    #[ignore = "long: run with --ignored"]
+    fn plan_agrees_with_reference_long(c in cluster(12, 6), pk in packets()) {
+        check_cluster(&c, &pk)?;
+    }
+}

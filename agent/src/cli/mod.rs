@@ -1,0 +1,179 @@
+//! Command-line interface. One module per command; each reads the kernel or the agent's
+//! status and prints for people (tables) or scripts (`--json`).
+
+mod attach;
+mod drops;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::agent::AgentConfig;
+use crate::dataplane::{Layout, DEFAULT_BPFFS_DIR};
+
+pub const DEFAULT_RUN_DIR: &str = "/run/palisade";
+
+#[derive(Parser, Debug)]
+#[command(name = "palisade", version, about = "Kubernetes NetworkPolicy enforcer (eBPF tc)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format for the agent.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PALISADE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Run inside the named network namespace (/var/run/netns/NAME): one agent per
+    /// simulated node on one machine.
+    #[arg(long, global = true, env = "PALISADE_NETNS")]
+    pub netns: Option<String>,
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where a node's Palisade state lives; every command that talks to the agent takes these.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Dirs {
+    /// bpffs directory holding Palisade's pinned maps and links.
+    #[arg(long, env = "PALISADE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Directory of the agent's runtime files (status).
+    #[arg(long, env = "PALISADE_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+}
+
+impl Dirs {
+    pub fn layout(&self) -> Layout {
+        Layout::new(&self.bpffs_dir)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent: watch objects, compile policies, program the kernel.
+    ///
+    /// Example: palisade agent --manifests /etc/palisade/manifests --node-name node-1
+    Agent(AgentArgs),
+    /// Show drop (and with --all, allow) counters per pod, direction and reason.
+    ///
+    /// Reads the pinned maps directly, so it works while the agent is down.
+    /// Example: palisade drops --namespace x
+    Drops(drops::DropsArgs),
+    /// Show the agent's sync state, programmed and rejected objects.
+    ///
+    /// Example: palisade status --json
+    Status(status::StatusArgs),
+    /// Attach the programs to one interface by hand until interrupted (debugging aid).
+    ///
+    /// Example: palisade attach --interface veth1234 --isolate both
+    Attach(attach::AttachArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// Directory of Namespace/Pod/NetworkPolicy manifests to enforce (the embedded
+    /// source for one machine, demos and tests).
+    #[arg(long, env = "PALISADE_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// This node's name: pods with spec.nodeName equal to it are enforced here.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    #[command(flatten)]
+    pub dirs: Dirs,
+    /// Size of the connection-tracking map (entries).
+    #[arg(long, default_value_t = 262_144)]
+    pub conntrack_entries: u32,
+    /// Drop connections that were open before a pod became isolated, instead of letting
+    /// them run until they close.
+    #[arg(long)]
+    pub revoke_untracked: bool,
+    /// Remove every program, link and pinned map Palisade created on this node, then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+pub fn init_tracing(format: LogFormat, verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(ns) = &cli.netns {
+        // Before any thread exists, so every thread the agent starts lives in it.
+        enter_netns(ns)?;
+    }
+    match cli.command {
+        Command::Agent(args) => run_agent(args),
+        Command::Drops(args) => drops::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Attach(args) => attach::run(args),
+        Command::Version => {
+            println!("palisade {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let layout = args.dirs.layout();
+    if args.cleanup {
+        crate::dataplane::cleanup(&layout)
+            .with_context(|| format!("cleaning up {}", layout.root().display()))?;
+        let _ = std::fs::remove_file(args.dirs.run_dir.join(crate::agent::STATUS_FILE));
+        println!("removed Palisade's programs, links and maps under {}", layout.root().display());
+        return Ok(());
+    }
+    let manifests = args.manifests.context(
+        "no source: pass --manifests DIR (the Kubernetes API source is not built yet)",
+    )?;
+    let node_name = args
+        .node_name
+        .context("no node name: pass --node-name or set NODE_NAME")?;
+    let cfg = AgentConfig {
+        node_name,
+        manifests,
+        layout,
+        run_dir: args.dirs.run_dir,
+        conntrack_entries: args.conntrack_entries,
+        revoke_untracked: args.revoke_untracked,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::agent::run(cfg))
+}
+
+fn enter_netns(name: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let path = PathBuf::from("/var/run/netns").join(name);
+    let f = std::fs::File::open(&path)
+        .with_context(|| format!("network namespace {name} ({})", path.display()))?;
+    // SAFETY: setns on an fd we own; affects only the calling thread (the only one yet).
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("entering network namespace {name}"));
+    }
+    Ok(())
+}
