@@ -15,7 +15,13 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = manifest_dir.join("../ebpf");
 
     println!("cargo:rerun-if-env-changed=PALISADE_SKIP_EBPF");
-    for p in ["src", "common/src", "Cargo.toml", "Cargo.lock", "common/Cargo.toml"] {
+    for p in [
+        "src",
+        "common/src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(p).display());
     }
     if env::var("PALISADE_SKIP_EBPF").is_ok_and(|v| v == "1") {

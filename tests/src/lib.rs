@@ -30,6 +30,7 @@
 pub mod cni;
 pub mod matrix;
 pub mod netns;
+pub mod packets;
 pub mod pins;
 pub mod privilege;
 pub mod probe;

@@ -45,14 +45,32 @@ const PAYLOAD: &[u8] = b"pali";
 /// The upper layer of a packet: header plus a small payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
-    Sctp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP (v4 or v6 by the packet's family): type, code, the 4 "rest of header" bytes
     /// and the body (for errors: the quoted packet).
-    Icmp { ty: u8, code: u8, rest: [u8; 4], body: Vec<u8> },
+    Icmp {
+        ty: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: Vec<u8>,
+    },
     /// Any protocol number with raw bytes after the IP headers.
-    Raw { proto: u8, bytes: Vec<u8> },
+    Raw {
+        proto: u8,
+        bytes: Vec<u8>,
+    },
 }
 
 impl L4 {
@@ -258,7 +276,12 @@ pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8], o: &
         dst.octets(),
     )
     .expect("payload fits");
-    h.set_options(&o.options).expect("options of a valid length");
+    h.options = o
+        .options
+        .as_slice()
+        .try_into()
+        .expect("options of a valid length");
+    h.set_payload_len(payload.len()).expect("payload fits");
     h.identification = o.id;
     h.dont_fragment = false;
     h.more_fragments = o.more_fragments;
@@ -270,7 +293,13 @@ pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8], o: &
 }
 
 /// An IPv6 packet (no Ethernet header): `exts` in order, then `payload` as `proto`.
-pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, exts: &[Ext], proto: u8, payload: &[u8]) -> Vec<u8> {
+pub fn ipv6_packet(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    exts: &[Ext],
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut rest = Vec::new();
     for (i, e) in exts.iter().enumerate() {
         let next = exts.get(i + 1).map_or(proto, |n| n.kind);
@@ -310,12 +339,18 @@ pub fn frame(src: IpAddr, dst: IpAddr, l4: &L4) -> Vec<u8> {
 
 /// An IPv4 frame with header knobs (options, fragmentation).
 pub fn frame_v4(src: Ipv4Addr, dst: Ipv4Addr, l4: &L4, o: &V4Opts) -> Vec<u8> {
-    ether(ETH_P_IP, &ipv4_packet(src, dst, l4.proto(false), &l4.bytes(), o))
+    ether(
+        ETH_P_IP,
+        &ipv4_packet(src, dst, l4.proto(false), &l4.bytes(), o),
+    )
 }
 
 /// An IPv6 frame with extension headers before `l4`.
 pub fn frame_v6(src: Ipv6Addr, dst: Ipv6Addr, exts: &[Ext], l4: &L4) -> Vec<u8> {
-    ether(ETH_P_IPV6, &ipv6_packet(src, dst, exts, l4.proto(true), &l4.bytes()))
+    ether(
+        ETH_P_IPV6,
+        &ipv6_packet(src, dst, exts, l4.proto(true), &l4.bytes()),
+    )
 }
 
 /// An ARP request (who-has `target`, tell `sender`).

@@ -46,7 +46,10 @@ impl Drop for PinDir {
 /// Mounts bpffs at /sys/fs/bpf when the machine has none (a fresh CI machine).
 fn ensure_bpffs() {
     let mounted = std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split(' ').nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+        })
         .unwrap_or(false);
     if !mounted {
         let status = std::process::Command::new("mount")

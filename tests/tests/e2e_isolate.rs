@@ -63,7 +63,11 @@ fn isolate_ingress_drops_and_counts(flavour: Flavour, tag: &str) {
         dropped(&maps, slot) - before >= sent
     });
     assert!(counted, "drop counter did not reach the datagrams sent");
-    assert_eq!(dropped(&maps, slot) - before, sent, "every datagram, no more");
+    assert_eq!(
+        dropped(&maps, slot) - before,
+        sent,
+        "every datagram, no more"
+    );
 
     // Detaching restores traffic.
     detach(&pins.layout(), ifindex).unwrap();

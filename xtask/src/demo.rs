@@ -76,7 +76,14 @@ pub fn run() -> anyhow::Result<()> {
     let run_dir = PathBuf::from(format!("/run/palisade-demo-{}", std::process::id()));
     println!("==> starting the agent in the node's network namespace");
     let child = Command::new(&bin)
-        .args(["--netns", node.ns().name(), "agent", "--node-name", NODE, "--manifests"])
+        .args([
+            "--netns",
+            node.ns().name(),
+            "agent",
+            "--node-name",
+            NODE,
+            "--manifests",
+        ])
         .arg(&dir)
         .arg("--bpffs-dir")
         .arg(&bpffs)
@@ -116,7 +123,9 @@ pub fn run() -> anyhow::Result<()> {
 
     std::fs::write(dir.join("20-backend.yaml"), BACKEND_POLICY)?;
     wait_programmed(&agent, &["NetworkPolicy/web/backend"])?;
-    show("backend: ingress 80 from anywhere, 81 from namespace monitoring; egress 443 to tier=data");
+    show(
+        "backend: ingress 80 from anywhere, 81 from namespace monitoring; egress 443 to tier=data",
+    );
 
     println!("\n--- palisade drops");
     Command::new(&bin)
@@ -151,7 +160,10 @@ fn wait_programmed(agent: &Agent, keys: &[&str]) -> anyhow::Result<()> {
         v["synced"] == true && keys.iter().all(|k| v["programmed"].get(*k).is_some())
     });
     if !ok {
-        bail!("the agent did not program {keys:?} in time (status: {})", show_file(&status));
+        bail!(
+            "the agent did not program {keys:?} in time (status: {})",
+            show_file(&status)
+        );
     }
     Ok(())
 }

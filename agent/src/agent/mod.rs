@@ -83,7 +83,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     for e in &status.source_errors {
                         tracing::warn!(error = %e, "manifest not loaded");
                     }
-                    tracing::info!(changes = n, map_writes = diff.len(), elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "reconciled");
+                    tracing::info!(
+                        changes = n,
+                        map_writes = diff.len(),
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "reconciled"
+                    );
                 }
                 Err(e) => tracing::error!(error = %e, "reading manifests"),
             }
@@ -118,7 +123,11 @@ fn changes_between(prev: &BTreeMap<String, String>, snap: &Snapshot) -> Vec<Chan
     }
     for pod in &snap.pods {
         let m = &pod.metadata;
-        let key = source::object_key("Pod", m.namespace.as_deref(), m.name.as_deref().unwrap_or(""));
+        let key = source::object_key(
+            "Pod",
+            m.namespace.as_deref(),
+            m.name.as_deref().unwrap_or(""),
+        );
         if changed(&key) {
             out.push(Change::UpsertPod(Box::new(pod.clone())));
         }

@@ -36,7 +36,10 @@ fn link(dev: &str) -> Option<Link> {
             .and_then(Value::as_str)
             .map(str::to_string),
         master: l.get("master").and_then(Value::as_str).map(str::to_string),
-        peer_ifindex: l.get("link_index").and_then(Value::as_u64).map(|i| i as u32),
+        peer_ifindex: l
+            .get("link_index")
+            .and_then(Value::as_u64)
+            .map(|i| i as u32),
     })
 }
 

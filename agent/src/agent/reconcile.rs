@@ -4,6 +4,7 @@
 //! Order of writes, so that every packet sees a consistent state:
 //! 1. new allow entries, 2. identity updates, 3. endpoint headers and attachment,
 //! 4. removed allow entries, 5. removed identities, 6. gone endpoints.
+//!
 //! A pod's interface gets its ENDPOINTS entry (isolation flags) only after all its allow
 //! entries are in, and the programs only after that, so its first judged packet already
 //! sees its complete policy.
@@ -39,11 +40,8 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub fn new(dp: Dataplane, maps: Maps) -> Self {
-        let inherited: BTreeMap<u32, Endpoint> = maps
-            .endpoints
-            .iter()
-            .filter_map(Result::ok)
-            .collect();
+        let inherited: BTreeMap<u32, Endpoint> =
+            maps.endpoints.iter().filter_map(Result::ok).collect();
         let used_slots = inherited.values().map(|e| e.slot).collect();
         Self {
             dp,
@@ -78,7 +76,12 @@ impl Reconciler {
             .endpoints
             .iter()
             .filter(|(pod, d)| d.header.is_some() && !self.endpoints.contains_key(*pod))
-            .map(|(pod, d)| (pod, d.header.as_ref().map(|h| h.ips.clone()).unwrap_or_default()))
+            .map(|(pod, d)| {
+                (
+                    pod,
+                    d.header.as_ref().map(|h| h.ips.clone()).unwrap_or_default(),
+                )
+            })
             .collect();
         let all_ips: Vec<IpAddr> = new.iter().flat_map(|(_, ips)| ips.clone()).collect();
         let wired = if all_ips.is_empty() {
@@ -102,7 +105,9 @@ impl Reconciler {
 
         // 1. New allow entries.
         for (pod, d) in &diff.endpoints {
-            let Some(ep) = self.endpoints.get(pod) else { continue };
+            let Some(ep) = self.endpoints.get(pod) else {
+                continue;
+            };
             for e in &d.added {
                 let (prefix, key) = e.lpm_key(ep.slot);
                 self.maps.insert_policy(prefix, key)?;
@@ -130,7 +135,9 @@ impl Reconciler {
         }
         // 4. Removed allow entries.
         for (pod, d) in &diff.endpoints {
-            let Some(ep) = self.endpoints.get(pod) else { continue };
+            let Some(ep) = self.endpoints.get(pod) else {
+                continue;
+            };
             for e in &d.removed {
                 let (prefix, key) = e.lpm_key(ep.slot);
                 self.maps.remove_policy(prefix, key)?;
@@ -250,7 +257,8 @@ impl Reconciler {
             .keys()
             .filter_map(Result::ok)
             .filter_map(|k| {
-                let net = ipnetwork::Ipv4Network::new(k.data().into(), k.prefix_len() as u8).ok()?;
+                let net =
+                    ipnetwork::Ipv4Network::new(k.data().into(), k.prefix_len() as u8).ok()?;
                 (!plan.identities_v4.contains_key(&net)).then_some(IpNetwork::V4(net))
             })
             .collect();
@@ -260,7 +268,8 @@ impl Reconciler {
             .keys()
             .filter_map(Result::ok)
             .filter_map(|k| {
-                let net = ipnetwork::Ipv6Network::new(k.data().into(), k.prefix_len() as u8).ok()?;
+                let net =
+                    ipnetwork::Ipv6Network::new(k.data().into(), k.prefix_len() as u8).ok()?;
                 (!plan.identities_v6.contains_key(&net)).then_some(IpNetwork::V6(net))
             })
             .collect();

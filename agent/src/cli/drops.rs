@@ -80,7 +80,10 @@ pub fn run(args: DropsArgs) -> anyhow::Result<()> {
         );
     }
     if rows.is_empty() {
-        println!("(no {} counted)", if args.all { "packets" } else { "drops" });
+        println!(
+            "(no {} counted)",
+            if args.all { "packets" } else { "drops" }
+        );
     }
     Ok(())
 }
@@ -88,9 +91,6 @@ pub fn run(args: DropsArgs) -> anyhow::Result<()> {
 fn matches_filters(args: &DropsArgs, r: &Row) -> bool {
     let (ns, name) = r.pod.split_once('/').unwrap_or(("", &r.pod));
     args.namespace.as_deref().is_none_or(|n| n == ns)
-        && args
-            .pod
-            .as_deref()
-            .is_none_or(|p| p == name || p == r.pod)
+        && args.pod.as_deref().is_none_or(|p| p == name || p == r.pod)
         && args.reason.as_deref().is_none_or(|x| x == r.reason)
 }

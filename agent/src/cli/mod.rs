@@ -16,7 +16,11 @@ use crate::dataplane::{Layout, DEFAULT_BPFFS_DIR};
 pub const DEFAULT_RUN_DIR: &str = "/run/palisade";
 
 #[derive(Parser, Debug)]
-#[command(name = "palisade", version, about = "Kubernetes NetworkPolicy enforcer (eBPF tc)")]
+#[command(
+    name = "palisade",
+    version,
+    about = "Kubernetes NetworkPolicy enforcer (eBPF tc)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -141,12 +145,15 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         crate::dataplane::cleanup(&layout)
             .with_context(|| format!("cleaning up {}", layout.root().display()))?;
         let _ = std::fs::remove_file(args.dirs.run_dir.join(crate::agent::STATUS_FILE));
-        println!("removed Palisade's programs, links and maps under {}", layout.root().display());
+        println!(
+            "removed Palisade's programs, links and maps under {}",
+            layout.root().display()
+        );
         return Ok(());
     }
-    let manifests = args.manifests.context(
-        "no source: pass --manifests DIR (the Kubernetes API source is not built yet)",
-    )?;
+    let manifests = args
+        .manifests
+        .context("no source: pass --manifests DIR (the Kubernetes API source is not built yet)")?;
     let node_name = args
         .node_name
         .context("no node name: pass --node-name or set NODE_NAME")?;

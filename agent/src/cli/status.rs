@@ -28,7 +28,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     println!("node:       {}", status.node);
     println!("source:     {}", status.source);
     println!("synced:     {}", status.synced);
-    println!("agent pid:  {} ({})", status.pid, if status.agent_alive() { "running" } else { "not running" });
+    println!(
+        "agent pid:  {} ({})",
+        status.pid,
+        if status.agent_alive() {
+            "running"
+        } else {
+            "not running"
+        }
+    );
     println!("programmed: {} objects", status.programmed.len());
     println!("endpoints:");
     for e in &status.endpoints {
@@ -36,7 +44,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "  {:<28} slot {:<4} ifindex {:<6} {}",
             e.pod,
             e.slot,
-            e.ifindex.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            e.ifindex
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into()),
             e.isolation
         );
     }

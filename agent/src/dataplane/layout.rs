@@ -43,7 +43,8 @@ impl Layout {
 
     /// Pin of the link attaching `program` to the interface `ifindex`.
     pub fn link(&self, ifindex: u32, hook: Hook) -> PathBuf {
-        self.links_dir().join(format!("{ifindex}-{}", hook.suffix()))
+        self.links_dir()
+            .join(format!("{ifindex}-{}", hook.suffix()))
     }
 }
 

@@ -10,8 +10,7 @@ use aya::maps::{
 };
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    maps as names, Config, Counter, CtKey, CtValue, Endpoint, IdentityValue, PolicyKey,
-    PolicyValue,
+    maps as names, Config, Counter, CtKey, CtValue, Endpoint, IdentityValue, PolicyKey, PolicyValue,
 };
 
 use super::{DataplaneError, Layout};

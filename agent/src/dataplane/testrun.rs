@@ -35,10 +35,12 @@ impl Dataplane {
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.repeat = repeat.max(1);
-        let r = prog.test_run(opts).map_err(|source| DataplaneError::Program {
-            name: hook.program(),
-            source: Box::new(source),
-        })?;
+        let r = prog
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program {
+                name: hook.program(),
+                source: Box::new(source),
+            })?;
         Ok(RunResult {
             verdict: r.return_value,
             per_run: r.duration,

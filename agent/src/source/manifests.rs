@@ -233,18 +233,19 @@ impl Loader {
             Err(e) => return self.error(file, None, format!("cannot read: {e}")),
         };
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-        for (line, doc) in split_documents(text) {
-            if has_content(doc) {
-                self.load_document(file, line, doc);
+        for (start, doc) in split_documents(text) {
+            if let Some(content) = first_content_line(doc) {
+                self.load_document(file, start, start + content, doc);
             }
         }
     }
 
-    fn load_document(&mut self, file: &Path, line: usize, doc: &str) {
+    /// `start` is the document's first line in the file, `line` its first content line.
+    fn load_document(&mut self, file: &Path, start: usize, line: usize, doc: &str) {
         // Padding with the lines before the document makes serde_yaml's locations file
         // lines, while each document still parses on its own: a syntax error in one
         // cannot hide the documents after it.
-        let text = format!("{}{doc}", "\n".repeat(line - 1));
+        let text = format!("{}{doc}", "\n".repeat(start - 1));
         let value: Value = match serde_yaml::from_str(&text) {
             Ok(value) => value,
             Err(e) => {
@@ -404,10 +405,11 @@ fn is_marker(line: &str, marker: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
 }
 
-/// Whether a document holds anything but markers, directives and comments; a file
-/// ending in `---` or made of comments is not an error.
-fn has_content(doc: &str) -> bool {
-    doc.lines().any(|line| {
+/// Index of the document's first line holding anything but markers, directives and
+/// comments: the line reported for the document as a whole. `None` for a document with
+/// no content (a file ending in `---`, or made of comments), which is not an error.
+fn first_content_line(doc: &str) -> Option<usize> {
+    doc.lines().position(|line| {
         let line = ["---", "..."]
             .iter()
             .find_map(|m| line.strip_prefix(m).filter(|_| is_marker(line, m)))
@@ -684,16 +686,16 @@ spec:
         let db = pod(&snap, "db");
         assert_eq!(db.metadata.namespace.as_deref(), Some("default"));
         assert_eq!(
-            db.spec.as_ref().unwrap().containers[0].ports.as_ref().unwrap()[0]
+            db.spec.as_ref().unwrap().containers[0]
+                .ports
+                .as_ref()
+                .unwrap()[0]
                 .name
                 .as_deref(),
             Some("pg")
         );
 
-        assert_eq!(
-            snap.policies[0].metadata.namespace.as_deref(),
-            Some("shop")
-        );
+        assert_eq!(snap.policies[0].metadata.namespace.as_deref(), Some("shop"));
         let keys: Vec<_> = snap.versions.keys().map(String::as_str).collect();
         assert_eq!(
             keys,
@@ -760,7 +762,10 @@ items:
             api.status.as_ref().unwrap().pod_ip.as_deref(),
             Some("10.1.0.1")
         );
-        let port = &api.spec.as_ref().unwrap().containers[0].ports.as_ref().unwrap()[0];
+        let port = &api.spec.as_ref().unwrap().containers[0]
+            .ports
+            .as_ref()
+            .unwrap()[0];
         assert_eq!(
             (port.name.as_deref(), port.container_port),
             (Some("grpc"), 9090)
@@ -771,10 +776,10 @@ items:
     fn broken_file_is_reported_and_other_objects_stay() {
         let dir = TempDir::new();
         dir.write("a-good.yaml", MULTI_DOC);
-        // Line 4 has a syntax error (unclosed flow mapping).
+        // Line 4 has a syntax error (a mapping where a scalar value goes).
         dir.write(
             "b-syntax.yaml",
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {broken\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web: x\n",
         );
         // Second document (starting at line 5) has a type error at line 12; the first
         // and third documents are fine and must stay.
@@ -821,6 +826,21 @@ metadata: {namespace: x}
         let unnamed = &snap.errors[2];
         assert_eq!(unnamed.line, Some(14), "{unnamed}");
         assert!(unnamed.reason.contains("metadata.name"), "{unnamed}");
+    }
+
+    #[test]
+    fn syntax_error_in_one_document_spares_the_next() {
+        let dir = TempDir::new();
+        dir.write(
+            "docs.yaml",
+            "kind: Unknown\n...\n--- # empty document\n---\napiVersion: v1\nkind: Namespace\n\
+             metadata:\n  name: a: b\n--- {apiVersion: v1, kind: Namespace, metadata: {name: z}}\n",
+        );
+        let snap = load_dir(dir.path()).unwrap();
+        assert_eq!(snap.errors.len(), 1, "{:#?}", snap.errors);
+        assert_eq!(snap.errors[0].line, Some(8), "{}", snap.errors[0]);
+        let keys: Vec<_> = snap.versions.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["Namespace/z"]);
     }
 
     #[test]
@@ -884,9 +904,16 @@ metadata: {namespace: x}
     #[test]
     fn skips_other_kinds_and_non_manifest_files() {
         let dir = TempDir::new();
-        let ns = |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
         dir.write("real.yaml", &ns("real"));
-        for junk in [".real.yaml.swp", "real.yaml~", "4913", ".hidden.yaml", "notes.txt"] {
+        for junk in [
+            ".real.yaml.swp",
+            "real.yaml~",
+            "4913",
+            ".hidden.yaml",
+            "notes.txt",
+        ] {
             dir.write(junk, &ns("junk"));
         }
         fs::create_dir(dir.path().join("sub.yaml")).unwrap();
