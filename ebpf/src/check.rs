@@ -110,13 +110,17 @@ fn judge(c: &Ctx, p: &Packet) -> u32 {
             };
         }
         Kind::IcmpError => {
-            // The quoted packet travelled the other way: it belongs to a flow this pod's
-            // opposite check tracked.
-            let key = ct_key(&p.inner, c.slot, opposite(c.dir));
-            if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
-                // SAFETY: pointer into the map value; plain data.
-                if alive(&c.cfg, t.proto, unsafe { &*v }, now) {
-                    return REASON_ALLOWED_TRACKED;
+            // The quoted packet travelled the other way. It is either a packet of a flow
+            // this pod opened (tracked by the opposite check) or a reply of a flow this pod
+            // accepted (tracked by this check, in the opening direction).
+            let opened = ct_key(&p.inner, c.slot, opposite(c.dir));
+            let accepted = ct_key(&reversed(&p.inner), c.slot, c.dir);
+            for key in [opened, accepted] {
+                if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
+                    // SAFETY: pointer into the map value; plain data.
+                    if alive(&c.cfg, p.inner.proto, unsafe { &*v }, now) {
+                        return REASON_ALLOWED_TRACKED;
+                    }
                 }
             }
         }
@@ -251,7 +255,9 @@ fn frag_key(c: &Ctx, t: &Tuple, id: u32) -> FragKey {
         saddr: t.saddr,
         daddr: t.daddr,
         id,
-        proto: t.proto,
+        // IPv6 fragments name the next header of the fragmentable part, which differs
+        // between the first fragment and later ones; the 32-bit id is enough there.
+        proto: if t.family == 4 { t.proto } else { 0 },
         family: t.family,
         dir: c.dir,
         _pad: 0,

@@ -157,7 +157,7 @@ fn parse_ipv4(ctx: &TcContext, off: usize, p: &mut Packet) -> Result<Parsed, ()>
         return Err(());
     }
     let fragment = frag_off != 0 || more;
-    finish(ctx, p, l4, if fragment { Some(id) } else { None }, frag_off)
+    finish(ctx, p, l4, off + total, if fragment { Some(id) } else { None }, frag_off)
 }
 
 #[inline(always)]
@@ -167,7 +167,8 @@ fn parse_ipv6(ctx: &TcContext, off: usize, p: &mut Packet) -> Result<Parsed, ()>
         return Err(());
     }
     let payload = be16([h[4], h[5]]) as usize;
-    if off + 40 + payload > ctx.len() as usize {
+    let end = off + 40 + payload;
+    if end > ctx.len() as usize {
         return Err(());
     }
     let t = &mut p.tuple;
@@ -198,16 +199,24 @@ fn parse_ipv6(ctx: &TcContext, off: usize, p: &mut Packet) -> Result<Parsed, ()>
                 // Even an atomic fragment (offset 0, no more) is tracked as a fragment.
                 frag_id = Some(u32::from_be_bytes([e[4], e[5], e[6], e[7]]));
                 l4 += 8;
+                if frag_off != 0 {
+                    // What follows is fragment data, not headers: never parse it as such.
+                    break;
+                }
             }
             _ => break,
         }
+        if l4 > end {
+            // An extension header that runs past the datagram.
+            return Err(());
+        }
     }
-    if matches!(next, 0 | 43 | 60 | 51 | 44) {
+    if frag_off == 0 && matches!(next, 0 | 43 | 60 | 51 | 44) {
         // More extension headers than we follow: refuse to guess the upper layer.
         return Err(());
     }
     p.tuple.proto = next;
-    finish(ctx, p, l4, frag_id, frag_off)
+    finish(ctx, p, l4, end, frag_id, frag_off)
 }
 
 #[inline(always)]
@@ -215,6 +224,8 @@ fn finish(
     ctx: &TcContext,
     p: &mut Packet,
     l4: usize,
+    // End of the IP datagram: upper-layer headers must lie inside it, not in padding.
+    end: usize,
     frag_id: Option<u32>,
     frag_off: u16,
 ) -> Result<Parsed, ()> {
@@ -227,7 +238,8 @@ fn finish(
     match t.proto {
         PROTO_TCP => {
             let h: [u8; 14] = load(ctx, l4)?;
-            if (h[12] >> 4) < 5 {
+            let doff = (h[12] >> 4) as usize * 4;
+            if doff < 20 || l4 + doff > end {
                 return Err(());
             }
             t.sport = be16([h[0], h[1]]);
@@ -239,17 +251,22 @@ fn finish(
             let h: [u8; 4] = load(ctx, l4)?;
             // UDP needs 8 bytes, SCTP 12 bytes of common header: check they are there.
             let need = if t.proto == PROTO_UDP { 8 } else { 12 };
-            if l4 + need > ctx.len() as usize {
+            if l4 + need > end {
                 return Err(());
             }
             t.sport = be16([h[0], h[1]]);
             t.dport = be16([h[2], h[3]]);
             p.policy_port = t.dport;
         }
-        PROTO_ICMP | PROTO_ICMPV6 => {
+        // ICMP only in IPv4 and ICMPv6 only in IPv6; the other pairing is an unknown
+        // protocol (judged without ports), never neighbour discovery.
+        PROTO_ICMP | PROTO_ICMPV6 if (t.proto == PROTO_ICMPV6) == (t.family == 6) => {
+            if l4 + 8 > end {
+                return Err(());
+            }
             let h: [u8; 8] = load(ctx, l4)?;
             let ty = h[0];
-            let v6 = t.proto == PROTO_ICMPV6;
+            let v6 = t.family == 6;
             if v6 && matches!(ty, 130..=137 | 143) {
                 return Ok(Parsed::Control);
             }
@@ -270,9 +287,9 @@ fn finish(
             } else if error {
                 p.kind = Kind::IcmpError;
                 if v6 {
-                    inner_ipv6(ctx, l4 + 8, &mut p.inner)?;
+                    inner_ipv6(ctx, l4 + 8, end, &mut p.inner)?;
                 } else {
-                    inner_ipv4(ctx, l4 + 8, &mut p.inner)?;
+                    inner_ipv4(ctx, l4 + 8, end, &mut p.inner)?;
                 }
             }
         }
@@ -283,13 +300,19 @@ fn finish(
 
 /// The packet quoted by an ICMPv4 error: its IP header and the first 8 bytes after it.
 #[inline(always)]
-fn inner_ipv4(ctx: &TcContext, off: usize, t: &mut Tuple) -> Result<(), ()> {
+fn inner_ipv4(ctx: &TcContext, off: usize, end: usize, t: &mut Tuple) -> Result<(), ()> {
+    if off + 20 > end {
+        return Err(());
+    }
     let (l4, _, _, _, _) = ipv4_header(ctx, off, t)?;
-    inner_ports(ctx, t, l4)
+    inner_ports(ctx, t, l4, end)
 }
 
 #[inline(always)]
-fn inner_ipv6(ctx: &TcContext, off: usize, t: &mut Tuple) -> Result<(), ()> {
+fn inner_ipv6(ctx: &TcContext, off: usize, end: usize, t: &mut Tuple) -> Result<(), ()> {
+    if off + 40 > end {
+        return Err(());
+    }
     let h: [u8; 8] = load(ctx, off)?;
     if h[0] >> 4 != 6 {
         return Err(());
@@ -298,20 +321,26 @@ fn inner_ipv6(ctx: &TcContext, off: usize, t: &mut Tuple) -> Result<(), ()> {
     t.proto = h[6];
     load_into(ctx, off + 8, &mut t.saddr)?;
     load_into(ctx, off + 24, &mut t.daddr)?;
-    inner_ports(ctx, t, off + 40)
+    inner_ports(ctx, t, off + 40, end)
 }
 
 #[inline(always)]
-fn inner_ports(ctx: &TcContext, t: &mut Tuple, l4: usize) -> Result<(), ()> {
+fn inner_ports(ctx: &TcContext, t: &mut Tuple, l4: usize, end: usize) -> Result<(), ()> {
     t.sport = 0;
     t.dport = 0;
     match t.proto {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            if l4 + 4 > end {
+                return Err(());
+            }
             let h: [u8; 4] = load(ctx, l4)?;
             t.sport = be16([h[0], h[1]]);
             t.dport = be16([h[2], h[3]]);
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
+            if l4 + 6 > end {
+                return Err(());
+            }
             let h: [u8; 6] = load(ctx, l4)?;
             let id = be16([h[4], h[5]]);
             t.sport = id;

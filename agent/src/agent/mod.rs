@@ -29,7 +29,24 @@ pub struct AgentConfig {
 /// How often pods whose interface is not wired yet are looked for again.
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    run_until(cfg, stop).await
+}
+
+/// Runs until `stop` completes (tests and embedders stop the agent this way).
+pub async fn run_until(
+    cfg: AgentConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let dp = Dataplane::load(
         cfg.layout.clone(),
         &LoadOptions {
@@ -60,8 +77,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ..Default::default()
     };
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
+    tokio::pin!(stop);
     let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
     let mut dirty = true;
     loop {
@@ -101,8 +117,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     publish(&cfg, &rec, &compiler, &versions, &mut status)?;
                 }
             }
-            r = tokio::signal::ctrl_c() => { r?; break; }
-            _ = term.recv() => break,
+            _ = &mut stop => break,
         }
     }
     // Programs, links and maps stay pinned: enforcement continues while no agent runs.

@@ -330,45 +330,8 @@ const STRICT: Mode = Mode {
 };
 
 /// The known deviations, alone and together, named for the report.
-const KNOWN: [(&str, Mode); 5] = [
-    (
-        "l4-beyond-ip-datagram",
-        Mode {
-            frame: true,
-            ..STRICT
-        },
-    ),
-    (
-        "tcp-shorter-than-data-offset",
-        Mode {
-            tcp_14: true,
-            ..STRICT
-        },
-    ),
-    (
-        "ipv6-walk-past-later-fragment",
-        Mode {
-            later_frag_walk: true,
-            ..STRICT
-        },
-    ),
-    (
-        "icmp-of-the-other-family",
-        Mode {
-            cross_family_icmp: true,
-            ..STRICT
-        },
-    ),
-    (
-        "several-of-the-above",
-        Mode {
-            frame: true,
-            tcp_14: true,
-            later_frag_walk: true,
-            cross_family_icmp: true,
-        },
-    ),
-];
+// Deviations explained by known program bugs: none left; every frame must match.
+const KNOWN: [(&str, Mode); 0] = [];
 
 fn expect(m: Mode, table: &[(IpNetwork, u32, u32)], f: &[u8], hook: Hook) -> Want {
     let parsed = match be16(&f[12..14]) {

@@ -1,0 +1,216 @@
+//! Tier 3 through the whole agent: manifests in a directory → compiler → maps → verdicts on
+//! the wire, on the upstream e2e netpol model (namespaces x, y, z; pods a, b, c serving 80
+//! and 81), on a bridged and a routed node made by the CNI plugins.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use palisade::agent::{run_until, AgentConfig};
+use palisade_tests::pins::PinDir;
+use palisade_tests::{assert_matrix, require_root, wait_until, Flavour, Model, Proto};
+
+const NODE: &str = "n1";
+
+/// The agent running in the node's namespace on its own thread; stopped on drop.
+struct AgentGuard {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    run_dir: PathBuf,
+    manifests: PathBuf,
+    // Dropped last: removes the pins after the agent has stopped.
+    _pins: PinDir,
+}
+
+impl AgentGuard {
+    fn start(model: &Model, tag: &str) -> AgentGuard {
+        let pins = PinDir::new(tag);
+        let base = std::env::temp_dir().join(format!("palisade-e2e-{tag}-{}", std::process::id()));
+        let manifests = base.join("manifests");
+        let run_dir = base.join("run");
+        std::fs::create_dir_all(&manifests).unwrap();
+        std::fs::write(manifests.join("00-model.yaml"), model_yaml(model)).unwrap();
+        let cfg = AgentConfig {
+            node_name: NODE.into(),
+            manifests: manifests.clone(),
+            layout: pins.layout(),
+            run_dir: run_dir.clone(),
+            conntrack_entries: 65_536,
+            revoke_untracked: false,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = model
+            .node()
+            .ns()
+            .spawn(move || {
+                // Threads the runtime starts inherit this thread's network namespace.
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(run_until(cfg, async {
+                    let _ = rx.await;
+                }))
+            })
+            .unwrap();
+        let g = AgentGuard {
+            stop: Some(tx),
+            thread: Some(thread),
+            run_dir,
+            manifests,
+            _pins: pins,
+        };
+        g.wait_programmed(&["Pod/x/a", "Pod/z/c"]);
+        g
+    }
+
+    fn apply(&self, file: &str, yaml: &str, keys: &[&str]) {
+        std::fs::write(self.manifests.join(file), yaml).unwrap();
+        self.wait_programmed(keys);
+    }
+
+    fn delete(&self, file: &str, gone: &str) {
+        std::fs::remove_file(self.manifests.join(file)).unwrap();
+        let ok = wait_until(Duration::from_secs(10), || {
+            status(&self.run_dir).is_some_and(|v| v["programmed"].get(gone).is_none())
+        });
+        assert!(ok, "{gone} still programmed");
+    }
+
+    /// Waits on the agent's status contract: the keys are in `programmed`.
+    fn wait_programmed(&self, keys: &[&str]) {
+        let ok = wait_until(Duration::from_secs(15), || {
+            status(&self.run_dir).is_some_and(|v| {
+                v["synced"] == true && keys.iter().all(|k| v["programmed"].get(*k).is_some())
+            })
+        });
+        assert!(
+            ok,
+            "agent did not program {keys:?}; status: {:?}",
+            status(&self.run_dir)
+        );
+    }
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.manifests.parent().unwrap());
+    }
+}
+
+fn status(run_dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).ok()?).ok()
+}
+
+fn model_yaml(model: &Model) -> String {
+    let mut s = String::new();
+    for ns in ["x", "y", "z"] {
+        s += &format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    ns: {ns}\n");
+    }
+    for name in model.names() {
+        let pod = model.pod(&name);
+        let (ns, p) = name.split_once('/').unwrap();
+        s += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {p}\n  namespace: {ns}\n  labels:\n    pod: {p}\nspec:\n  nodeName: {NODE}\n  containers:\n  - name: c\n    image: agnhost\n    ports:\n    - {{name: serve-80-tcp, containerPort: 80, protocol: TCP}}\n    - {{name: serve-81-tcp, containerPort: 81, protocol: TCP}}\n    - {{name: serve-80-udp, containerPort: 80, protocol: UDP}}\n    - {{name: serve-81-udp, containerPort: 81, protocol: UDP}}\nstatus:\n  phase: Running\n  podIP: {v4}\n  podIPs: [{{ip: {v4}}}, {{ip: {v6}}}]\n",
+            v4 = pod.ipv4(),
+            v6 = pod.ipv6(),
+        );
+    }
+    s
+}
+
+const DENY_INGRESS_X: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-ingress, namespace: x}
+spec:
+  podSelector: {}
+"#;
+
+const ALLOW_A_FROM_Y_ON_NAMED_80: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-a-from-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {ns: y}}
+    ports:
+    - port: serve-80-tcp
+"#;
+
+const DENY_EGRESS_Z_C: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-egress-c, namespace: z}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Egress]
+"#;
+
+fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
+    require_root();
+    let model = Model::new(tag, flavour).unwrap();
+    let agent = AgentGuard::start(&model, tag);
+
+    assert_matrix(&model.expect(true), &model.probe_matrix(80, Proto::Tcp));
+
+    // Default-deny ingress in x: nothing reaches x's pods.
+    agent.apply(
+        "10-deny.yaml",
+        DENY_INGRESS_X,
+        &["NetworkPolicy/x/deny-ingress"],
+    );
+    let mut want = model.expect(true);
+    for p in ["x/a", "x/b", "x/c"] {
+        want.set_to(p, false);
+    }
+    assert_matrix(&want, &model.probe_matrix(80, Proto::Tcp));
+
+    // Plus: x/a accepts namespace y on the named port serve-80-tcp (80), not on 81.
+    agent.apply(
+        "20-allow.yaml",
+        ALLOW_A_FROM_Y_ON_NAMED_80,
+        &["NetworkPolicy/x/allow-a-from-y"],
+    );
+    let mut want80 = want.clone();
+    for p in ["y/a", "y/b", "y/c"] {
+        want80.set(p, "x/a", true);
+    }
+    assert_matrix(&want80, &model.probe_matrix(80, Proto::Tcp));
+    assert_matrix(&want, &model.probe_matrix(81, Proto::Tcp));
+
+    // Deleting the deny restores x for everyone but keeps the allow's isolation of x/a.
+    agent.delete("10-deny.yaml", "NetworkPolicy/x/deny-ingress");
+    let mut after = model.expect(true);
+    after.set_to("x/a", false);
+    for p in ["y/a", "y/b", "y/c"] {
+        after.set(p, "x/a", true);
+    }
+    assert_matrix(&after, &model.probe_matrix(80, Proto::Tcp));
+
+    // Egress isolation of z/c: its connections fail, replies to others still flow.
+    agent.apply(
+        "30-egress.yaml",
+        DENY_EGRESS_Z_C,
+        &["NetworkPolicy/z/deny-egress-c"],
+    );
+    after.set_from("z/c", false);
+    assert_matrix(&after, &model.probe_matrix(80, Proto::Tcp));
+}
+
+#[test]
+fn agent_enforces_policy_changes_on_a_bridged_node() {
+    policies_change_the_matrix(Flavour::Bridged, "agbr");
+}
+
+#[test]
+fn agent_enforces_policy_changes_on_a_routed_node() {
+    policies_change_the_matrix(Flavour::Routed, "agrt");
+}
