@@ -7,18 +7,18 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use ipnetwork::IpNetwork;
 use palisade::dataplane::testrun::{TC_ACT_OK, TC_ACT_SHOT, TEST_RUN_IFINDEX};
-use palisade::dataplane::{cleanup, read_counters, Dataplane, Hook, Layout, LoadOptions, Maps};
+use palisade::dataplane::{cleanup, read_counters, Dataplane, Hook, LoadOptions, Maps};
 use palisade_common::{
     Config, Endpoint, FragKey, IdentityValue, PolicyKey, CFG_REVOKE_UNTRACKED, DIR_EGRESS,
     DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IDENTITY_FLAG_HOST,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
 };
 use palisade_tests::packets::*;
+use palisade_tests::pins::PinDir;
 use palisade_tests::require_root;
 
 const SLOT: u32 = 3;
@@ -51,65 +51,20 @@ fn v6(a: Ipv6Addr) -> IpAddr {
     IpAddr::V6(a)
 }
 
-/// Removes the pins (and the directory) even when the test panics.
-struct PinGuard {
-    layout: Layout,
-    dir: PathBuf,
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Err(e) = cleanup(&self.layout) {
-            eprintln!("cleanup of {}: {e}", self.dir.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn ensure_bpffs() {
-    let root = std::path::Path::new("/sys/fs/bpf");
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-        })
-        .unwrap_or(false);
-    if mounted {
-        return;
-    }
-    std::fs::create_dir_all(root).ok();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status()
-        .expect("run mount");
-    assert!(
-        st.success(),
-        "bpffs is not mounted at /sys/fs/bpf and mounting it failed"
-    );
-}
-
 /// One loaded dataplane with a pod at `SLOT` on the test-run interface.
 struct Fx {
     dp: Dataplane,
     maps: Maps,
     frags: BpfHashMap<MapData, FragKey, u64>,
-    _pins: PinGuard,
+    _pins: PinDir,
 }
 
 impl Fx {
     /// `ep_flags: None` leaves the interface out of ENDPOINTS.
     fn new(name: &str, ep_flags: Option<u32>, cfg_flags: u32) -> Fx {
         require_root();
-        ensure_bpffs();
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/palisade-test-{name}-{}",
-            std::process::id()
-        ));
-        let layout = Layout::new(&dir);
-        let pins = PinGuard {
-            layout: layout.clone(),
-            dir: dir.clone(),
-        };
+        let pins = PinDir::new(name);
+        let layout = pins.layout();
         // A stale directory of an earlier run with the same pid would reopen old maps.
         let _ = cleanup(&layout);
         let opts = LoadOptions {
