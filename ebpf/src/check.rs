@@ -72,10 +72,11 @@ pub fn check(tc: &TcContext, dir: u8) -> bool {
         Parsed::Malformed => finish(&c, None, not_isolated_or(&c, REASON_DROPPED_MALFORMED)),
         Parsed::Ip => {
             let p = &*p;
-            let reason = judge(&c, p);
+            let now = unsafe { bpf_ktime_get_ns() };
+            let reason = judge(&c, p, now);
             if !palisade_common::reason_is_drop(reason) && c.isolated && p.kind == Kind::Normal {
                 if let Some(id) = p.frag_id {
-                    remember_fragment(&c, &p.tuple, id);
+                    let _ = FRAGMENTS.insert(&frag_key(&c, &p.tuple, id), &now, 0);
                 }
             }
             finish(&c, Some(p), reason)
@@ -93,8 +94,7 @@ fn not_isolated_or(c: &Ctx, drop_reason: u32) -> u32 {
 }
 
 #[inline(always)]
-fn judge(c: &Ctx, p: &Packet) -> u32 {
-    let now = unsafe { bpf_ktime_get_ns() };
+fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
     let t = &p.tuple;
     match p.kind {
         Kind::LaterFragment => {
@@ -263,12 +263,6 @@ fn frag_key(c: &Ctx, t: &Tuple, id: u32) -> FragKey {
         _pad: 0,
         slot: c.slot,
     }
-}
-
-#[inline(always)]
-fn remember_fragment(c: &Ctx, t: &Tuple, id: u32) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let _ = FRAGMENTS.insert(&frag_key(c, t, id), &now, 0);
 }
 
 #[inline(always)]

@@ -184,12 +184,12 @@ fn publish(
     status: &mut Status,
 ) -> anyhow::Result<()> {
     let plan = compiler.plan();
-    let rejected_keys: Vec<String> = plan
+    let rejected_keys: std::collections::BTreeSet<String> = plan
         .rejections
         .keys()
         .map(|p| source::object_key("NetworkPolicy", Some(&p.namespace), &p.name))
         .collect();
-    let unwired: Vec<String> = rec
+    let unwired: std::collections::BTreeSet<String> = rec
         .endpoints
         .iter()
         .filter(|(_, e)| e.ifindex.is_none())
@@ -197,7 +197,7 @@ fn publish(
         .collect();
     status.programmed = versions
         .iter()
-        .filter(|(k, _)| !rejected_keys.contains(k) && !unwired.contains(k))
+        .filter(|(k, _)| !rejected_keys.contains(*k) && !unwired.contains(*k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     status.rejected = plan

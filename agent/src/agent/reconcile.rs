@@ -114,14 +114,9 @@ impl Reconciler {
             }
         }
         // 2. Identity updates.
-        for (net, v) in &diff.identities_v4 {
+        for (net, v) in identity_changes(diff) {
             if let Some(v) = v {
-                self.maps.set_identity(IpNetwork::V4(*net), *v)?;
-            }
-        }
-        for (net, v) in &diff.identities_v6 {
-            if let Some(v) = v {
-                self.maps.set_identity(IpNetwork::V6(*net), *v)?;
+                self.maps.set_identity(net, v)?;
             }
         }
         // 3. Endpoint headers, then programs.
@@ -144,14 +139,9 @@ impl Reconciler {
             }
         }
         // 5. Removed identities.
-        for (net, v) in &diff.identities_v4 {
+        for (net, v) in identity_changes(diff) {
             if v.is_none() {
-                self.maps.remove_identity(IpNetwork::V4(*net))?;
-            }
-        }
-        for (net, v) in &diff.identities_v6 {
-            if v.is_none() {
-                self.maps.remove_identity(IpNetwork::V6(*net))?;
+                self.maps.remove_identity(net)?;
             }
         }
         // 6. Gone endpoints.
@@ -278,4 +268,19 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+/// Both identity tries' changes as one sequence: the writes are the same for either family.
+fn identity_changes(
+    diff: &PlanDiff,
+) -> impl Iterator<Item = (IpNetwork, Option<palisade_common::IdentityValue>)> + '_ {
+    let v4 = diff
+        .identities_v4
+        .iter()
+        .map(|(n, v)| (IpNetwork::V4(*n), *v));
+    let v6 = diff
+        .identities_v6
+        .iter()
+        .map(|(n, v)| (IpNetwork::V6(*n), *v));
+    v4.chain(v6)
 }

@@ -124,16 +124,18 @@ impl Maps {
             path: "/sys/devices/system/cpu/possible".into(),
             source: e,
         })?;
+        let zero: Vec<Counter> = vec![Counter::default(); cpus];
         for dir in 0..palisade_common::DIRECTIONS as u8 {
             for reason in 0..palisade_common::REASONS {
                 let idx = palisade_common::counter_index(slot, dir, reason);
-                let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])
-                    .map_err(|e| DataplaneError::Io {
+                let values = aya::maps::PerCpuValues::try_from(zero.clone()).map_err(|e| {
+                    DataplaneError::Io {
                         path: "COUNTERS".into(),
                         source: e,
-                    })?;
+                    }
+                })?;
                 self.counters
-                    .set(idx, zero, 0)
+                    .set(idx, values, 0)
                     .map_err(|e| map_err(names::COUNTERS, e))?;
             }
         }
