@@ -31,7 +31,7 @@ impl AgentGuard {
         std::fs::write(manifests.join("00-model.yaml"), model_yaml(model)).unwrap();
         let cfg = AgentConfig {
             node_name: NODE.into(),
-            manifests: manifests.clone(),
+            source: palisade::source::SourceSpec::Manifests(manifests.clone()),
             layout: pins.layout(),
             run_dir: run_dir.clone(),
             conntrack_entries: 65_536,

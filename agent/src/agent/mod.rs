@@ -10,16 +10,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use palisade_common::{Config, CFG_REVOKE_UNTRACKED, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS};
-use palisade_policy::{Change, Compiler, ObjectRef};
+use palisade_policy::Compiler;
 
 use crate::dataplane::{Dataplane, Layout, LoadOptions};
-use crate::source::{self, Snapshot};
+use crate::source::{self, SourceSpec, Update};
 use reconcile::Reconciler;
 pub use status::{Status, STATUS_FILE};
 
 pub struct AgentConfig {
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: SourceSpec,
     pub layout: Layout,
     pub run_dir: PathBuf,
     pub conntrack_entries: u32,
@@ -64,54 +64,72 @@ pub async fn run_until(
         ..Default::default()
     })?;
     let node_ips = netdev::node_ips();
-    tracing::info!(node = %cfg.node_name, ?node_ips, manifests = %cfg.manifests.display(), "agent starting");
+    tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
     let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
     let mut rec = Reconciler::new(dp, maps);
-    let mut watcher = source::DirWatcher::new(&cfg.manifests)
-        .with_context(|| format!("watching {}", cfg.manifests.display()))?;
+    let mut updates = spawn_source(&cfg.source).await?;
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
     let mut status = Status {
         node: cfg.node_name.clone(),
-        source: format!("manifests:{}", cfg.manifests.display()),
+        source: cfg.source.to_string(),
         pid: std::process::id(),
         ..Default::default()
     };
+    publish(&cfg, &rec, &compiler, &versions, &mut status)?;
 
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
-    let mut dirty = true;
     loop {
-        if dirty {
-            dirty = false;
-            let started = std::time::Instant::now();
-            match source::load_dir(&cfg.manifests) {
-                Ok(snap) => {
-                    let changes = changes_between(&versions, &snap);
-                    let n = changes.len();
-                    let diff = compiler.apply_batch(changes);
-                    rec.apply(&diff)?;
-                    if !status.synced {
-                        rec.collect_garbage(compiler.plan())?;
-                        status.synced = true;
-                    }
-                    versions = snap.versions.clone();
-                    status.source_errors = snap.errors.iter().map(|e| e.to_string()).collect();
-                    for e in &status.source_errors {
-                        tracing::warn!(error = %e, "manifest not loaded");
-                    }
-                    tracing::info!(
-                        changes = n,
-                        map_writes = diff.len(),
-                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                        "reconciled"
-                    );
-                }
-                Err(e) => tracing::error!(error = %e, "reading manifests"),
-            }
-            publish(&cfg, &rec, &compiler, &versions, &mut status)?;
-        }
         tokio::select! {
-            _ = watcher.changed() => dirty = true,
+            update = updates.recv() => {
+                let Some(first) = update else {
+                    anyhow::bail!("the {} source stopped", cfg.source);
+                };
+                // Everything already queued goes into one batch: one compiler pass and
+                // one ordered set of map writes however bursty the source is.
+                let mut batch = vec![first];
+                while let Ok(more) = updates.try_recv() {
+                    batch.push(more);
+                }
+                let started = std::time::Instant::now();
+                let mut changes = Vec::new();
+                let mut synced_now = false;
+                for update in batch {
+                    match update {
+                        Update::Changes(objs) => {
+                            for obj in objs {
+                                match obj.version {
+                                    Some(v) => versions.insert(obj.key, v),
+                                    None => versions.remove(&obj.key),
+                                };
+                                changes.push(obj.change);
+                            }
+                        }
+                        Update::Synced => synced_now = true,
+                        Update::Errors(errors) => {
+                            for e in &errors {
+                                tracing::warn!(error = %e, "source problem");
+                            }
+                            status.source_errors = errors;
+                        }
+                    }
+                }
+                let n = changes.len();
+                let diff = compiler.apply_batch(changes);
+                rec.apply(&diff)?;
+                if synced_now && !status.synced {
+                    // Only now is it known what the kernel should not hold.
+                    rec.collect_garbage(compiler.plan())?;
+                    status.synced = true;
+                }
+                tracing::info!(
+                    changes = n,
+                    map_writes = diff.len(),
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "reconciled"
+                );
+                publish(&cfg, &rec, &compiler, &versions, &mut status)?;
+            }
             _ = tick.tick() => {
                 if rec.resolve_pending()? > 0 {
                     publish(&cfg, &rec, &compiler, &versions, &mut status)?;
@@ -125,55 +143,11 @@ pub async fn run_until(
     Ok(())
 }
 
-/// The compiler changes that take the previous snapshot's objects to `snap`'s.
-fn changes_between(prev: &BTreeMap<String, String>, snap: &Snapshot) -> Vec<Change> {
-    let changed = |key: &str| prev.get(key) != snap.versions.get(key);
-    let mut out = Vec::new();
-    // Namespaces first so pods and policies see their labels.
-    for ns in &snap.namespaces {
-        let name = ns.metadata.name.clone().unwrap_or_default();
-        if changed(&source::object_key("Namespace", None, &name)) {
-            out.push(Change::UpsertNamespace(Box::new(ns.clone())));
-        }
+async fn spawn_source(spec: &SourceSpec) -> anyhow::Result<tokio::sync::mpsc::Receiver<Update>> {
+    match spec {
+        SourceSpec::Manifests(dir) => source::spawn_directory(dir.clone())
+            .with_context(|| format!("watching {}", dir.display())),
     }
-    for pod in &snap.pods {
-        let m = &pod.metadata;
-        let key = source::object_key(
-            "Pod",
-            m.namespace.as_deref(),
-            m.name.as_deref().unwrap_or(""),
-        );
-        if changed(&key) {
-            out.push(Change::UpsertPod(Box::new(pod.clone())));
-        }
-    }
-    for np in &snap.policies {
-        let m = &np.metadata;
-        let key = source::object_key(
-            "NetworkPolicy",
-            m.namespace.as_deref(),
-            m.name.as_deref().unwrap_or(""),
-        );
-        if changed(&key) {
-            out.push(Change::UpsertPolicy(Box::new(np.clone())));
-        }
-    }
-    for key in prev.keys().filter(|k| !snap.versions.contains_key(*k)) {
-        let mut parts = key.splitn(3, '/');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some("Namespace"), Some(name), None) => {
-                out.push(Change::DeleteNamespace(name.to_string()))
-            }
-            (Some("Pod"), Some(ns), Some(name)) => {
-                out.push(Change::DeletePod(ObjectRef::new(ns, name)))
-            }
-            (Some("NetworkPolicy"), Some(ns), Some(name)) => {
-                out.push(Change::DeletePolicy(ObjectRef::new(ns, name)))
-            }
-            _ => {}
-        }
-    }
-    out
 }
 
 fn publish(

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::agent::AgentConfig;
 use crate::dataplane::{Layout, DEFAULT_BPFFS_DIR};
+use crate::source::SourceSpec;
 
 pub const DEFAULT_RUN_DIR: &str = "/run/palisade";
 
@@ -151,15 +152,16 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let manifests = args
-        .manifests
-        .context("no source: pass --manifests DIR (the Kubernetes API source is not built yet)")?;
+    let source =
+        SourceSpec::Manifests(args.manifests.context(
+            "no source: pass --manifests DIR (the Kubernetes API source is not built yet)",
+        )?);
     let node_name = args
         .node_name
         .context("no node name: pass --node-name or set NODE_NAME")?;
     let cfg = AgentConfig {
         node_name,
-        manifests,
+        source,
         layout,
         run_dir: args.dirs.run_dir,
         conntrack_entries: args.conntrack_entries,
