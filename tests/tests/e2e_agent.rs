@@ -10,6 +10,40 @@ use palisade_tests::pins::PinDir;
 use palisade_tests::{assert_matrix, require_root, wait_until, Flavour, Model, Proto};
 
 const NODE: &str = "n1";
+const HTTP_ADDR: &str = "127.0.0.1:9977";
+
+/// GET on the agent's HTTP port from inside the node namespace: (status code, body).
+fn http_get(model: &Model, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    model.node().ns().run(|| {
+        let mut s = std::net::TcpStream::connect(HTTP_ADDR).expect("agent HTTP port");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    })
+}
+
+/// The value of the first sample of `metric` whose line contains every label in `labels`.
+fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
 
 /// The agent running in the node's namespace on its own thread; stopped on drop.
 struct AgentGuard {
@@ -35,6 +69,8 @@ impl AgentGuard {
             layout: pins.layout(),
             run_dir: run_dir.clone(),
             conntrack_entries: 65_536,
+            // The node namespace has its own loopback, so the port cannot collide.
+            http_addr: Some(HTTP_ADDR.parse().unwrap()),
             revoke_untracked: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -172,6 +208,34 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
         want.set_to(p, false);
     }
     assert_matrix(&want, &model.probe_matrix(80, Proto::Tcp));
+
+    // The drops just probed show on /metrics under the pod's name, and the agent is ready.
+    assert_eq!(http_get(&model, "/readyz").0, 200);
+    assert_eq!(http_get(&model, "/healthz").0, 200);
+    let (code, text) = http_get(&model, "/metrics");
+    assert_eq!(code, 200);
+    let dropped = sample(
+        &text,
+        "palisade_packets_total",
+        &[
+            "namespace=\"x\"",
+            "pod=\"a\"",
+            "reason=\"dropped-no-rule\"",
+            "direction=\"ingress\"",
+        ],
+    );
+    assert!(
+        dropped.is_some_and(|n| n >= 1.0),
+        "no drops of x/a in /metrics:\n{text}"
+    );
+    assert_eq!(
+        sample(&text, "palisade_objects", &["kind=\"NetworkPolicy\""]),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "palisade_programming_latency_seconds_count", &[]).is_some_and(|n| n >= 2.0)
+    );
 
     // Plus: x/a accepts namespace y on the named port serve-80-tcp (80), not on 81.
     agent.apply(

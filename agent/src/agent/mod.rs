@@ -1,11 +1,14 @@
 //! `palisade agent`: source → compiler → dataplane, and the status that says what is live.
 
+pub mod http;
+pub mod metrics;
 pub mod netdev;
 mod reconcile;
 pub mod status;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,6 +17,7 @@ use palisade_policy::Compiler;
 
 use crate::dataplane::{Dataplane, Layout, LoadOptions};
 use crate::source::{self, SourceSpec, Update};
+use metrics::Metrics;
 use reconcile::Reconciler;
 pub use status::{Status, STATUS_FILE};
 
@@ -24,6 +28,8 @@ pub struct AgentConfig {
     pub run_dir: PathBuf,
     pub conntrack_entries: u32,
     pub revoke_untracked: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 /// How often pods whose interface is not wired yet are looked for again.
@@ -66,6 +72,16 @@ pub async fn run_until(
     let node_ips = netdev::node_ips();
     tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
     let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
+    let metrics = Arc::new(Metrics::new(dp.maps()?));
+    metrics.capacities(dp.layout());
+    let health = metrics.health();
+    health.beat();
+    if let Some(addr) = cfg.http_addr {
+        let bound = http::serve(addr, Arc::clone(&metrics))
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    }
     let mut rec = Reconciler::new(dp, maps);
     let mut updates = spawn_source(&cfg.source).await?;
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
@@ -121,7 +137,9 @@ pub async fn run_until(
                     // Only now is it known what the kernel should not hold.
                     rec.collect_garbage(compiler.plan())?;
                     status.synced = true;
+                    health.set_ready();
                 }
+                metrics.observe_programming(started);
                 tracing::info!(
                     changes = n,
                     map_writes = diff.len(),
@@ -129,10 +147,13 @@ pub async fn run_until(
                     "reconciled"
                 );
                 publish(&cfg, &rec, &compiler, &versions, &mut status)?;
+                metrics.record(&status, compiler.plan(), &rec);
             }
             _ = tick.tick() => {
+                health.beat();
                 if rec.resolve_pending()? > 0 {
                     publish(&cfg, &rec, &compiler, &versions, &mut status)?;
+                    metrics.record(&status, compiler.plan(), &rec);
                 }
             }
             _ = &mut stop => break,

@@ -94,6 +94,10 @@ pub struct AgentArgs {
     pub node_name: Option<String>,
     #[command(flatten)]
     pub dirs: Dirs,
+    /// Serve /metrics, /healthz and /readyz on this address (`off`: don't). Loopback by
+    /// default; the DaemonSet passes the node's address so Prometheus and kubelet reach it.
+    #[arg(long, env = "PALISADE_HTTP_ADDR", default_value = crate::agent::http::DEFAULT_HTTP_ADDR, value_parser = parse_http_addr)]
+    pub http_addr: HttpAddr,
     /// Size of the connection-tracking map (entries).
     #[arg(long, default_value_t = 262_144)]
     pub conntrack_entries: u32,
@@ -104,6 +108,19 @@ pub struct AgentArgs {
     /// Remove every program, link and pinned map Palisade created on this node, then exit.
     #[arg(long)]
     pub cleanup: bool,
+}
+
+/// A socket address, or none for `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|e| format!("{e}: expected IP:PORT (e.g. 127.0.0.1:9977) or `off`"))
 }
 
 pub fn init_tracing(format: LogFormat, verbose: u8) {
@@ -165,6 +182,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         layout,
         run_dir: args.dirs.run_dir,
         conntrack_entries: args.conntrack_entries,
+        http_addr: args.http_addr.0,
         revoke_untracked: args.revoke_untracked,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,334 @@
+//! What the agent exports on `/metrics` (Prometheus text): how fast changes reach the
+//! kernel, what is programmed, how full the maps are, and the verdict counters of every
+//! local pod by namespace/pod/direction/reason — the same numbers `palisade drops` shows.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use palisade_common::maps as map_names;
+use palisade_policy::Plan;
+
+use super::reconcile::Reconciler;
+use super::status::Status;
+use crate::dataplane::{read_counters, Layout, Maps};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+/// Handles the agent loop updates; the HTTP server encodes them.
+pub struct Metrics {
+    registry: Registry,
+    pub programming_latency: Histogram,
+    pub objects: Family<KindLabel, Gauge>,
+    pub rejected: Gauge,
+    pub local_pods: Family<StateLabel, Gauge>,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub source_errors: Gauge,
+    pub reconcile_errors: Counter,
+    pub synced: Gauge,
+    health: Health,
+    pods: Arc<Mutex<BTreeMap<u32, (String, String)>>>,
+}
+
+/// Liveness and readiness as the HTTP probes see them.
+#[derive(Clone)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+    /// Milliseconds since `epoch` of the agent loop's last turn.
+    heartbeat_ms: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            ready: Arc::default(),
+            heartbeat_ms: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Health {
+    pub fn beat(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Ready once the first full sync is programmed.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Alive while the agent loop keeps turning (it ticks several times a second).
+    pub fn alive(&self, max_silence: Duration) -> bool {
+        let last = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last) <= max_silence
+    }
+}
+
+impl Metrics {
+    /// `maps` is the agent's own handle set, opened from the pins, read at scrape time
+    /// for the packet counters.
+    pub fn new(maps: Maps) -> Self {
+        let mut registry = Registry::with_prefix("palisade");
+        let programming_latency = Histogram::new(
+            [
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+            ]
+            .into_iter(),
+        );
+        registry.register(
+            "programming_latency_seconds",
+            "Time from a batch of source changes reaching the agent to the maps reflecting it",
+            programming_latency.clone(),
+        );
+        let objects = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "objects",
+            "Objects currently programmed, by kind",
+            objects.clone(),
+        );
+        let rejected = Gauge::default();
+        registry.register(
+            "rejected_objects",
+            "Policies the compiler rejected (they isolate but allow nothing)",
+            rejected.clone(),
+        );
+        let local_pods = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "local_pods",
+            "Pods of this node by state (enforced, or awaiting their interface)",
+            local_pods.clone(),
+        );
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "map_entries",
+            "Entries the agent has written to each map",
+            map_entries.clone(),
+        );
+        let map_capacity = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "map_capacity",
+            "Maximum entries of each map",
+            map_capacity.clone(),
+        );
+        let source_errors = Gauge::default();
+        registry.register(
+            "source_errors",
+            "Problems the source currently reports (unparsable files, failing watches)",
+            source_errors.clone(),
+        );
+        let reconcile_errors = Counter::default();
+        registry.register(
+            "reconcile_errors",
+            "Batches whose map writes failed",
+            reconcile_errors.clone(),
+        );
+        let synced = Gauge::default();
+        registry.register(
+            "synced",
+            "1 once the first full sync is programmed",
+            synced.clone(),
+        );
+        let pods = Arc::new(Mutex::new(BTreeMap::new()));
+        registry.register_collector(Box::new(PacketCollector {
+            maps: Mutex::new(maps),
+            pods: Arc::clone(&pods),
+        }));
+        Self {
+            registry,
+            programming_latency,
+            objects,
+            rejected,
+            local_pods,
+            map_entries,
+            map_capacity,
+            source_errors,
+            reconcile_errors,
+            synced,
+            health: Health::default(),
+            pods,
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    pub fn observe_programming(&self, since: Instant) {
+        self.programming_latency
+            .observe(since.elapsed().as_secs_f64());
+    }
+
+    /// slot -> (namespace, pod) of every local pod with a slot, for the packet counters.
+    pub fn set_pods(&self, pods: BTreeMap<u32, (String, String)>) {
+        *self.pods.lock().unwrap_or_else(|e| e.into_inner()) = pods;
+    }
+
+    /// Reads each map's size from the kernel (the object file is the only place it is
+    /// written down).
+    pub fn capacities(&self, layout: &Layout) {
+        for name in [
+            map_names::ENDPOINTS,
+            map_names::IDENTITY_V4,
+            map_names::IDENTITY_V6,
+            map_names::POLICY,
+            map_names::CONNTRACK,
+        ] {
+            match aya::maps::MapInfo::from_pin(layout.map(name)) {
+                Ok(info) => {
+                    self.map_capacity
+                        .get_or_create(&MapLabel { map: name })
+                        .set(i64::from(info.max_entries()));
+                }
+                Err(e) => tracing::warn!(map = name, error = %e, "reading map size"),
+            }
+        }
+    }
+
+    /// Brings the gauges in line with what was just published.
+    pub fn record(&self, status: &Status, plan: &Plan, rec: &Reconciler) {
+        let mut by_kind: BTreeMap<String, i64> = ["Namespace", "Pod", "NetworkPolicy"]
+            .into_iter()
+            .map(|k| (k.to_string(), 0))
+            .collect();
+        for key in status.programmed.keys() {
+            let kind = key.split('/').next().unwrap_or_default();
+            *by_kind.entry(kind.to_string()).or_default() += 1;
+        }
+        for (kind, n) in by_kind {
+            self.objects.get_or_create(&KindLabel { kind }).set(n);
+        }
+        self.rejected.set(status.rejected.len() as i64);
+        self.source_errors.set(status.source_errors.len() as i64);
+        self.synced.set(i64::from(status.synced));
+        let wired = rec
+            .endpoints
+            .values()
+            .filter(|e| e.ifindex.is_some())
+            .count();
+        for (state, n) in [
+            ("enforced", wired),
+            ("awaiting_interface", rec.endpoints.len() - wired),
+        ] {
+            self.local_pods
+                .get_or_create(&StateLabel { state })
+                .set(n as i64);
+        }
+        let policy_entries: usize = plan.endpoints.values().map(|e| e.entries.len()).sum();
+        for (map, n) in [
+            (map_names::ENDPOINTS, wired),
+            (map_names::IDENTITY_V4, plan.identities_v4.len()),
+            (map_names::IDENTITY_V6, plan.identities_v6.len()),
+            (map_names::POLICY, policy_entries),
+        ] {
+            self.map_entries
+                .get_or_create(&MapLabel { map })
+                .set(n as i64);
+        }
+        self.set_pods(
+            rec.endpoints
+                .iter()
+                .map(|(p, e)| (e.slot, (p.namespace.clone(), p.name.clone())))
+                .collect(),
+        );
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    namespace: String,
+    pod: String,
+    direction: &'static str,
+    reason: &'static str,
+    verdict: &'static str,
+}
+
+/// Reads the per-CPU verdict counters at scrape time, so the numbers are the kernel's own.
+struct PacketCollector {
+    maps: Mutex<Maps>,
+    pods: Arc<Mutex<BTreeMap<u32, (String, String)>>>,
+}
+
+impl std::fmt::Debug for PacketCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for PacketCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pods = self.pods.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let slots: Vec<u32> = pods.keys().copied().collect();
+        let rows = {
+            let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            match read_counters(&maps, Some(&slots)) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading counters for /metrics");
+                    return Ok(());
+                }
+            }
+        };
+        let labels = |row: &crate::dataplane::CounterRow| {
+            let (namespace, pod) = pods.get(&row.slot).cloned().unwrap_or_default();
+            PacketLabels {
+                namespace,
+                pod,
+                direction: row.direction,
+                reason: row.reason,
+                verdict: if row.drop { "drop" } else { "allow" },
+            }
+        };
+        for (name, help, bytes) in [
+            ("packets", "Packets judged on local pods' interfaces", false),
+            ("bytes", "Bytes judged on local pods' interfaces", true),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for row in &rows {
+                let value = if bytes { row.bytes } else { row.packets };
+                ConstCounter::new(value).encode(family.encode_family(&labels(row))?)?;
+            }
+        }
+        Ok(())
+    }
+}
