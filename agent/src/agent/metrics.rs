@@ -99,12 +99,9 @@ impl Metrics {
     /// for the packet counters.
     pub fn new(maps: Maps) -> Self {
         let mut registry = Registry::with_prefix("palisade");
-        let programming_latency = Histogram::new(
-            [
-                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
-            ]
-            .into_iter(),
-        );
+        let programming_latency = Histogram::new([
+            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+        ]);
         registry.register(
             "programming_latency_seconds",
             "Time from a batch of source changes reaching the agent to the maps reflecting it",
