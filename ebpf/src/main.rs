@@ -38,7 +38,7 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 #[map]
-static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 /// Per-CPU working memory for the packet being judged: the BPF stack is only 512 bytes.
 #[repr(C)]

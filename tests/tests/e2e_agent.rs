@@ -51,6 +51,7 @@ struct AgentGuard {
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     run_dir: PathBuf,
     manifests: PathBuf,
+    bpffs: PathBuf,
     // Dropped last: removes the pins after the agent has stopped.
     _pins: PinDir,
 }
@@ -93,6 +94,7 @@ impl AgentGuard {
             thread: Some(thread),
             run_dir,
             manifests,
+            bpffs: pins.layout().root().to_owned(),
             _pins: pins,
         };
         g.wait_programmed(&["Pod/x/a", "Pod/z/c"]);
@@ -140,6 +142,34 @@ impl Drop for AgentGuard {
         }
         let _ = std::fs::remove_dir_all(self.manifests.parent().unwrap());
     }
+}
+
+/// The first drop event of `pod` in the ring buffer, through `palisade monitor`'s code.
+fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Event {
+    use palisade::cli::monitor::{stream, MonitorArgs};
+    let args = MonitorArgs {
+        namespace: None,
+        pod: Some(pod.into()),
+        reason: Some("dropped-no-rule".into()),
+        json: false,
+        count: Some(1),
+        duration: Some(10.0),
+        dirs: palisade::cli::Dirs {
+            bpffs_dir: agent.bpffs.clone(),
+            run_dir: agent.run_dir.clone(),
+        },
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut found = None;
+    rt.block_on(stream(&args, |ev| {
+        found = Some(ev.clone());
+        false
+    }))
+    .unwrap();
+    found.unwrap_or_else(|| panic!("no drop event of {pod} within 10 s"))
 }
 
 fn status(run_dir: &Path) -> Option<serde_json::Value> {

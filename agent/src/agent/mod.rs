@@ -212,6 +212,7 @@ fn publish(
             slot: e.slot,
             ifindex: e.ifindex,
             isolation: isolation_name(e.flags).to_string(),
+            ips: e.ips.clone(),
         })
         .collect();
     status

@@ -35,6 +35,9 @@ pub struct EndpointStatus {
     /// Host-side interface; None while the pod's interface is not found yet.
     pub ifindex: Option<u32>,
     pub isolation: String,
+    /// The pod's IPs, so tools can name local pods in packet events.
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl Status {

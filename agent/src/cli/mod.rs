@@ -3,6 +3,7 @@
 
 mod attach;
 mod drops;
+pub mod monitor;
 mod status;
 
 use std::path::PathBuf;
@@ -71,6 +72,11 @@ pub enum Command {
     /// Reads the pinned maps directly, so it works while the agent is down.
     /// Example: palisade drops --namespace x
     Drops(drops::DropsArgs),
+    /// Stream drop events live: pod, source, destination, protocol, ports, reason.
+    ///
+    /// Reads the pinned ring buffer; works while the agent is down.
+    /// Example: palisade monitor --namespace x --json
+    Monitor(monitor::MonitorArgs),
     /// Show the agent's sync state, programmed and rejected objects.
     ///
     /// Example: palisade status --json
@@ -148,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(args),
         Command::Drops(args) => drops::run(args),
+        Command::Monitor(args) => monitor::run(args),
         Command::Status(args) => status::run(args),
         Command::Attach(args) => attach::run(args),
         Command::Version => {

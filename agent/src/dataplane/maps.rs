@@ -25,7 +25,7 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
 }
 
-fn open<T>(layout: &Layout, name: &'static str) -> Result<T, DataplaneError>
+pub(crate) fn open<T>(layout: &Layout, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {

@@ -20,6 +20,7 @@ pub use attach::{attached_ifindexes, detach, ifindex_of};
 pub use counters::{read_counters, CounterRow};
 pub use error::DataplaneError;
 pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
+pub(crate) use maps::open as open_pinned;
 pub use maps::Maps;
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
