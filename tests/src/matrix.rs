@@ -108,16 +108,47 @@ impl Model {
     /// reachable only if the reply names the target pod.
     pub fn probe_matrix_family(&self, family: Family, port: u16, proto: Proto) -> Matrix {
         let n = self.pods.len();
+        let jobs: Vec<(usize, usize)> = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .collect();
+        let mut out = Matrix::new(self.names(), false);
+        self.probe_pairs(&mut out, &jobs, family, port, proto);
+        out
+    }
+
+    /// Probes `port`/`proto` and asserts the matrix is `want`. A probe that should pass
+    /// but timed out is tried twice more: on a loaded machine a 1 s probe can lose to the
+    /// scheduler, while a denied packet never gets through by retrying — so retries can
+    /// only forgive slowness, never a leak.
+    pub fn assert_reach(&self, want: &Matrix, port: u16, proto: Proto) {
+        let mut got = self.probe_matrix(port, proto);
+        for _ in 0..2 {
+            let retry: Vec<(usize, usize)> = (0..self.pods.len())
+                .flat_map(|i| (0..self.pods.len()).map(move |j| (i, j)))
+                .filter(|&(i, j)| want.cells[i][j] == Some(true) && got.cells[i][j] == Some(false))
+                .collect();
+            if retry.is_empty() {
+                break;
+            }
+            self.probe_pairs(&mut got, &retry, Family::V4, port, proto);
+        }
+        assert_matrix(want, &got);
+    }
+
+    fn probe_pairs(
+        &self,
+        out: &mut Matrix,
+        jobs: &[(usize, usize)],
+        family: Family,
+        port: u16,
+        proto: Proto,
+    ) {
         let fds: Vec<File> = self
             .pods
             .iter()
             .map(|p| p.pod.ns().open().expect("open pod netns"))
             .collect();
-        let jobs: Vec<(usize, usize)> = (0..n)
-            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
-            .collect();
         let next = AtomicUsize::new(0);
-        let mut out = Matrix::new(self.names(), false);
         let results = Mutex::new(Vec::with_capacity(jobs.len()));
         std::thread::scope(|s| {
             for _ in 0..CONCURRENCY.min(jobs.len()) {
@@ -144,7 +175,6 @@ impl Model {
                 Err(e) => e.to_string(),
             });
         }
-        out
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use palisade::agent::{run_until, AgentConfig};
 use palisade_tests::pins::PinDir;
-use palisade_tests::{assert_matrix, require_root, wait_until, Flavour, Model, Proto};
+use palisade_tests::{require_root, wait_until, Flavour, Model, Proto};
 
 const NODE: &str = "n1";
 const HTTP_ADDR: &str = "127.0.0.1:9977";
@@ -225,7 +225,7 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     let model = Model::new(tag, flavour).unwrap();
     let agent = AgentGuard::start(&model, tag);
 
-    assert_matrix(&model.expect(true), &model.probe_matrix(80, Proto::Tcp));
+    model.assert_reach(&model.expect(true), 80, Proto::Tcp);
 
     // Default-deny ingress in x: nothing reaches x's pods.
     agent.apply(
@@ -237,7 +237,7 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     for p in ["x/a", "x/b", "x/c"] {
         want.set_to(p, false);
     }
-    assert_matrix(&want, &model.probe_matrix(80, Proto::Tcp));
+    model.assert_reach(&want, 80, Proto::Tcp);
 
     // The drops just probed show on /metrics under the pod's name, and the agent is ready.
     assert_eq!(http_get(&model, "/readyz").0, 200);
@@ -267,6 +267,21 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
         sample(&text, "palisade_programming_latency_seconds_count", &[]).is_some_and(|n| n >= 2.0)
     );
 
+    // `palisade monitor` names those drops: the pod judged, its direction and the peer pod.
+    let ev = first_drop_event(&agent, "x/a");
+    assert_eq!(
+        (ev.direction, ev.reason, ev.dport, ev.proto.as_str()),
+        ("ingress", "dropped-no-rule", 80, "TCP")
+    );
+    assert!(
+        model
+            .names()
+            .iter()
+            .any(|p| ev.src.starts_with(&format!("{p} ("))),
+        "source not named as a pod: {}",
+        ev.src
+    );
+
     // Plus: x/a accepts namespace y on the named port serve-80-tcp (80), not on 81.
     agent.apply(
         "20-allow.yaml",
@@ -277,8 +292,8 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     for p in ["y/a", "y/b", "y/c"] {
         want80.set(p, "x/a", true);
     }
-    assert_matrix(&want80, &model.probe_matrix(80, Proto::Tcp));
-    assert_matrix(&want, &model.probe_matrix(81, Proto::Tcp));
+    model.assert_reach(&want80, 80, Proto::Tcp);
+    model.assert_reach(&want, 81, Proto::Tcp);
 
     // Deleting the deny restores x for everyone but keeps the allow's isolation of x/a.
     agent.delete("10-deny.yaml", "NetworkPolicy/x/deny-ingress");
@@ -287,7 +302,7 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     for p in ["y/a", "y/b", "y/c"] {
         after.set(p, "x/a", true);
     }
-    assert_matrix(&after, &model.probe_matrix(80, Proto::Tcp));
+    model.assert_reach(&after, 80, Proto::Tcp);
 
     // Egress isolation of z/c: its connections fail, replies to others still flow.
     agent.apply(
@@ -296,7 +311,7 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
         &["NetworkPolicy/z/deny-egress-c"],
     );
     after.set_from("z/c", false);
-    assert_matrix(&after, &model.probe_matrix(80, Proto::Tcp));
+    model.assert_reach(&after, 80, Proto::Tcp);
 }
 
 #[test]
