@@ -38,6 +38,60 @@ pub struct StateLabel {
 }
 
 /// Handles the agent loop updates; the HTTP server encodes them.
+/// Each map's maximum entries, read from the pins (the object file is the only place the
+/// sizes are written down, and `--conntrack-entries` changes one at load time).
+pub fn map_capacities(layout: &Layout) -> BTreeMap<&'static str, u32> {
+    [
+        map_names::ENDPOINTS,
+        map_names::IDENTITY_V4,
+        map_names::IDENTITY_V6,
+        map_names::POLICY,
+        map_names::CONNTRACK,
+    ]
+    .into_iter()
+    .filter_map(
+        |name| match aya::maps::MapInfo::from_pin(layout.map(name)) {
+            Ok(info) => Some((name, info.max_entries())),
+            Err(e) => {
+                tracing::warn!(map = name, error = %e, "reading map size");
+                None
+            }
+        },
+    )
+    .collect()
+}
+
+/// The fill level of the maps the agent writes: (entries, capacity) by map name.
+pub fn map_fill(
+    plan: &Plan,
+    rec: &Reconciler,
+    caps: &BTreeMap<&'static str, u32>,
+) -> BTreeMap<String, super::status::MapFill> {
+    let wired = rec
+        .endpoints
+        .values()
+        .filter(|e| e.ifindex.is_some())
+        .count();
+    let policy_entries: usize = plan.endpoints.values().map(|e| e.entries.len()).sum();
+    [
+        (map_names::ENDPOINTS, wired),
+        (map_names::IDENTITY_V4, plan.identities_v4.len()),
+        (map_names::IDENTITY_V6, plan.identities_v6.len()),
+        (map_names::POLICY, policy_entries),
+    ]
+    .into_iter()
+    .map(|(name, entries)| {
+        (
+            name.to_string(),
+            super::status::MapFill {
+                entries,
+                capacity: caps.get(name).copied().unwrap_or(0),
+            },
+        )
+    })
+    .collect()
+}
+
 pub struct Metrics {
     registry: Registry,
     pub programming_latency: Histogram,
@@ -190,29 +244,17 @@ impl Metrics {
         *self.pods.lock().unwrap_or_else(|e| e.into_inner()) = pods;
     }
 
-    /// Reads each map's size from the kernel (the object file is the only place it is
-    /// written down).
-    pub fn capacities(&self, layout: &Layout) {
-        for name in [
-            map_names::ENDPOINTS,
-            map_names::IDENTITY_V4,
-            map_names::IDENTITY_V6,
-            map_names::POLICY,
-            map_names::CONNTRACK,
-        ] {
-            match aya::maps::MapInfo::from_pin(layout.map(name)) {
-                Ok(info) => {
-                    self.map_capacity
-                        .get_or_create(&MapLabel { map: name })
-                        .set(i64::from(info.max_entries()));
-                }
-                Err(e) => tracing::warn!(map = name, error = %e, "reading map size"),
-            }
+    /// Records each map's size, as read from the kernel by [`map_capacities`].
+    pub fn capacities(&self, caps: &BTreeMap<&'static str, u32>) {
+        for (&map, &n) in caps {
+            self.map_capacity
+                .get_or_create(&MapLabel { map })
+                .set(i64::from(n));
         }
     }
 
     /// Brings the gauges in line with what was just published.
-    pub fn record(&self, status: &Status, plan: &Plan, rec: &Reconciler) {
+    pub fn record(&self, status: &Status, rec: &Reconciler) {
         let mut by_kind: BTreeMap<String, i64> = ["Namespace", "Pod", "NetworkPolicy"]
             .into_iter()
             .map(|k| (k.to_string(), 0))
@@ -240,16 +282,12 @@ impl Metrics {
                 .get_or_create(&StateLabel { state })
                 .set(n as i64);
         }
-        let policy_entries: usize = plan.endpoints.values().map(|e| e.entries.len()).sum();
-        for (map, n) in [
-            (map_names::ENDPOINTS, wired),
-            (map_names::IDENTITY_V4, plan.identities_v4.len()),
-            (map_names::IDENTITY_V6, plan.identities_v6.len()),
-            (map_names::POLICY, policy_entries),
-        ] {
+        for (map, fill) in &status.maps {
             self.map_entries
-                .get_or_create(&MapLabel { map })
-                .set(n as i64);
+                .get_or_create(&MapLabel {
+                    map: map_label(map),
+                })
+                .set(fill.entries as i64);
         }
         self.set_pods(
             rec.endpoints
@@ -264,6 +302,20 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
+}
+
+/// Map names as static label values (the status holds owned strings).
+fn map_label(name: &str) -> &'static str {
+    [
+        map_names::ENDPOINTS,
+        map_names::IDENTITY_V4,
+        map_names::IDENTITY_V6,
+        map_names::POLICY,
+        map_names::CONNTRACK,
+    ]
+    .into_iter()
+    .find(|n| *n == name)
+    .unwrap_or("other")
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

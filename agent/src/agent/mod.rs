@@ -73,7 +73,8 @@ pub async fn run_until(
     tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
     let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
     let metrics = Arc::new(Metrics::new(dp.maps()?));
-    metrics.capacities(dp.layout());
+    let caps = metrics::map_capacities(dp.layout());
+    metrics.capacities(&caps);
     let health = metrics.health();
     health.beat();
     if let Some(addr) = cfg.http_addr {
@@ -91,7 +92,7 @@ pub async fn run_until(
         pid: std::process::id(),
         ..Default::default()
     };
-    publish(&cfg, &rec, &compiler, &versions, &mut status)?;
+    publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
 
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
@@ -146,14 +147,14 @@ pub async fn run_until(
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "reconciled"
                 );
-                publish(&cfg, &rec, &compiler, &versions, &mut status)?;
-                metrics.record(&status, compiler.plan(), &rec);
+                publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
+                metrics.record(&status, &rec);
             }
             _ = tick.tick() => {
                 health.beat();
                 if rec.resolve_pending()? > 0 {
-                    publish(&cfg, &rec, &compiler, &versions, &mut status)?;
-                    metrics.record(&status, compiler.plan(), &rec);
+                    publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
+                    metrics.record(&status, &rec);
                 }
             }
             _ = &mut stop => break,
@@ -176,8 +177,10 @@ fn publish(
     rec: &Reconciler,
     compiler: &Compiler,
     versions: &BTreeMap<String, String>,
+    caps: &BTreeMap<&'static str, u32>,
     status: &mut Status,
 ) -> anyhow::Result<()> {
+    status.maps = metrics::map_fill(compiler.plan(), rec, caps);
     let plan = compiler.plan();
     let rejected_keys: std::collections::BTreeSet<String> = plan
         .rejections

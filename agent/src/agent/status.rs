@@ -20,6 +20,15 @@ pub struct Status {
     /// Manifests that could not be read, with file and line.
     pub source_errors: Vec<String>,
     pub pid: u32,
+    /// Fill level of each map the agent writes.
+    #[serde(default)]
+    pub maps: BTreeMap<String, MapFill>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct MapFill {
+    pub entries: usize,
+    pub capacity: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -87,6 +87,10 @@ pub enum Command {
     Attach(attach::AttachArgs),
     /// Print the version.
     Version,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: palisade completions bash > /etc/bash_completion.d/palisade
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(clap::Args, Debug)]
@@ -157,6 +161,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Monitor(args) => monitor::run(args),
         Command::Status(args) => status::run(args),
         Command::Attach(args) => attach::run(args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let name = cmd.get_name().to_string();
+            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+            Ok(())
+        }
         Command::Version => {
             println!("palisade {}", env!("CARGO_PKG_VERSION"));
             Ok(())

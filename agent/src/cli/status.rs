@@ -38,6 +38,26 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
     );
     println!("programmed: {} objects", status.programmed.len());
+    if !status.maps.is_empty() {
+        println!("maps:");
+        for (name, fill) in &status.maps {
+            let pct = if fill.capacity == 0 {
+                0.0
+            } else {
+                fill.entries as f64 * 100.0 / f64::from(fill.capacity)
+            };
+            println!(
+                "  {:<14} {:>9} / {:<9} ({pct:.1}%)",
+                name, fill.entries, fill.capacity
+            );
+        }
+    }
+    if !status.source_errors.is_empty() {
+        println!("source problems:");
+        for e in &status.source_errors {
+            println!("  {e}");
+        }
+    }
     println!("endpoints:");
     for e in &status.endpoints {
         println!(
