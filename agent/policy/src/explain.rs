@@ -166,12 +166,16 @@ impl FromStr for Traffic {
 /// Why [`explain`] could not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ExplainError {
-    #[error("unknown pod \"{pod}\"; {}", known_pods(.known))]
-    UnknownPod { pod: PodRef, known: Vec<String> },
+    #[error("unknown pod \"{pod}\"; {}", known_pods(pod, .known))]
+    UnknownPod {
+        pod: PodRef,
+        /// Every pod there is, `namespace/name`, sorted.
+        known: Vec<String>,
+    },
     #[error(
-        "{src} ({}) and {dst} ({}) have no address family in common: name an address of the same family",
-        list(.src_ips),
-        list(.dst_ips)
+        "{} and {} have no address family in common: name addresses of one family",
+        labelled(.src, .src_ips),
+        labelled(.dst, .dst_ips)
     )]
     NoCommonFamily {
         src: String,
@@ -181,19 +185,41 @@ pub enum ExplainError {
     },
 }
 
-fn known_pods(known: &[String]) -> String {
-    if known.is_empty() {
-        "there are no pods at all: check the manifests".to_string()
+/// The pods of the same namespace if there are any, else all; at most 30.
+fn known_pods(pod: &PodRef, known: &[String]) -> String {
+    const MAX: usize = 30;
+    let prefix = format!("{}/", pod.namespace);
+    let same: Vec<&String> = known.iter().filter(|k| k.starts_with(&prefix)).collect();
+    let (what, shown): (String, Vec<&String>) = if same.is_empty() {
+        ("the pods are".into(), known.iter().collect())
     } else {
-        format!("the pods are: {}", known.join(", "))
+        (format!("the pods of namespace {} are", pod.namespace), same)
+    };
+    if shown.is_empty() {
+        return "there are no pods at all: check the manifests".to_string();
     }
+    let mut s = format!(
+        "{what}: {}",
+        shown
+            .iter()
+            .take(MAX)
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if shown.len() > MAX {
+        s += &format!(" and {} more", shown.len() - MAX);
+    }
+    s
 }
 
-fn list(ips: &[IpAddr]) -> String {
-    ips.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+/// `x/a (198.18.0.1, fd00::1)`, or just the address when that is what was named.
+fn labelled(subject: &str, ips: &[IpAddr]) -> String {
+    if ips.len() == 1 && ips[0].to_string() == subject {
+        return subject.to_string();
+    }
+    let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+    format!("{subject} ({})", ips.join(", "))
 }
 
 /// The pair of addresses a connection between two ends with these addresses uses: IPv4
@@ -685,52 +711,69 @@ fn peer_why(
             )
         };
     }
-    let what = match (&p.namespace_selector, &p.pod_selector) {
-        (Some(n), Some(s)) => format!(
-            "namespaceSelector {} and podSelector {}",
-            selector(n),
-            selector(s)
-        ),
-        (Some(n), None) => format!("namespaceSelector {}", selector(n)),
-        (None, Some(s)) => format!("podSelector {}", selector(s)),
-        (None, None) => "(empty peer)".to_string(),
-    };
     let Some(pod) = pod else {
-        return format!("{what}: selectors match pods only and {ip} is not a pod's address");
+        let sel = |s: &Option<LabelSelector>| s.as_ref().map(selector).unwrap_or_default();
+        let what = match (&p.namespace_selector, &p.pod_selector) {
+            (Some(n), None) => format!("namespaceSelector {}", sel(&Some(n.clone()))),
+            (None, s) => format!("podSelector {}", sel(s)),
+            (Some(n), Some(s)) => format!(
+                "namespaceSelector {} and podSelector {}",
+                selector(n),
+                selector(s)
+            ),
+        };
+        return format!("{what} selects pods only, and {ip} is not a pod's address");
     };
     let name = pod_name(pod);
     let ns = reference::ns_of(pod);
     let policy_ns = np.metadata.namespace.as_deref().unwrap_or_default();
     let empty = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
-    let mut parts = Vec::new();
-    match &p.namespace_selector {
-        None if ns == policy_ns => parts.push(format!("{name} is in the policy's namespace")),
-        None => parts.push(format!(
-            "{name} is not in the policy's namespace {policy_ns}"
-        )),
-        Some(s) => {
-            let ok = reference::labels_match(s, &cluster.namespace_labels(ns));
-            parts.push(format!(
-                "namespaceSelector {} {} namespace {ns}",
-                selector(s),
-                if ok { "selects" } else { "does not select" }
-            ));
-        }
+    let ns_sel = p.namespace_selector.as_ref();
+    let pod_sel = p.pod_selector.as_ref();
+    let ns_ok = ns_sel.map(|s| reference::labels_match(s, &cluster.namespace_labels(ns)));
+    let pod_ok = pod_sel.map(|s| reference::labels_match(s, labels));
+    let sel = |s: Option<&LabelSelector>| s.map(selector).unwrap_or_default();
+    if matched {
+        return match (ns_sel, pod_sel) {
+            (None, _) => format!(
+                "podSelector {} selects {name} in the policy's namespace",
+                sel(pod_sel)
+            ),
+            (Some(n), None) => format!(
+                "namespaceSelector {} selects namespace {ns}, which holds {name}",
+                selector(n)
+            ),
+            (Some(n), Some(s)) => format!(
+                "namespaceSelector {} selects namespace {ns} and podSelector {} selects {name}",
+                selector(n),
+                selector(s)
+            ),
+        };
     }
-    if let Some(s) = &p.pod_selector {
-        let ok = reference::labels_match(s, labels);
-        parts.push(if ok {
-            format!("podSelector {} selects {name}", selector(s))
-        } else {
-            format!(
-                "podSelector {} does not select {name} {}",
-                selector(s),
-                label_set(labels)
+    // A miss names the parts that fail.
+    let mut misses = Vec::new();
+    match ns_ok {
+        None if ns != policy_ns => {
+            return format!(
+                "podSelector {}: {name} is not in the policy's namespace {policy_ns}",
+                sel(pod_sel)
             )
-        });
+        }
+        Some(false) => misses.push(format!(
+            "namespaceSelector {} does not select namespace {ns}",
+            sel(ns_sel)
+        )),
+        _ => {}
     }
-    format!("{what}: {}", parts.join(", "))
+    if pod_ok == Some(false) {
+        misses.push(format!(
+            "podSelector {} does not select {name} {}",
+            sel(pod_sel),
+            label_set(labels)
+        ));
+    }
+    misses.join(" and ")
 }
 
 fn match_ports(

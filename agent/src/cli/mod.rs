@@ -3,6 +3,8 @@
 
 mod attach;
 mod drops;
+pub mod explain;
+pub mod matrix;
 mod status;
 
 use std::path::PathBuf;
@@ -74,6 +76,17 @@ pub enum Command {
     ///
     /// Example: palisade status --json
     Status(status::StatusArgs),
+    /// Explain the verdict on one connection: which policies isolate each end and which
+    /// rule, peer and port allow it, or that none does.
+    ///
+    /// Offline, from a manifest directory: no kernel or agent needed.
+    /// Example: palisade explain y/b x/a 80 --manifests ./manifests
+    Explain(explain::ExplainArgs),
+    /// Print who may open a connection to whom among the pods of a manifest directory.
+    ///
+    /// Computed by the compiler; offline, no kernel or agent needed.
+    /// Example: palisade matrix --manifests ./manifests --port 80/TCP
+    Matrix(matrix::MatrixArgs),
     /// Attach the programs to one interface by hand until interrupted (debugging aid).
     ///
     /// Example: palisade attach --interface veth1234 --isolate both
@@ -132,6 +145,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drops(args) => drops::run(args),
         Command::Status(args) => status::run(args),
         Command::Attach(args) => attach::run(args),
+        Command::Explain(args) => {
+            if !explain::run(args)? {
+                // Scripts can gate on the verdict; 1 and 2 are errors and usage errors.
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                std::process::exit(3);
+            }
+            Ok(())
+        }
+        Command::Matrix(args) => matrix::run(args),
         Command::Version => {
             println!("palisade {}", env!("CARGO_PKG_VERSION"));
             Ok(())
