@@ -2,11 +2,12 @@
 //! pods in a manifest directory, computed by the compiler — each node's plan looked up as
 //! its dataplane does — so the table is what the agents would enforce.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use palisade_common::{DIR_EGRESS, DIR_INGRESS};
 use palisade_policy::explain::{pick_addresses, Protocol, Traffic};
 use palisade_policy::reference::Cluster;
 use palisade_policy::{compile, Plan};
@@ -100,17 +101,17 @@ pub fn compute(cluster: &Cluster, traffic: Traffic, family: Family) -> Matrix {
         .iter()
         .filter_map(|p| p.spec.as_ref()?.node_name.as_deref())
         .collect();
-    let plans: Vec<Plan> = nodes
+    let mut views: Vec<NodeView> = nodes
         .iter()
         .map(|n| {
             let ips = cluster.nodes.get(*n).cloned().unwrap_or_default();
-            compile(
+            NodeView::new(compile(
                 &cluster.namespaces,
                 &cluster.pods,
                 &cluster.policies,
                 n,
                 &ips,
-            )
+            ))
         })
         .collect();
     let allowed = pods
@@ -120,7 +121,9 @@ pub fn compute(cluster: &Cluster, traffic: Traffic, family: Family) -> Matrix {
                 .map(|(_, to)| {
                     pick_addresses(from, to).is_some_and(|(s, d)| {
                         let proto = traffic.protocol.number(s.is_ipv4());
-                        plans.iter().all(|p| p.verdict(s, d, proto, traffic.port))
+                        views
+                            .iter_mut()
+                            .all(|v| v.verdict(s, d, proto, traffic.port))
                     })
                 })
                 .collect()
@@ -130,6 +133,57 @@ pub fn compute(cluster: &Cluster, traffic: Traffic, family: Family) -> Matrix {
         traffic,
         pods: pods.into_iter().map(|(n, _)| n).collect(),
         allowed,
+    }
+}
+
+/// One node's plan with the lookups of [`Plan::verdict`] memoised: a check depends only on
+/// the endpoint, the direction and the peer's identity, and pods share identities, so an
+/// n×n matrix costs about endpoints × identities checks instead of n² (each of which scans
+/// the endpoint's entries).
+struct NodeView {
+    plan: Plan,
+    /// Endpoint (index into `plan.endpoints`) of each local pod address.
+    endpoint: HashMap<IpAddr, usize>,
+    identity: HashMap<IpAddr, (u32, u32)>,
+    checks: HashMap<(usize, u8, (u32, u32)), bool>,
+}
+
+impl NodeView {
+    fn new(plan: Plan) -> Self {
+        let endpoint = plan
+            .endpoints
+            .values()
+            .enumerate()
+            .flat_map(|(i, e)| e.ips.iter().map(move |ip| (*ip, i)))
+            .collect();
+        Self {
+            plan,
+            endpoint,
+            identity: HashMap::new(),
+            checks: HashMap::new(),
+        }
+    }
+
+    /// [`Plan::verdict`]: the source's egress check if it is local, and the destination's
+    /// ingress check if it is.
+    fn verdict(&mut self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
+        self.passes(src, DIR_EGRESS, dst, proto, port)
+            && self.passes(dst, DIR_INGRESS, src, proto, port)
+    }
+
+    fn passes(&mut self, local: IpAddr, dir: u8, peer: IpAddr, proto: u8, port: u16) -> bool {
+        let Some(&ep) = self.endpoint.get(&local) else {
+            return true;
+        };
+        let plan = &self.plan;
+        let id = *self.identity.entry(peer).or_insert_with(|| {
+            let v = plan.identity_of(peer);
+            (v.id, v.flags)
+        });
+        *self.checks.entry((ep, dir, id)).or_insert_with(|| {
+            let e = plan.endpoints.values().nth(ep).expect("endpoint index");
+            plan.check(e, dir, peer, proto, port).passes()
+        })
     }
 }
 
