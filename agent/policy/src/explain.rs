@@ -414,21 +414,19 @@ pub fn explain(
         ip,
         pod: ip.and_then(|ip| cluster.pod_with_ip(ip)).map(pod_name),
     };
-    let mut out = Explanation {
-        src: side(src, None),
-        dst: side(dst, None),
+    let explanation = |src_ip, dst_ip, allowed, egress, ingress| Explanation {
+        src: side(src, src_ip),
+        dst: side(dst, dst_ip),
         protocol: traffic.protocol,
         port: traffic.port,
         node: node.map(str::to_string),
-        allowed: None,
-        egress: Check::NotIsolated { pod: String::new() },
-        ingress: Check::NotIsolated { pod: String::new() },
+        allowed,
+        egress,
+        ingress,
     };
     if src_ips.is_empty() || dst_ips.is_empty() {
         // Nothing can be sent; say which policies will isolate the ends once it can.
         let first = |ips: &[IpAddr]| ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied();
-        out.src = side(src, first(&src_ips));
-        out.dst = side(dst, first(&dst_ips));
         let missing = if src_ips.is_empty() { src } else { dst };
         let reason = format!("{missing} has no IP address yet: no packet can be sent");
         let unknown = |p: Option<&Pod>, dir| Check::Unknown {
@@ -436,9 +434,13 @@ pub fn explain(
             reason: reason.clone(),
             isolated_by: p.map(|p| isolations(cluster, p, dir)).unwrap_or_default(),
         };
-        out.egress = unknown(src_pod, Dir::Egress);
-        out.ingress = unknown(dst_pod, Dir::Ingress);
-        return Ok(out);
+        return Ok(explanation(
+            first(&src_ips),
+            first(&dst_ips),
+            None,
+            unknown(src_pod, Dir::Egress),
+            unknown(dst_pod, Dir::Ingress),
+        ));
     }
     let (src_ip, dst_ip) =
         pick_addresses(&src_ips, &dst_ips).ok_or_else(|| ExplainError::NoCommonFamily {
@@ -447,8 +449,6 @@ pub fn explain(
             dst: dst.to_string(),
             dst_ips: dst_ips.clone(),
         })?;
-    out.src = side(src, Some(src_ip));
-    out.dst = side(dst, Some(dst_ip));
     let proto = traffic.protocol.number(src_ip.is_ipv4());
     let port = traffic.port;
 
@@ -459,13 +459,13 @@ pub fn explain(
     };
     let src_peer = cluster.pod_with_ip(src_ip);
     let dst_peer = cluster.pod_with_ip(dst_ip);
-    out.egress = match src_peer.filter(|p| enforced(p)) {
+    let egress = match src_peer.filter(|p| enforced(p)) {
         None => Check::NotEnforced {
             why: unenforced(cluster, src_ip, src_peer, src_pod),
         },
         Some(p) => check(cluster, p, Dir::Egress, dst_ip, dst_peer, proto, port),
     };
-    out.ingress = match dst_peer.filter(|p| enforced(p)) {
+    let ingress = match dst_peer.filter(|p| enforced(p)) {
         None => Check::NotEnforced {
             why: unenforced(cluster, dst_ip, dst_peer, dst_pod),
         },
@@ -485,8 +485,14 @@ pub fn explain(
             }
         }
     };
-    out.allowed = Some(out.egress.passes() && out.ingress.passes());
-    Ok(out)
+    let allowed = Some(egress.passes() && ingress.passes());
+    Ok(explanation(
+        Some(src_ip),
+        Some(dst_ip),
+        allowed,
+        egress,
+        ingress,
+    ))
 }
 
 /// The named pod and the addresses the connection may use.
