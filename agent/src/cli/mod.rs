@@ -76,10 +76,11 @@ pub enum Command {
     ///
     /// Example: palisade status --json
     Status(status::StatusArgs),
-    /// Explain the verdict on one connection: which policies isolate each end and which
-    /// rule, peer and port allow it, or that none does.
+    /// Why one connection is allowed or denied: isolating policies, rule, peer, port.
     ///
-    /// Offline, from a manifest directory: no kernel or agent needed.
+    /// Which policies isolate each end and which rule (peer and port) allows the
+    /// connection, or that none does. Offline, from a manifest directory: no kernel or
+    /// agent needed.
     /// Example: palisade explain y/b x/a 80 --manifests ./manifests
     Explain(explain::ExplainArgs),
     /// Print who may open a connection to whom among the pods of a manifest directory.
