@@ -58,6 +58,7 @@
 
 mod compile;
 mod error;
+pub mod explain;
 mod identity;
 mod model;
 mod net;

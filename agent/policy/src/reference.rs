@@ -28,18 +28,18 @@ pub struct Cluster {
 }
 
 /// A rule's peers and ports as written.
-type RawRule = (
+pub(crate) type RawRule = (
     Option<Vec<NetworkPolicyPeer>>,
     Option<Vec<NetworkPolicyPort>>,
 );
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dir {
     Ingress,
     Egress,
 }
 
-fn labels_match(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn labels_match(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     let ml = sel
         .match_labels
         .iter()
@@ -59,7 +59,7 @@ fn labels_match(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool 
     ml && me
 }
 
-fn pod_ips(p: &Pod) -> Vec<IpAddr> {
+pub(crate) fn pod_ips(p: &Pod) -> Vec<IpAddr> {
     let st = p.status.as_ref();
     match st
         .and_then(|s| s.pod_ips.as_ref())
@@ -75,7 +75,7 @@ fn pod_ips(p: &Pod) -> Vec<IpAddr> {
 }
 
 /// A pod that stands for its IPs: running (or pending) with its own network namespace.
-fn is_peer_pod(p: &Pod) -> bool {
+pub(crate) fn is_peer_pod(p: &Pod) -> bool {
     let host_net = p
         .spec
         .as_ref()
@@ -85,12 +85,92 @@ fn is_peer_pod(p: &Pod) -> bool {
     !host_net && !matches!(phase, Some("Succeeded" | "Failed")) && !pod_ips(p).is_empty()
 }
 
-fn ns_of(p: &Pod) -> &str {
+pub(crate) fn ns_of(p: &Pod) -> &str {
     p.metadata.namespace.as_deref().unwrap_or_default()
 }
 
-fn name_of(p: &Pod) -> &str {
+pub(crate) fn name_of(p: &Pod) -> &str {
     p.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// How one policy bears on `pod` in `dir`, if it isolates the pod in that direction.
+pub(crate) struct Coverage {
+    /// Non-empty for a rejected policy: it isolates and allows nothing.
+    pub rejections: Vec<crate::Rejection>,
+    /// The rules of that direction, in order (empty for a rejected policy).
+    pub rules: Vec<RawRule>,
+}
+
+/// Whether `np` isolates `pod` in `dir`, and with which rules.
+pub(crate) fn coverage(np: &NetworkPolicy, pod: &Pod, dir: Dir) -> Option<Coverage> {
+    if np.metadata.namespace.as_deref() != Some(ns_of(pod)) {
+        return None;
+    }
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let spec = np.spec.clone().unwrap_or_default();
+    let compiled = policy::compile(np);
+    let rejected = !compiled.rejections.is_empty();
+    // Which pods and directions it covers. For a rejected policy, whatever part
+    // could not be understood covers everything (fail closed).
+    let selects = if rejected {
+        compiled.selector.matches(labels)
+    } else {
+        spec.pod_selector
+            .as_ref()
+            .is_none_or(|s| labels_match(s, labels))
+    };
+    if !selects {
+        return None;
+    }
+    let types: Vec<String> = match spec.policy_types.clone().filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        None => {
+            let mut t = vec!["Ingress".to_string()];
+            if spec.egress.is_some() {
+                t.push("Egress".into());
+            }
+            t
+        }
+    };
+    let covers = if rejected {
+        compiled.isolates[if dir == Dir::Ingress { 0 } else { 1 }]
+    } else {
+        types.iter().any(|t| {
+            t == if dir == Dir::Ingress {
+                "Ingress"
+            } else {
+                "Egress"
+            }
+        })
+    };
+    if !covers {
+        return None;
+    }
+    if rejected {
+        return Some(Coverage {
+            rejections: compiled.rejections,
+            rules: Vec::new(),
+        });
+    }
+    let rules: Vec<RawRule> = match dir {
+        Dir::Ingress => spec
+            .ingress
+            .iter()
+            .flatten()
+            .map(|r| (r.from.clone(), r.ports.clone()))
+            .collect(),
+        Dir::Egress => spec
+            .egress
+            .iter()
+            .flatten()
+            .map(|r| (r.to.clone(), r.ports.clone()))
+            .collect(),
+    };
+    Some(Coverage {
+        rejections: Vec::new(),
+        rules,
+    })
 }
 
 impl Cluster {
@@ -102,7 +182,7 @@ impl Cluster {
             .min_by_key(|p| (ns_of(p), name_of(p)))
     }
 
-    fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+    pub(crate) fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
         let mut l = self
             .namespaces
             .iter()
@@ -113,7 +193,7 @@ impl Cluster {
         l
     }
 
-    fn peer_matches(
+    pub(crate) fn peer_matches(
         &self,
         np: &NetworkPolicy,
         peer: &NetworkPolicyPeer,
@@ -139,7 +219,12 @@ impl Cluster {
         ns_ok && pod_ok
     }
 
-    fn port_matches(p: &NetworkPolicyPort, dst_pod: Option<&Pod>, proto: u8, port: u16) -> bool {
+    pub(crate) fn port_matches(
+        p: &NetworkPolicyPort,
+        dst_pod: Option<&Pod>,
+        proto: u8,
+        port: u16,
+    ) -> bool {
         let want = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => 6,
             "UDP" => 17,
@@ -179,71 +264,16 @@ impl Cluster {
         port: u16,
     ) -> bool {
         let peer_pod = self.pod_with_ip(peer_ip);
-        let empty = BTreeMap::new();
-        let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
         let mut isolated = false;
         for np in &self.policies {
-            if np.metadata.namespace.as_deref() != Some(ns_of(pod)) {
+            let Some(cov) = coverage(np, pod, dir) else {
                 continue;
-            }
-            let spec = np.spec.clone().unwrap_or_default();
-            let compiled = policy::compile(np);
-            let rejected = !compiled.rejections.is_empty();
-            // Which pods and directions it covers. For a rejected policy, whatever part
-            // could not be understood covers everything (fail closed).
-            let selects = if rejected {
-                compiled.selector.matches(labels)
-            } else {
-                spec.pod_selector
-                    .as_ref()
-                    .is_none_or(|s| labels_match(s, labels))
             };
-            if !selects {
-                continue;
-            }
-            let types: Vec<String> = match spec.policy_types.clone().filter(|t| !t.is_empty()) {
-                Some(t) => t,
-                None => {
-                    let mut t = vec!["Ingress".to_string()];
-                    if spec.egress.is_some() {
-                        t.push("Egress".into());
-                    }
-                    t
-                }
-            };
-            let covers = if rejected {
-                compiled.isolates[if dir == Dir::Ingress { 0 } else { 1 }]
-            } else {
-                types.iter().any(|t| {
-                    t == if dir == Dir::Ingress {
-                        "Ingress"
-                    } else {
-                        "Egress"
-                    }
-                })
-            };
-            if !covers {
-                continue;
-            }
             isolated = true;
-            if rejected {
+            if !cov.rejections.is_empty() {
                 continue;
             }
-            let rules: Vec<RawRule> = match dir {
-                Dir::Ingress => spec
-                    .ingress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.from.clone(), r.ports.clone()))
-                    .collect(),
-                Dir::Egress => spec
-                    .egress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.to.clone(), r.ports.clone()))
-                    .collect(),
-            };
-            for (peers, ports) in rules {
+            for (peers, ports) in cov.rules {
                 let peer_ok = match peers.filter(|v| !v.is_empty()) {
                     None => true,
                     Some(peers) => peers

@@ -3,6 +3,8 @@
 
 mod attach;
 mod drops;
+pub mod explain;
+pub mod matrix;
 pub mod monitor;
 mod status;
 
@@ -81,6 +83,18 @@ pub enum Command {
     ///
     /// Example: palisade status --json
     Status(status::StatusArgs),
+    /// Why one connection is allowed or denied: isolating policies, rule, peer, port.
+    ///
+    /// Which policies isolate each end and which rule (peer and port) allows the
+    /// connection, or that none does. Offline, from a manifest directory: no kernel or
+    /// agent needed.
+    /// Example: palisade explain y/b x/a 80 --manifests ./manifests
+    Explain(explain::ExplainArgs),
+    /// Print who may open a connection to whom among the pods of a manifest directory.
+    ///
+    /// Computed by the compiler; offline, no kernel or agent needed.
+    /// Example: palisade matrix --manifests ./manifests --port 80/TCP
+    Matrix(matrix::MatrixArgs),
     /// Attach the programs to one interface by hand until interrupted (debugging aid).
     ///
     /// Example: palisade attach --interface veth1234 --isolate both
@@ -167,6 +181,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
             Ok(())
         }
+        Command::Explain(args) => {
+            if !explain::run(args)? {
+                // Scripts can gate on the verdict; 1 and 2 are errors and usage errors.
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                std::process::exit(3);
+            }
+            Ok(())
+        }
+        Command::Matrix(args) => matrix::run(args),
         Command::Version => {
             println!("palisade {}", env!("CARGO_PKG_VERSION"));
             Ok(())
