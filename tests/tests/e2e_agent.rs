@@ -172,6 +172,31 @@ fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Ev
     found.unwrap_or_else(|| panic!("no drop event of {pod} within 10 s"))
 }
 
+/// `palisade explain SRC DST PORT` with no --manifests, in the node's namespace, as a user
+/// on the node runs it: the verdict it prints.
+fn explain_live(model: &Model, agent: &AgentGuard, src: &str, dst: &str, port: &str) -> bool {
+    use clap::Parser as _;
+    let run_dir = agent.run_dir.to_str().unwrap();
+    let cli = palisade::cli::Cli::try_parse_from([
+        "palisade",
+        "explain",
+        src,
+        dst,
+        port,
+        "--run-dir",
+        run_dir,
+    ])
+    .unwrap();
+    let palisade::cli::Command::Explain(args) = cli.command else {
+        unreachable!()
+    };
+    model
+        .node()
+        .ns()
+        .run(|| palisade::cli::explain::run(args))
+        .unwrap()
+}
+
 fn status(run_dir: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).ok()?).ok()
 }
@@ -281,6 +306,10 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
         "source not named as a pod: {}",
         ev.src
     );
+
+    // `palisade explain` against the live agent agrees with the wire.
+    assert!(!explain_live(&model, &agent, "y/a", "x/a", "80"));
+    assert!(explain_live(&model, &agent, "x/a", "y/a", "80"));
 
     // Plus: x/a accepts namespace y on the named port serve-80-tcp (80), not on 81.
     agent.apply(

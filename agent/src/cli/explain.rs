@@ -41,7 +41,9 @@ pub struct ExplainArgs {
     /// Destination port and protocol (TCP if omitted), e.g. 80, 53/UDP; or icmp.
     #[arg(value_name = "PORT[/PROTO]")]
     pub traffic: Traffic,
-    /// Directory of Namespace/Pod/NetworkPolicy manifests to judge against.
+    /// Directory of Namespace/Pod/NetworkPolicy manifests to judge against. Without it,
+    /// judge against what the agent on this node enforces (its source, node name and
+    /// addresses, from its status in --run-dir).
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
     /// Judge as the agent of this node does: only its pods are enforced. Default: every
@@ -54,6 +56,8 @@ pub struct ExplainArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub dirs: super::Dirs,
 }
 
 /// A manifest directory read into the evaluator's input, with what the user must hear.
@@ -143,10 +147,11 @@ pub const BOLD_RED: &str = "1;31";
 
 /// Runs the command; `Ok(false)` when the connection is denied or has no verdict.
 pub fn run(args: ExplainArgs) -> anyhow::Result<bool> {
-    let dir = args
-        .manifests
-        .as_deref()
-        .context("pass --manifests DIR (explaining against the running agent is not built yet)")?;
+    let mut args = args;
+    if args.manifests.is_none() {
+        live_source(&mut args)?;
+    }
+    let dir = args.manifests.as_deref().context("no manifest directory")?;
     let extra = args
         .node_name
         .as_deref()
@@ -168,6 +173,29 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<bool> {
         print!("{}", render(&e, use_colour(false)));
     }
     Ok(e.allowed == Some(true))
+}
+
+/// Points `args` at what the running agent enforces: its source, its node and this node's
+/// addresses (the CLI runs on the node, or with --netns in the node's namespace).
+fn live_source(args: &mut ExplainArgs) -> anyhow::Result<()> {
+    let status = crate::agent::Status::read(&args.dirs.run_dir).with_context(|| {
+        format!(
+            "is the agent running on this node? (no status in {}); or pass --manifests DIR to judge offline",
+            args.dirs.run_dir.display()
+        )
+    })?;
+    let Some(dir) = status.source.strip_prefix("manifests:") else {
+        anyhow::bail!(
+            "the agent follows {}; explaining against it needs its objects: pass --manifests DIR",
+            status.source
+        );
+    };
+    args.manifests = Some(PathBuf::from(dir));
+    if args.node_name.is_none() {
+        args.node_name = Some(status.node);
+        args.node_ips = crate::agent::netdev::node_ips();
+    }
+    Ok(())
 }
 
 fn side(s: &Side) -> String {
