@@ -71,6 +71,23 @@ pub fn detach(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// The kernel ids of the link pinned for (`ifindex`, `hook`) and of the program it runs:
+/// a restart or an upgrade keeps the link id and changes the program id.
+pub fn link_ids(layout: &Layout, ifindex: u32, hook: Hook) -> Option<LinkIds> {
+    let link = FdLink::from(PinnedLink::from_pin(layout.link(ifindex, hook)).ok()?);
+    let info = link.info().ok()?;
+    Some(LinkIds {
+        link: info.id(),
+        program: info.program_id(),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkIds {
+    pub link: u32,
+    pub program: u32,
+}
+
 /// Interfaces that carry a pinned Palisade link.
 pub fn attached_ifindexes(layout: &Layout) -> Vec<u32> {
     let mut out: Vec<u32> = std::fs::read_dir(layout.links_dir())

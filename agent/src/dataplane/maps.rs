@@ -143,6 +143,18 @@ impl Maps {
     }
 }
 
+/// The kernel id of every pinned map under `layout`, by name (maps that are not pinned are
+/// left out): the same ids before and after a restart prove the maps were adopted.
+pub fn map_ids(layout: &Layout) -> std::collections::BTreeMap<&'static str, u32> {
+    names::PINNED
+        .iter()
+        .filter_map(|name| {
+            let info = MapData::from_pin(layout.map(name)).ok()?.info().ok()?;
+            Some((*name, info.id()))
+        })
+        .collect()
+}
+
 fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
     DataplaneError::Map {
         name,

@@ -16,11 +16,11 @@ use std::path::Path;
 use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
 use palisade_common::maps as names;
 
-pub use attach::{attached_ifindexes, detach, ifindex_of};
+pub use attach::{attached_ifindexes, detach, ifindex_of, link_ids, LinkIds};
 pub use counters::{read_counters, CounterRow};
 pub use error::DataplaneError;
 pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
-pub use maps::Maps;
+pub use maps::{map_ids, Maps};
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));

@@ -250,6 +250,18 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// Every map the programs pin (the others are per-program scratch).
+    pub const PINNED: [&str; 9] = [
+        ENDPOINTS,
+        IDENTITY_V4,
+        IDENTITY_V6,
+        POLICY,
+        COUNTERS,
+        CONNTRACK,
+        FRAGMENTS,
+        CONFIG,
+        EVENTS,
+    ];
 }
 
 /// Program names (the tc hooks on the pod's host-side interface).
