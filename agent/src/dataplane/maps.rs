@@ -10,7 +10,8 @@ use aya::maps::{
 };
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    maps as names, Config, Counter, CtKey, CtValue, Endpoint, IdentityValue, PolicyKey, PolicyValue,
+    maps as names, Config, Counter, CtKey, CtValue, Endpoint, FragKey, IdentityValue, PolicyKey,
+    PolicyValue,
 };
 
 use super::{DataplaneError, Layout};
@@ -22,6 +23,8 @@ pub struct Maps {
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// First fragments a check allowed (value: when), for their later fragments.
+    pub fragments: HashMap<MapData, FragKey, u64>,
     pub config: Array<MapData, Config>,
 }
 
@@ -51,6 +54,7 @@ impl Maps {
             policy: open(layout, names::POLICY)?,
             counters: open(layout, names::COUNTERS)?,
             conntrack: open(layout, names::CONNTRACK)?,
+            fragments: open(layout, names::FRAGMENTS)?,
             config: open(layout, names::CONFIG)?,
         })
     }
