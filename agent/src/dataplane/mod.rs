@@ -75,6 +75,17 @@ impl Dataplane {
             .map_max_entries(names::CONNTRACK, opts.conntrack_entries)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        if let Ok(info) = aya::maps::MapInfo::from_pin(layout.map(names::CONNTRACK)) {
+            if info.max_entries() != opts.conntrack_entries {
+                // A pinned map keeps its size: changing it takes a new layout version (an
+                // upgrade copies the entries) or `--cleanup`.
+                tracing::warn!(
+                    pinned = info.max_entries(),
+                    requested = opts.conntrack_entries,
+                    "conntrack map already pinned with another size; keeping it"
+                );
+            }
+        }
         if let Some(prev) = &previous {
             // Before any interface runs the new programs: they never see a half-copied map.
             for name in copies {
