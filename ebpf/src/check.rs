@@ -8,10 +8,10 @@ use aya_log_ebpf::debug;
 use palisade_common::{
     counter_index, Config, CtKey, CtValue, DropEvent, FragKey, IdentityValue, PolicyKey,
     CFG_DEBUG_LOG, CFG_REVOKE_UNTRACKED, CT_ADOPTED, CT_CLOSING, CT_SEEN_REPLY, DIR_EGRESS,
-    DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IDENTITY_FLAG_HOST,
+    DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, FRAGMENT_TIMEOUT_NS, IDENTITY_FLAG_HOST,
     POLICY_PREFIX_FULL, PROTO_TCP, REASON_ALLOWED_HOST, REASON_ALLOWED_NOT_ISOLATED,
-    REASON_ALLOWED_POLICY, REASON_ALLOWED_TRACKED, REASON_DROPPED_CT_FULL,
-    REASON_DROPPED_FRAGMENT, REASON_DROPPED_MALFORMED, REASON_DROPPED_NO_RULE,
+    REASON_ALLOWED_POLICY, REASON_ALLOWED_TRACKED, REASON_DROPPED_CT_FULL, REASON_DROPPED_FRAGMENT,
+    REASON_DROPPED_MALFORMED, REASON_DROPPED_NO_RULE,
 };
 
 use crate::{
@@ -21,9 +21,6 @@ use crate::{
 };
 
 const SEC: u64 = 1_000_000_000;
-const DEFAULT_TCP_TIMEOUT_S: u32 = 3600;
-const DEFAULT_UDP_TIMEOUT_S: u32 = 60;
-const DEFAULT_CLOSING_TIMEOUT_S: u32 = 10;
 
 struct Ctx<'a> {
     tc: &'a TcContext,
@@ -102,11 +99,14 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
                 return REASON_ALLOWED_NOT_ISOLATED;
             }
             let key = frag_key(c, t, p.frag_id.unwrap_or(0));
-            // SAFETY: read-only presence check.
-            return if unsafe { FRAGMENTS.get(&key) }.is_some() {
-                REASON_ALLOWED_TRACKED
-            } else {
-                REASON_DROPPED_FRAGMENT
+            // SAFETY: the value is copied out at once. A first fragment older than the
+            // kernel's own reassembly timeout no longer vouches for later ones (the IPv4
+            // id wraps), and the garbage collector may delete it.
+            return match unsafe { FRAGMENTS.get(&key) } {
+                Some(first) if now.saturating_sub(*first) < FRAGMENT_TIMEOUT_NS => {
+                    REASON_ALLOWED_TRACKED
+                }
+                _ => REASON_DROPPED_FRAGMENT,
             };
         }
         Kind::IcmpError => {
@@ -265,25 +265,10 @@ fn frag_key(c: &Ctx, t: &Tuple, id: u32) -> FragKey {
     }
 }
 
-#[inline(always)]
-fn timeout_s(cfg: &Config, proto: u8, state: u32) -> u32 {
-    let (configured, default) = if state & CT_CLOSING != 0 {
-        (cfg.closing_timeout_s, DEFAULT_CLOSING_TIMEOUT_S)
-    } else if proto == PROTO_TCP {
-        (cfg.tcp_timeout_s, DEFAULT_TCP_TIMEOUT_S)
-    } else {
-        (cfg.udp_timeout_s, DEFAULT_UDP_TIMEOUT_S)
-    };
-    if configured == 0 {
-        default
-    } else {
-        configured
-    }
-}
-
+/// Dead entries count as absent: see `Config::ct_alive`.
 #[inline(always)]
 fn alive(cfg: &Config, proto: u8, v: &CtValue, now: u64) -> bool {
-    now.saturating_sub(v.last_seen_ns) < timeout_s(cfg, proto, v.state) as u64 * SEC
+    cfg.ct_alive(proto, v, now)
 }
 
 #[inline(always)]

@@ -122,7 +122,11 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> Parsed {
 /// identification, the fragment offset (8-byte units), the more-fragments flag and the
 /// total length.
 #[inline(always)]
-fn ipv4_header(ctx: &TcContext, off: usize, t: &mut Tuple) -> Result<(usize, u32, u16, bool, usize), ()> {
+fn ipv4_header(
+    ctx: &TcContext,
+    off: usize,
+    t: &mut Tuple,
+) -> Result<(usize, u32, u16, bool, usize), ()> {
     let h: [u8; 12] = load(ctx, off)?;
     if h[0] >> 4 != 4 {
         return Err(());
@@ -157,7 +161,14 @@ fn parse_ipv4(ctx: &TcContext, off: usize, p: &mut Packet) -> Result<Parsed, ()>
         return Err(());
     }
     let fragment = frag_off != 0 || more;
-    finish(ctx, p, l4, off + total, if fragment { Some(id) } else { None }, frag_off)
+    finish(
+        ctx,
+        p,
+        l4,
+        off + total,
+        if fragment { Some(id) } else { None },
+        frag_off,
+    )
 }
 
 #[inline(always)]

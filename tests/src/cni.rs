@@ -2,8 +2,8 @@
 //! plugins (containernetworking-plugins), invoked exactly like a runtime.
 //!
 //! Address plan (all inside 198.18.0.0/15 and fd00:198:18::/48):
-//! - node pods: 198.18.X.0/24 and fd00:198:18:X::/64, X per node from a
-//!   per-process counter (1..=250), gateway .1 / ::1, pods from .2 / ::2;
+//! - node pods: 198.18.X.0/24 and fd00:198:18:X::/64, X (1..=250) leased per
+//!   node machine-wide (see [`SubnetLease`]), gateway .1 / ::1, pods from .2 / ::2;
 //! - underlay links between nodes: 198.19.255.0/24 in /30s and
 //!   fd00:198:18:f0NN::/64;
 //! - 198.19.0.0/16 below that is left free for test service VIPs.
@@ -27,6 +27,8 @@ pub const CNI_PATH: &str = "/usr/lib/cni";
 pub const BRIDGE: &str = "cnbr0";
 
 static SUBNET: AtomicU32 = AtomicU32::new(0);
+/// Where subnet leases live: one file per leased X, holding the owner's pid.
+pub const LEASE_DIR: &str = "/run/palisade-tests/subnets";
 static UNDERLAY: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,62 @@ struct NodeInner {
     subnet: u8,
     next_host: Mutex<u8>,
     tag: String,
+    _lease: SubnetLease,
+}
+
+/// A pod subnet X no other live process on the machine uses. Pod IPs must be unique
+/// machine-wide, not only per process: an agent behind a bridge finds a pod's veth by
+/// looking into every named namespace for the pod IP, and would otherwise find another
+/// test process's pod. The lease is a file created with O_EXCL; a file whose pid is gone
+/// (a SIGKILLed run) is taken over. Dropping the lease removes the file.
+struct SubnetLease {
+    subnet: u8,
+    path: std::path::PathBuf,
+}
+
+impl SubnetLease {
+    fn take() -> Result<SubnetLease> {
+        std::fs::create_dir_all(LEASE_DIR).with_context(|| format!("mkdir {LEASE_DIR}"))?;
+        let me = std::process::id();
+        // Start where this process left off, so one process cycles through subnets, from a
+        // per-process offset, so processes rarely contend for the same file.
+        let start = SUBNET.fetch_add(1, Ordering::Relaxed) + me % 250;
+        for i in 0..250u32 {
+            let subnet = 1 + ((start + i) % 250) as u8;
+            let path = std::path::Path::new(LEASE_DIR).join(subnet.to_string());
+            for _ in 0..2 {
+                match std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                {
+                    Ok(mut f) => {
+                        f.write_all(me.to_string().as_bytes())?;
+                        return Ok(SubnetLease { subnet, path });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                        let alive = owner.trim().parse::<u32>().is_ok_and(|pid| {
+                            std::path::Path::new(&format!("/proc/{pid}")).exists()
+                        });
+                        // An empty file is a lease being written right now: leave it.
+                        if alive || owner.is_empty() {
+                            break;
+                        }
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("lease {}", path.display())),
+                }
+            }
+        }
+        bail!("all 250 pod subnets are leased (see {LEASE_DIR})")
+    }
+}
+
+impl Drop for SubnetLease {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Node {
@@ -72,14 +130,15 @@ impl Node {
         ] {
             ns.sysctl(k, v)?;
         }
-        let subnet = 1 + (SUBNET.fetch_add(1, Ordering::Relaxed) % 250) as u8;
+        let lease = SubnetLease::take()?;
         Ok(Node {
             inner: Arc::new(NodeInner {
                 ns,
                 flavour,
-                subnet,
+                subnet: lease.subnet,
                 next_host: Mutex::new(2),
                 tag: tag.to_string(),
+                _lease: lease,
             }),
         })
     }

@@ -27,13 +27,17 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod agent;
 pub mod cni;
+pub mod manifests;
 pub mod matrix;
 pub mod netns;
 pub mod packets;
 pub mod pins;
 pub mod privilege;
 pub mod probe;
+pub mod sniff;
+pub mod stream;
 pub mod util;
 
 pub use cni::{Flavour, Node, Pod, Underlay};

@@ -7,14 +7,18 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use ipnetwork::IpNetwork;
 use palisade::dataplane::testrun::{TC_ACT_OK, TC_ACT_SHOT, TEST_RUN_IFINDEX};
-use palisade::dataplane::{cleanup, read_counters, Dataplane, Hook, LoadOptions, Maps};
+use palisade::dataplane::{
+    cleanup, monotonic_now_ns, read_counters, Dataplane, Hook, LoadOptions, Maps, GC_GRACE,
+};
 use palisade_common::{
-    Config, Endpoint, FragKey, IdentityValue, PolicyKey, CFG_REVOKE_UNTRACKED, DIR_EGRESS,
-    DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IDENTITY_FLAG_HOST,
+    Config, CtKey, Endpoint, FragKey, IdentityValue, PolicyKey, CFG_REVOKE_UNTRACKED,
+    CT_DEFAULT_TCP_TIMEOUT_S, CT_DEFAULT_UDP_TIMEOUT_S, DIR_EGRESS, DIR_INGRESS,
+    EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, FRAGMENT_TIMEOUT_NS, IDENTITY_FLAG_HOST,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
 };
 use palisade_tests::packets::*;
@@ -62,14 +66,22 @@ struct Fx {
 impl Fx {
     /// `ep_flags: None` leaves the interface out of ENDPOINTS.
     fn new(name: &str, ep_flags: Option<u32>, cfg_flags: u32) -> Fx {
+        Fx::with_conntrack(name, ep_flags, cfg_flags, 4096)
+    }
+
+    /// Like [`Fx::new`] with a conntrack map of `conntrack_entries`.
+    fn with_conntrack(
+        name: &str,
+        ep_flags: Option<u32>,
+        cfg_flags: u32,
+        conntrack_entries: u32,
+    ) -> Fx {
         require_root();
         let pins = PinDir::new(name);
         let layout = pins.layout();
         // A stale directory of an earlier run with the same pid would reopen old maps.
         let _ = cleanup(&layout);
-        let opts = LoadOptions {
-            conntrack_entries: 4096,
-        };
+        let opts = LoadOptions { conntrack_entries };
         let dp = Dataplane::load(layout.clone(), &opts).expect("load the programs");
         let mut maps = dp.maps().expect("open the maps");
         maps.set_config(Config {
@@ -1168,4 +1180,279 @@ mod oracle;
 #[test]
 fn random_frames_match_an_independent_parser() {
     oracle::run();
+}
+
+// ---------------------------------------------------------------------------------------
+// Conntrack lifetime: dead entries, garbage collection, a full map
+// ---------------------------------------------------------------------------------------
+
+/// The conntrack key of a flow the pod opened towards `peer` (its egress check tracks it).
+fn opened4(peer: Ipv4Addr, proto: u8, sport: u16, dport: u16) -> CtKey {
+    let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
+    saddr[..4].copy_from_slice(&POD4.octets());
+    daddr[..4].copy_from_slice(&peer.octets());
+    CtKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        family: 4,
+        dir: DIR_EGRESS,
+        _pad: 0,
+        slot: SLOT,
+    }
+}
+
+/// Makes a tracked flow's last packet `ago` old, as if it had been idle that long.
+fn idle(fx: &mut Fx, key: &CtKey, ago: Duration) {
+    let mut v = fx.maps.conntrack.get(key, 0).expect("flow is tracked");
+    v.last_seen_ns = monotonic_now_ns().saturating_sub(ago.as_nanos() as u64);
+    fx.maps.conntrack.insert(key, v, 0).unwrap();
+}
+
+fn tracked(fx: &Fx, key: &CtKey) -> bool {
+    fx.maps.conntrack.get(key, 0).is_ok()
+}
+
+const UDP_TIMEOUT: Duration = Duration::from_secs(CT_DEFAULT_UDP_TIMEOUT_S as u64);
+const TCP_TIMEOUT: Duration = Duration::from_secs(CT_DEFAULT_TCP_TIMEOUT_S as u64);
+const SEC: Duration = Duration::from_secs(1);
+
+#[test]
+fn dead_conntrack_entries_count_as_absent_and_gc_removes_only_them() {
+    let mut fx = Fx::new("ctgc", Some(ISOLATED), CFG_REVOKE_UNTRACKED);
+    fx.allow(POLICY_PREFIX_FULL, PEER_ID, DIR_EGRESS, PROTO_UDP, 53);
+    fx.allow(POLICY_PREFIX_ANY_PORT, PEER_ID, DIR_EGRESS, PROTO_ICMP, 0);
+    fx.allow(POLICY_PREFIX_FULL, PEER_ID, DIR_EGRESS, PROTO_TCP, 443);
+    let live = opened4(PEER4, PROTO_UDP, 1000, 53);
+    let dead_udp = opened4(PEER4, PROTO_UDP, 1001, 53);
+    let dead_echo = opened4(PEER4, PROTO_ICMP, 7, 7);
+    let dead_tcp = opened4(PEER4, PROTO_TCP, 40000, 443);
+    let just_dead = opened4(PEER4, PROTO_UDP, 1002, 53);
+    for sport in [1000, 1001, 1002] {
+        fx.expect(
+            Hook::FromPod,
+            &out4(PEER4, &L4::udp(sport, 53)),
+            ALLOWED_POLICY,
+        );
+    }
+    fx.expect(
+        Hook::FromPod,
+        &out4(PEER4, &L4::echo(false, true, 7, 1)),
+        ALLOWED_POLICY,
+    );
+    fx.expect(
+        Hook::FromPod,
+        &out4(PEER4, &L4::tcp(40000, 443, TCP_SYN)),
+        ALLOWED_POLICY,
+    );
+    fx.expect(
+        Hook::ToPod,
+        &in4(PEER4, &L4::tcp(443, 40000, TCP_SYN | TCP_ACK)),
+        ALLOWED_TRACKED,
+    );
+    idle(&mut fx, &dead_udp, UDP_TIMEOUT + GC_GRACE + SEC);
+    idle(&mut fx, &dead_echo, UDP_TIMEOUT + GC_GRACE + SEC);
+    idle(&mut fx, &dead_tcp, TCP_TIMEOUT + GC_GRACE + SEC);
+    // Dead, but for less than the grace: the collector leaves it for next time.
+    idle(&mut fx, &just_dead, UDP_TIMEOUT + SEC);
+
+    // What replies get, with the dead entries still in the map and after collecting them:
+    // the same, because the programs treat a dead entry as absent.
+    let replies: [(Vec<u8>, &str); 5] = [
+        (in4(PEER4, &L4::udp(53, 1000)), ALLOWED_TRACKED),
+        (in4(PEER4, &L4::udp(53, 1001)), DROPPED_NO_RULE),
+        (in4(PEER4, &L4::udp(53, 1002)), DROPPED_NO_RULE),
+        (in4(PEER4, &L4::echo(false, false, 7, 1)), DROPPED_NO_RULE),
+        (
+            in4(PEER4, &L4::tcp(443, 40000, TCP_ACK | TCP_PSH)),
+            DROPPED_NO_RULE,
+        ),
+    ];
+    for (frame, reason) in &replies {
+        fx.expect(Hook::ToPod, frame, reason);
+    }
+    let stats = fx.maps.gc_conntrack(monotonic_now_ns()).unwrap();
+    assert_eq!((stats.deleted, stats.restored), (3, 0), "{stats:?}");
+    assert!(stats.scanned >= 5, "{stats:?}");
+    for key in [&dead_udp, &dead_echo, &dead_tcp] {
+        assert!(!tracked(&fx, key), "dead {key:?} was not collected");
+    }
+    assert!(tracked(&fx, &live), "a live flow was collected");
+    assert!(tracked(&fx, &just_dead), "collected within the grace");
+    for (frame, reason) in &replies {
+        fx.expect(Hook::ToPod, frame, reason);
+    }
+    // A second pass finds nothing more to do.
+    let again = fx.maps.gc_conntrack(monotonic_now_ns()).unwrap();
+    assert_eq!((again.deleted, again.restored), (0, 0), "{again:?}");
+}
+
+#[test]
+fn gc_puts_back_an_entry_a_packet_refreshed_between_scan_and_delete() {
+    let mut fx = Fx::new("ctgcrace", Some(ISOLATED), CFG_REVOKE_UNTRACKED);
+    fx.allow(POLICY_PREFIX_FULL, PEER_ID, DIR_EGRESS, PROTO_UDP, 53);
+    let key = opened4(PEER4, PROTO_UDP, 2000, 53);
+    fx.expect(
+        Hook::FromPod,
+        &out4(PEER4, &L4::udp(2000, 53)),
+        ALLOWED_POLICY,
+    );
+    idle(&mut fx, &key, UDP_TIMEOUT + GC_GRACE + SEC);
+    let now = monotonic_now_ns();
+    let (dead, _) = fx.maps.conntrack_dead(now).unwrap();
+    assert_eq!(dead, vec![key]);
+
+    // The flow wakes up between the scan and the delete: the program finds the dead entry,
+    // judges the packet as new (allowed by policy) and tracks the flow afresh.
+    fx.expect(
+        Hook::FromPod,
+        &out4(PEER4, &L4::udp(2000, 53)),
+        ALLOWED_POLICY,
+    );
+    let stats = fx.maps.conntrack_collect(&dead, now).unwrap();
+    assert_eq!((stats.deleted, stats.restored), (0, 1), "{stats:?}");
+    assert!(tracked(&fx, &key));
+    fx.expect(
+        Hook::ToPod,
+        &in4(PEER4, &L4::udp(53, 2000)),
+        ALLOWED_TRACKED,
+    );
+}
+
+#[test]
+fn a_stale_first_fragment_vouches_for_nothing_and_gc_removes_it() {
+    let mut fx = Fx::new("fraggc", Some(ISOLATED), CFG_REVOKE_UNTRACKED);
+    fx.allow(POLICY_PREFIX_FULL, PEER_ID, DIR_EGRESS, PROTO_UDP, 53);
+    // Each datagram from its own port, so the second is judged by policy too.
+    let first = |id: u16| {
+        let o = V4Opts {
+            id,
+            more_fragments: true,
+            ..Default::default()
+        };
+        frame_v4(POD4, PEER4, &L4::udp(30_000 + id, 53), &o)
+    };
+    let later = |id| {
+        let o = V4Opts {
+            id,
+            frag_offset: 2,
+            ..Default::default()
+        };
+        let chunk = L4::Raw {
+            proto: PROTO_UDP,
+            bytes: vec![0xab; 64],
+        };
+        frame_v4(POD4, PEER4, &chunk, &o)
+    };
+    fx.expect(Hook::FromPod, &first(0x51), ALLOWED_POLICY);
+    fx.expect(Hook::FromPod, &first(0x52), ALLOWED_POLICY);
+    // The record of 0x51 is older than the kernel's own reassembly timeout (the IPv4 id
+    // will wrap around): its later fragments are dropped.
+    let old = fx.frags.keys().filter_map(Result::ok).collect::<Vec<_>>();
+    assert_eq!(old.len(), 2);
+    let stale = old.iter().find(|k| k.id == 0x51).copied().unwrap();
+    let when =
+        monotonic_now_ns() - FRAGMENT_TIMEOUT_NS - GC_GRACE.as_nanos() as u64 - 1_000_000_000;
+    fx.frags.insert(stale, when, 0).unwrap();
+    fx.expect(Hook::FromPod, &later(0x51), DROPPED_FRAGMENT);
+    fx.expect(Hook::FromPod, &later(0x52), ALLOWED_TRACKED);
+    let stats = fx.maps.gc_conntrack(monotonic_now_ns()).unwrap();
+    assert_eq!(stats.deleted, 1, "{stats:?}");
+    let left: Vec<u32> = fx
+        .frags
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(left, vec![0x52]);
+    fx.expect(Hook::FromPod, &later(0x52), ALLOWED_TRACKED);
+}
+
+#[test]
+fn a_full_conntrack_map_never_opens_traffic() {
+    // 64 entries for 1,000 flows: the LRU map evicts; nothing may pass because of it.
+    const ENTRIES: u32 = 64;
+    for cfg in [CFG_REVOKE_UNTRACKED, 0] {
+        let mut fx = Fx::with_conntrack("ctfull", Some(ISOLATED), cfg, ENTRIES);
+        fx.allow(POLICY_PREFIX_FULL, PEER_ID, DIR_EGRESS, PROTO_UDP, 53);
+        fx.allow(POLICY_PREFIX_FULL, PEER_ID, DIR_EGRESS, PROTO_TCP, 443);
+        // Every new allowed flow is still tracked (eviction makes room; never
+        // `dropped-conntrack-full` with an LRU map).
+        for i in 0..500u16 {
+            fx.expect(
+                Hook::FromPod,
+                &out4(PEER4, &L4::udp(10_000 + i, 53)),
+                ALLOWED_POLICY,
+            );
+            fx.expect(
+                Hook::FromPod,
+                &out4(PEER4, &L4::tcp(20_000 + i, 443, TCP_SYN)),
+                ALLOWED_POLICY,
+            );
+        }
+        let entries = fx.maps.conntrack.keys().filter_map(Result::ok).count();
+        assert!(entries <= ENTRIES as usize, "{entries} entries");
+        // A reply passes exactly when its flow is still tracked; an evicted flow's reply is
+        // dropped like any packet nothing allows. A SYN-ACK is never adopted mid-stream.
+        let (mut passed, mut dropped) = (0, 0);
+        for i in 0..500u16 {
+            for (key, frame) in [
+                (
+                    opened4(PEER4, PROTO_UDP, 10_000 + i, 53),
+                    in4(PEER4, &L4::udp(53, 10_000 + i)),
+                ),
+                (
+                    opened4(PEER4, PROTO_TCP, 20_000 + i, 443),
+                    in4(PEER4, &L4::tcp(443, 20_000 + i, TCP_SYN | TCP_ACK)),
+                ),
+            ] {
+                let want = if tracked(&fx, &key) {
+                    passed += 1;
+                    ALLOWED_TRACKED
+                } else {
+                    dropped += 1;
+                    DROPPED_NO_RULE
+                };
+                fx.expect(Hook::ToPod, &frame, want);
+            }
+        }
+        assert!(
+            passed <= ENTRIES && dropped >= 1000 - ENTRIES,
+            "{passed} passed"
+        );
+        // The most recent flow survived eviction.
+        assert!(tracked(&fx, &opened4(PEER4, PROTO_TCP, 20_499, 443)));
+        // New connections from the peer, and packets of flows never opened, stay dropped.
+        fx.expect(
+            Hook::ToPod,
+            &in4(PEER4, &L4::tcp(5555, 22, TCP_SYN)),
+            DROPPED_NO_RULE,
+        );
+        fx.expect(
+            Hook::ToPod,
+            &in4(PEER4, &L4::udp(5555, 22)),
+            DROPPED_NO_RULE,
+        );
+        fx.expect(
+            Hook::FromPod,
+            &out4(PEER4, &L4::udp(5555, 54)),
+            DROPPED_NO_RULE,
+        );
+        // A mid-stream TCP packet of an evicted flow: dropped when revoking; adopted by
+        // the keep-open-connections rule otherwise, exactly as for a connection that was
+        // open before the pod was isolated (it opens no new connection: the pod's stack
+        // answers an unknown connection with a reset).
+        let evicted = (0..500u16)
+            .find(|i| !tracked(&fx, &opened4(PEER4, PROTO_TCP, 20_000 + i, 443)))
+            .expect("some flow was evicted");
+        let ack = in4(PEER4, &L4::tcp(443, 20_000 + evicted, TCP_ACK | TCP_PSH));
+        let want = if cfg == 0 {
+            ALLOWED_TRACKED
+        } else {
+            DROPPED_NO_RULE
+        };
+        fx.expect(Hook::ToPod, &ack, want);
+    }
 }

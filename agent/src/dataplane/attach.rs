@@ -1,5 +1,6 @@
 //! TCX links, pinned per interface and hook. A pinned link keeps the program attached when
-//! the agent exits; replacing the program of a pinned link is atomic.
+//! the agent exits; replacing the program of a pinned link is atomic, and so is moving a
+//! link from another layout version's directory (see `upgrade`).
 
 use std::path::Path;
 
@@ -15,20 +16,26 @@ pub(super) fn attach(
     prog: &mut SchedClassifier,
     ifindex: u32,
     hook: Hook,
-    pin: &Path,
+    layout: &Layout,
 ) -> Result<(), DataplaneError> {
+    let pin = layout.link(ifindex, hook);
+    if pin.exists() {
+        return swap(prog, &pin, None);
+    }
+    // A link of another layout version (an upgrade): the same link gets the new program,
+    // then moves to this version's directory.
+    if let Some(old) = layout
+        .others()
+        .iter()
+        .map(|l| l.link(ifindex, hook))
+        .find(|p| p.exists())
+    {
+        return swap(prog, &old, Some(&pin));
+    }
     let link_err = |e: &dyn std::fmt::Display| DataplaneError::Link {
-        path: pin.to_path_buf(),
+        path: pin.clone(),
         reason: e.to_string(),
     };
-    if let Ok(old) = PinnedLink::from_pin(pin) {
-        // Swap the program behind the existing link: the hook is never empty.
-        let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| link_err(&e))?;
-        let id = prog.attach_to_link(link).map_err(|e| link_err(&e))?;
-        // The pin holds the link; our fd can go.
-        drop(prog.take_link(id).map_err(|e| link_err(&e))?);
-        return Ok(());
-    }
     let ifname = ifname_of(ifindex)?;
     let attach_type = match hook {
         Hook::FromPod => TcAttachType::Ingress,
@@ -43,12 +50,51 @@ pub(super) fn attach(
         .map_err(|e| link_err(&e))?;
     let link = prog.take_link(id).map_err(|e| link_err(&e))?;
     let fd = FdLink::try_from(link).map_err(|e| link_err(&e))?;
-    fd.pin(pin).map_err(|e| link_err(&e))?;
+    fd.pin(&pin).map_err(|e| link_err(&e))?;
     Ok(())
 }
 
-/// Detaches Palisade from an interface by removing its link pins.
+/// Swaps `prog` into the link pinned at `pin` (`bpf_link_update`: atomic, the hook is
+/// never empty); with `move_to`, pins the link there and then removes the old pin, so the
+/// link is never without a pin.
+fn swap(
+    prog: &mut SchedClassifier,
+    pin: &Path,
+    move_to: Option<&Path>,
+) -> Result<(), DataplaneError> {
+    let link_err = |e: &dyn std::fmt::Display| DataplaneError::Link {
+        path: pin.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let old = PinnedLink::from_pin(pin).map_err(|e| link_err(&e))?;
+    let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| link_err(&e))?;
+    let id = prog.attach_to_link(link).map_err(|e| link_err(&e))?;
+    let link = prog.take_link(id).map_err(|e| link_err(&e))?;
+    if let Some(to) = move_to {
+        let fd = FdLink::try_from(link).map_err(|e| link_err(&e))?;
+        drop(fd.pin(to).map_err(|e| link_err(&e))?);
+        std::fs::remove_file(pin).map_err(|source| DataplaneError::Io {
+            path: pin.to_path_buf(),
+            source,
+        })?;
+    }
+    // Otherwise the pin holds the link and our fd can go.
+    Ok(())
+}
+
+/// Detaches Palisade from an interface by removing its link pins, in every layout version
+/// under the root. A previous version left without links is retired.
 pub fn detach(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
+    for version in layout.all_versions() {
+        unpin_links(&version, ifindex)?;
+        if version != *layout && version.links_dir().exists() && !has_links(&version) {
+            super::upgrade::retire(&version, layout)?;
+        }
+    }
+    Ok(())
+}
+
+fn unpin_links(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
     for hook in Hook::ALL {
         let path = layout.link(ifindex, hook);
         match PinnedLink::from_pin(&path) {
@@ -71,12 +117,42 @@ pub fn detach(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Interfaces that carry a pinned Palisade link.
+/// Whether any link is pinned under this layout version.
+pub(super) fn has_links(layout: &Layout) -> bool {
+    std::fs::read_dir(layout.links_dir())
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+/// The kernel ids of the link pinned for (`ifindex`, `hook`) and of the program it runs:
+/// a restart or an upgrade keeps the link id and changes the program id.
+pub fn link_ids(layout: &Layout, ifindex: u32, hook: Hook) -> Option<LinkIds> {
+    let link = FdLink::from(PinnedLink::from_pin(layout.link(ifindex, hook)).ok()?);
+    let info = link.info().ok()?;
+    Some(LinkIds {
+        link: info.id(),
+        program: info.program_id(),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkIds {
+    pub link: u32,
+    pub program: u32,
+}
+
+/// Interfaces that carry a pinned Palisade link, of this layout version or another one
+/// under the same root (links an upgrade has not moved yet).
 pub fn attached_ifindexes(layout: &Layout) -> Vec<u32> {
-    let mut out: Vec<u32> = std::fs::read_dir(layout.links_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
+    let mut out: Vec<u32> = layout
+        .all_versions()
+        .iter()
+        .flat_map(|l| {
+            std::fs::read_dir(l.links_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
         .filter_map(|e| {
             let name = e.file_name();
             let (idx, _) = name.to_str()?.split_once('-')?;

@@ -3,8 +3,20 @@ use std::path::PathBuf;
 /// What can go wrong between Palisade and the kernel. Each variant names the object.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("no bpffs at or above {0}: mount one with `mount -t bpf bpf /sys/fs/bpf`")]
-    NoBpffs(PathBuf),
+    #[error(
+        "no bpffs for {dir}: {found} is on {fs}; mount one with `mount -t bpf bpf /sys/fs/bpf` \
+         or pass a --bpffs-dir on bpffs"
+    )]
+    NoBpffs {
+        dir: PathBuf,
+        found: PathBuf,
+        fs: &'static str,
+    },
+    #[error("{feature} unavailable: {detail}")]
+    Unsupported {
+        feature: &'static str,
+        detail: String,
+    },
     #[error("loading the eBPF object: {0}")]
     Load(Box<aya::EbpfError>),
     #[error("the eBPF object has no program {0}")]
@@ -28,6 +40,8 @@ pub enum DataplaneError {
     },
     #[error("link {path}: {reason}")]
     Link { path: PathBuf, reason: String },
+    #[error("layout upgrade: {reason}")]
+    Upgrade { reason: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -1,6 +1,7 @@
 //! Where Palisade keeps its state on bpffs. Everything lives under one directory per map
-//! layout version, so an agent never reopens maps whose layout it does not understand and
-//! `--cleanup` removes exactly what Palisade created.
+//! layout version (`<root>/v<N>/{maps,links}`), so an agent never reopens maps whose layout
+//! it does not understand, an upgrade builds the new version's pins beside the old ones
+//! (see `upgrade`), and `--cleanup` removes exactly what Palisade created.
 
 use std::path::{Path, PathBuf};
 
@@ -9,14 +10,24 @@ use palisade_common::LAYOUT_VERSION;
 /// Default bpffs directory for pins.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/palisade";
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     root: PathBuf,
+    version: u32,
 }
 
 impl Layout {
+    /// This binary's layout version under `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self::with_version(root, LAYOUT_VERSION)
+    }
+
+    /// Another layout version under `root` (upgrades, and tests that simulate them).
+    pub fn with_version(root: impl Into<PathBuf>, version: u32) -> Self {
+        Self {
+            root: root.into(),
+            version,
+        }
     }
 
     /// The `--bpffs-dir` the layout was made from.
@@ -24,9 +35,36 @@ impl Layout {
         &self.root
     }
 
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Directory of this layout version.
     pub fn versioned(&self) -> PathBuf {
-        self.root.join(format!("v{LAYOUT_VERSION}"))
+        self.root.join(format!("v{}", self.version))
+    }
+
+    /// The other layout versions that have pins under the same root, oldest first.
+    pub fn others(&self) -> Vec<Layout> {
+        let mut out: Vec<Layout> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                let v: u32 = name.to_str()?.strip_prefix('v')?.parse().ok()?;
+                (v != self.version).then(|| Layout::with_version(self.root.clone(), v))
+            })
+            .collect();
+        out.sort_by_key(Layout::version);
+        out
+    }
+
+    /// This version and every other one under the same root.
+    pub fn all_versions(&self) -> Vec<Layout> {
+        let mut v = self.others();
+        v.push(self.clone());
+        v
     }
 
     pub fn maps_dir(&self) -> PathBuf {
@@ -89,5 +127,7 @@ mod tests {
         assert!(l
             .link(7, Hook::ToPod)
             .ends_with(format!("v{LAYOUT_VERSION}/links/7-to-pod")));
+        let v9 = Layout::with_version("/sys/fs/bpf/x", 9);
+        assert_eq!(v9.maps_dir(), PathBuf::from("/sys/fs/bpf/x/v9/maps"));
     }
 }

@@ -10,7 +10,8 @@ use aya::maps::{
 };
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    maps as names, Config, Counter, CtKey, CtValue, Endpoint, IdentityValue, PolicyKey, PolicyValue,
+    maps as names, Config, Counter, CtKey, CtValue, Endpoint, FragKey, IdentityValue, PolicyKey,
+    PolicyValue,
 };
 
 use super::{DataplaneError, Layout};
@@ -22,6 +23,8 @@ pub struct Maps {
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// First fragments a check allowed (value: when), for their later fragments.
+    pub fragments: HashMap<MapData, FragKey, u64>,
     pub config: Array<MapData, Config>,
 }
 
@@ -51,6 +54,7 @@ impl Maps {
             policy: open(layout, names::POLICY)?,
             counters: open(layout, names::COUNTERS)?,
             conntrack: open(layout, names::CONNTRACK)?,
+            fragments: open(layout, names::FRAGMENTS)?,
             config: open(layout, names::CONFIG)?,
         })
     }
@@ -141,6 +145,18 @@ impl Maps {
         }
         Ok(())
     }
+}
+
+/// The kernel id of every pinned map under `layout`, by name (maps that are not pinned are
+/// left out): the same ids before and after a restart prove the maps were adopted.
+pub fn map_ids(layout: &Layout) -> std::collections::BTreeMap<&'static str, u32> {
+    names::PINNED
+        .iter()
+        .filter_map(|name| {
+            let info = MapData::from_pin(layout.map(name)).ok()?.info().ok()?;
+            Some((*name, info.id()))
+        })
+        .collect()
 }
 
 fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {

@@ -2,26 +2,35 @@
 //! their maps, attach them to pod interfaces with pinned TCX links, and read and write the
 //! maps. Pins make enforcement outlive the agent: a restarted agent reopens the same maps
 //! and swaps the programs in place (`bpf_link_update`), so no packet sees an empty map or
-//! an interface without a program.
+//! an interface without a program. An agent of another layout version upgrades the pins
+//! beside the old ones and moves each link over (`upgrade`). Before anything, `preflight`
+//! refuses a machine that cannot host the dataplane, naming what is missing; `conntrack`
+//! collects dead flows.
 
 mod attach;
+mod conntrack;
 mod counters;
 mod error;
 mod layout;
 mod maps;
+mod preflight;
+mod sys;
 pub mod testrun;
+pub mod upgrade;
 
 use std::path::Path;
 
 use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
 use palisade_common::maps as names;
 
-pub use attach::{attached_ifindexes, detach, ifindex_of};
+pub use attach::{attached_ifindexes, detach, ifindex_of, link_ids, LinkIds};
+pub use conntrack::{monotonic_now_ns, GcStats, GC_GRACE, GC_INTERVAL};
 pub use counters::{read_counters, CounterRow};
 pub use error::DataplaneError;
 pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
 pub(crate) use maps::open as open_pinned;
-pub use maps::Maps;
+pub use maps::{map_ids, Maps};
+pub use preflight::TCX_SINCE;
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));
@@ -49,17 +58,42 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the programs. Maps already pinned under `layout` are reused as they are, so a
-    /// restart keeps every entry and every tracked connection.
+    /// restart keeps every entry and every tracked connection. Pins of another layout
+    /// version are upgraded from (see `upgrade`): compatible maps shared, resized ones
+    /// copied, the rest rebuilt; its links move to the new programs in [`Dataplane::attach`].
     pub fn load(layout: Layout, opts: &LoadOptions) -> Result<Self, DataplaneError> {
-        preflight(layout.root())?;
+        preflight::preflight(layout.root())?;
         let maps_dir = layout.maps_dir();
         mkdir(&maps_dir)?;
         mkdir(&layout.links_dir())?;
+        let previous = previous_layout(&layout);
+        let copies = match &previous {
+            Some(prev) => upgrade::prepare(&layout, prev, OBJECT, opts.conntrack_entries)?,
+            None => Vec::new(),
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::CONNTRACK, opts.conntrack_entries)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        if let Ok(info) = aya::maps::MapInfo::from_pin(layout.map(names::CONNTRACK)) {
+            if info.max_entries() != opts.conntrack_entries {
+                // A pinned map keeps its size: changing it takes a new layout version (an
+                // upgrade copies the entries) or `--cleanup`.
+                tracing::warn!(
+                    pinned = info.max_entries(),
+                    requested = opts.conntrack_entries,
+                    "conntrack map already pinned with another size; keeping it"
+                );
+            }
+        }
+        if let Some(prev) = &previous {
+            // Before any interface runs the new programs: they never see a half-copied map.
+            for name in copies {
+                let n = upgrade::copy_map(prev, &layout, name, false)?;
+                tracing::info!(map = name, entries = n, "copied from the previous layout");
+            }
+        }
         for hook in Hook::ALL {
             let prog = program(&mut ebpf, hook)?;
             prog.load().map_err(|source| DataplaneError::Program {
@@ -67,7 +101,9 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         }
-        Ok(Self { layout, ebpf })
+        let dp = Self { layout, ebpf };
+        dp.retire_unlinked()?;
+        Ok(dp)
     }
 
     pub fn layout(&self) -> &Layout {
@@ -75,12 +111,22 @@ impl Dataplane {
     }
 
     /// Attaches both programs to the interface. An interface that already carries a
-    /// Palisade link (from an earlier agent) gets the new programs swapped in atomically.
+    /// Palisade link (from an earlier agent, of this layout version or another) gets the
+    /// new programs swapped into that link atomically.
     pub fn attach(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         for hook in Hook::ALL {
-            let path = self.layout.link(ifindex, hook);
             let prog = program(&mut self.ebpf, hook)?;
-            attach::attach(prog, ifindex, hook, &path)?;
+            attach::attach(prog, ifindex, hook, &self.layout)?;
+        }
+        self.retire_unlinked()
+    }
+
+    /// Retires the other layout versions that no longer have links.
+    fn retire_unlinked(&self) -> Result<(), DataplaneError> {
+        for other in self.layout.others() {
+            if !attach::has_links(&other) {
+                upgrade::retire(&other, &self.layout)?;
+            }
         }
         Ok(())
     }
@@ -89,6 +135,22 @@ impl Dataplane {
     pub fn maps(&self) -> Result<Maps, DataplaneError> {
         Maps::open(&self.layout)
     }
+}
+
+/// The layout version to upgrade from: of the others with pinned maps, the newest one that
+/// still has links (it is the one enforcing), else the newest.
+fn previous_layout(layout: &Layout) -> Option<Layout> {
+    let with_maps: Vec<Layout> = layout
+        .others()
+        .into_iter()
+        .filter(|l| l.maps_dir().exists())
+        .collect();
+    with_maps
+        .iter()
+        .rev()
+        .find(|l| attach::has_links(l))
+        .or(with_maps.last())
+        .cloned()
 }
 
 fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DataplaneError> {
@@ -109,40 +171,20 @@ fn mkdir(dir: &Path) -> Result<(), DataplaneError> {
     })
 }
 
-/// Refuses to go on, naming what is missing, when the kernel or filesystem cannot host
-/// the dataplane.
-fn preflight(root: &Path) -> Result<(), DataplaneError> {
-    let bpffs = root
-        .ancestors()
-        .find(|p| is_bpffs(p))
-        .ok_or_else(|| DataplaneError::NoBpffs(root.to_path_buf()))?;
-    tracing::debug!(bpffs = %bpffs.display(), "bpffs found");
-    Ok(())
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into a zeroed struct we own; the path is NUL-terminated.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
-}
-
-/// Removes everything Palisade put in the kernel under `layout`: links (which detaches the
-/// programs), pinned maps, and the directories.
+/// Removes everything Palisade put in the kernel under `layout`'s root, of every layout
+/// version: links (which detaches the programs), pinned maps, and the directories.
 pub fn cleanup(layout: &Layout) -> Result<(), DataplaneError> {
-    for ifindex in attached_ifindexes(layout) {
-        detach(layout, ifindex)?;
+    for version in layout.all_versions() {
+        for ifindex in attached_ifindexes(&version) {
+            detach(&version, ifindex)?;
+        }
+        let dir = version.versioned();
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|source| DataplaneError::Io { path: dir, source })?;
+        }
     }
-    let dir = layout.versioned();
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|source| DataplaneError::Io { path: dir, source })?;
-    }
-    // Only remove the root when nothing else (another layout version) lives there.
+    // Only remove the root when nothing else lives there.
     let _ = std::fs::remove_dir(layout.root());
     Ok(())
 }

@@ -168,6 +168,45 @@ pub struct CtValue {
     pub _pad: u32,
 }
 
+/// Timeouts of `CONNTRACK` entries when `Config` leaves them at 0: an entry whose last
+/// packet is older than its timeout is dead, and the programs treat it exactly as if it
+/// were absent (so deleting a dead entry never changes a verdict).
+pub const CT_DEFAULT_TCP_TIMEOUT_S: u32 = 3600;
+pub const CT_DEFAULT_UDP_TIMEOUT_S: u32 = 60;
+pub const CT_DEFAULT_CLOSING_TIMEOUT_S: u32 = 10;
+
+/// How long a first fragment's verdict holds for the later fragments of its datagram
+/// (Linux's own reassembly gives up after 30 s, `net.ipv4.ipfrag_time`).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
+
+impl Config {
+    /// The timeout (seconds) of a tracked flow of protocol `proto` in `state` (`CT_*`).
+    #[inline(always)]
+    pub fn ct_timeout_s(&self, proto: u8, state: u32) -> u32 {
+        let (configured, default) = if state & CT_CLOSING != 0 {
+            (self.closing_timeout_s, CT_DEFAULT_CLOSING_TIMEOUT_S)
+        } else if proto == PROTO_TCP {
+            (self.tcp_timeout_s, CT_DEFAULT_TCP_TIMEOUT_S)
+        } else {
+            (self.udp_timeout_s, CT_DEFAULT_UDP_TIMEOUT_S)
+        };
+        if configured == 0 {
+            default
+        } else {
+            configured
+        }
+    }
+
+    /// Whether a tracked flow still lets packets through at `now_ns` (`bpf_ktime_get_ns`,
+    /// i.e. CLOCK_MONOTONIC). The one definition the programs and the garbage collector
+    /// share.
+    #[inline(always)]
+    pub fn ct_alive(&self, proto: u8, v: &CtValue, now_ns: u64) -> bool {
+        now_ns.saturating_sub(v.last_seen_ns)
+            < self.ct_timeout_s(proto, v.state) as u64 * 1_000_000_000
+    }
+}
+
 /// A reply has been seen: the flow is established.
 pub const CT_SEEN_REPLY: u32 = 1 << 0;
 /// A FIN or RST was seen: the flow expires on the short timeout.
@@ -250,6 +289,18 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// Every map the programs pin (the others are per-program scratch).
+    pub const PINNED: [&str; 9] = [
+        ENDPOINTS,
+        IDENTITY_V4,
+        IDENTITY_V6,
+        POLICY,
+        COUNTERS,
+        CONNTRACK,
+        FRAGMENTS,
+        CONFIG,
+        EVENTS,
+    ];
 }
 
 /// Program names (the tc hooks on the pod's host-side interface).
