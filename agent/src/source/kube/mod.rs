@@ -125,7 +125,10 @@ pub async fn connect(conn: &KubeConnection) -> Result<Client, ConnectError> {
             None => next,
         });
     }
-    let kubeconfig = merged.unwrap_or_default();
+    // `KUBECONFIG=` (empty) names no file: same as not setting it.
+    let Some(kubeconfig) = merged else {
+        return Client::try_default().await.map_err(ConnectError::Infer);
+    };
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(kubeconfig_err)?;
@@ -303,5 +306,42 @@ async fn run(mut events: impl futures::Stream<Item = KindEvent> + Unpin, tx: mps
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: &str = "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+        contexts:\n- name: test\n  context: {cluster: c, user: u, namespace: palisade-test}\n\
+        clusters:\n- name: c\n  cluster: {server: 'https://198.18.0.1:6443', insecure-skip-tls-verify: true}\n";
+    const USER: &str = "apiVersion: v1\nkind: Config\nusers:\n- name: u\n  user: {token: abc}\n";
+
+    #[tokio::test]
+    async fn kubeconfig_files_are_merged_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, CLUSTER).unwrap();
+        std::fs::write(&b, USER).unwrap();
+        let both = std::env::join_paths([&a, &b]).unwrap();
+        let client = connect(&KubeConnection::Kubeconfig(both.into()))
+            .await
+            .unwrap();
+        assert_eq!(client.default_namespace(), "palisade-test");
+    }
+
+    #[tokio::test]
+    async fn unreadable_kubeconfig_names_the_file() {
+        let missing = PathBuf::from("/nonexistent/palisade/kubeconfig");
+        let err = connect(&KubeConnection::Kubeconfig(missing))
+            .await
+            .err()
+            .expect("connected without a kubeconfig");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("cannot read kubeconfig /nonexistent/palisade/kubeconfig"),
+            "{msg}"
+        );
     }
 }

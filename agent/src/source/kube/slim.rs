@@ -34,28 +34,7 @@ pub fn pod(pod: Pod) -> Pod {
         spec: spec.map(|s| PodSpec {
             node_name: s.node_name,
             host_network: s.host_network,
-            // Only containers that declare ports can resolve a named port; their names
-            // (required by the type) are not needed.
-            containers: s
-                .containers
-                .into_iter()
-                .filter_map(|c| {
-                    let ports: Vec<ContainerPort> = c
-                        .ports?
-                        .into_iter()
-                        .map(|p| ContainerPort {
-                            name: p.name,
-                            container_port: p.container_port,
-                            protocol: p.protocol,
-                            ..Default::default()
-                        })
-                        .collect();
-                    Some(Container {
-                        ports: Some(ports),
-                        ..Default::default()
-                    })
-                })
-                .collect(),
+            containers: named_ports(s.containers),
             ..Default::default()
         }),
         status: status.map(|s| PodStatus {
@@ -65,6 +44,31 @@ pub fn pod(pod: Pod) -> Pod {
             ..Default::default()
         }),
     }
+}
+
+/// The compiler resolves named ports across all containers and ignores unnamed ones, so
+/// every named port goes into one nameless container, and a pod without named ports keeps
+/// none: a `Container` is 2 KiB even when empty, and the first sync of a large cluster
+/// holds every pod at once.
+fn named_ports(containers: Vec<Container>) -> Vec<Container> {
+    let ports: Vec<ContainerPort> = containers
+        .into_iter()
+        .flat_map(|c| c.ports.unwrap_or_default())
+        .filter(|p| p.name.is_some())
+        .map(|p| ContainerPort {
+            name: p.name,
+            container_port: p.container_port,
+            protocol: p.protocol,
+            ..Default::default()
+        })
+        .collect();
+    if ports.is_empty() {
+        return Vec::new();
+    }
+    vec![Container {
+        ports: Some(ports),
+        ..Default::default()
+    }]
 }
 
 pub fn namespace(ns: Namespace) -> Namespace {
@@ -105,7 +109,11 @@ mod tests {
                 "containers": [
                     {"name": "web", "image": "nginx", "env": [{"name": "A", "value": "b"}],
                      "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP", "hostPort": 8080}]},
-                    {"name": "sidecar", "image": "envoy"}
+                    {"name": "sidecar", "image": "envoy", "ports": [
+                        {"containerPort": 15000, "protocol": "TCP"},
+                        {"name": "admin", "containerPort": 15001}
+                    ]},
+                    {"name": "log", "image": "fluentd"}
                 ],
                 "volumes": [{"name": "v", "emptyDir": {}}]
             },
@@ -130,7 +138,10 @@ mod tests {
                 "spec": {
                     "nodeName": "n1",
                     "hostNetwork": false,
-                    "containers": [{"name": "", "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"}]}]
+                    "containers": [{"name": "", "ports": [
+                        {"name": "http", "containerPort": 80, "protocol": "TCP"},
+                        {"name": "admin", "containerPort": 15001}
+                    ]}]
                 },
                 "status": {"phase": "Running", "podIP": "198.18.0.2", "podIPs": [{"ip": "198.18.0.2"}]}
             })
