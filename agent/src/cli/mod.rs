@@ -64,8 +64,9 @@ impl Dirs {
 pub enum Command {
     /// Run the node agent: watch objects, compile policies, program the kernel.
     ///
-    /// Examples: palisade agent --node-name node-1   (Kubernetes API: in-cluster or KUBECONFIG)
-    ///           palisade agent --manifests /etc/palisade/manifests --node-name node-1
+    /// Kubernetes API (in-cluster service account, or KUBECONFIG): palisade agent --node-name node-1
+    ///
+    /// Manifest directory: palisade agent --manifests /etc/palisade/manifests --node-name node-1
     Agent(AgentArgs),
     /// Show drop (and with --all, allow) counters per pod, direction and reason.
     ///

@@ -85,7 +85,7 @@ impl fmt::Display for KubeConnection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read kubeconfig {}: {source}", path.display())]
+    #[error("cannot read kubeconfig {}", path.display())]
     Kubeconfig {
         path: PathBuf,
         #[source]
@@ -93,10 +93,10 @@ pub enum ConnectError {
     },
     #[error(
         "no Kubernetes client configuration (neither in-cluster service account nor \
-         KUBECONFIG/~/.kube/config): {0}"
+         KUBECONFIG/~/.kube/config)"
     )]
     Infer(#[source] kube::Error),
-    #[error("cannot build a Kubernetes client from {}: {source}", path.display())]
+    #[error("cannot build a Kubernetes client from {}", path.display())]
     Client {
         path: PathBuf,
         #[source]
