@@ -169,6 +169,12 @@ async fn spawn_source(spec: &SourceSpec) -> anyhow::Result<tokio::sync::mpsc::Re
     match spec {
         SourceSpec::Manifests(dir) => source::spawn_directory(dir.clone())
             .with_context(|| format!("watching {}", dir.display())),
+        SourceSpec::Kubernetes(conn) => {
+            let client = source::kube::connect(conn)
+                .await
+                .context("connecting to the Kubernetes API")?;
+            Ok(source::spawn_kube(client))
+        }
     }
 }
 

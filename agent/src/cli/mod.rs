@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::agent::AgentConfig;
 use crate::dataplane::{Layout, DEFAULT_BPFFS_DIR};
-use crate::source::SourceSpec;
+use crate::source::{KubeConnection, SourceSpec};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/palisade";
 
@@ -67,7 +67,9 @@ impl Dirs {
 pub enum Command {
     /// Run the node agent: watch objects, compile policies, program the kernel.
     ///
-    /// Example: palisade agent --manifests /etc/palisade/manifests --node-name node-1
+    /// Kubernetes API (in-cluster service account, or KUBECONFIG): palisade agent --node-name node-1
+    ///
+    /// Manifest directory: palisade agent --manifests /etc/palisade/manifests --node-name node-1
     Agent(AgentArgs),
     /// Show drop (and with --all, allow) counters per pod, direction and reason.
     ///
@@ -110,9 +112,15 @@ pub enum Command {
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
     /// Directory of Namespace/Pod/NetworkPolicy manifests to enforce (the embedded
-    /// source for one machine, demos and tests).
+    /// source for one machine, demos and tests). Without it, the agent watches the
+    /// Kubernetes API.
     #[arg(long, env = "PALISADE_MANIFESTS")]
     pub manifests: Option<PathBuf>,
+    /// Kubeconfig file(s) for the Kubernetes API source (`:`-separated, merged in order).
+    /// Without it: `~/.kube/config` if present, else the in-cluster service account.
+    /// Ignored with --manifests.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name: pods with spec.nodeName equal to it are enforced here.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -210,10 +218,11 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let source =
-        SourceSpec::Manifests(args.manifests.context(
-            "no source: pass --manifests DIR (the Kubernetes API source is not built yet)",
-        )?);
+    let source = match (args.manifests, args.kubeconfig) {
+        (Some(dir), _) => SourceSpec::Manifests(dir),
+        (None, Some(path)) => SourceSpec::Kubernetes(KubeConnection::Kubeconfig(path)),
+        (None, None) => SourceSpec::Kubernetes(KubeConnection::Infer),
+    };
     let node_name = args
         .node_name
         .context("no node name: pass --node-name or set NODE_NAME")?;

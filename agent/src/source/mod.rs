@@ -8,11 +8,13 @@
 //! object asks for only after [`Update::Synced`].
 
 mod directory;
+pub mod kube;
 mod manifests;
 
 use palisade_policy::Change;
 
 pub use directory::spawn_directory;
+pub use kube::{spawn_kube, KubeConnection};
 pub use manifests::{
     load_dir, object_key, DirWatcher, ManifestError, Snapshot, SourceError, DEFAULT_NAMESPACE,
 };
@@ -67,12 +69,15 @@ impl ObjectChange {
 pub enum SourceSpec {
     /// A manifest directory, followed with inotify.
     Manifests(std::path::PathBuf),
+    /// The Kubernetes API: Namespaces, Pods and NetworkPolicies, watched cluster-wide.
+    Kubernetes(KubeConnection),
 }
 
 impl std::fmt::Display for SourceSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SourceSpec::Manifests(dir) => write!(f, "manifests:{}", dir.display()),
+            SourceSpec::Kubernetes(conn) => conn.fmt(f),
         }
     }
 }

@@ -1,0 +1,241 @@
+//! The whole agent fed by the Kubernetes source: a scripted API server (the same one the
+//! source's conversation tests use) lists the upstream e2e netpol model and then streams
+//! policy changes; the agent, running in the node's network namespace, programs the maps
+//! and the 9×9 matrix on the wire follows.
+
+#[allow(dead_code)]
+#[path = "../../agent/tests/kube_source/apiserver.rs"]
+mod apiserver;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use apiserver::{ApiServer, WatchStream, NAMESPACES, NETWORK_POLICIES, PODS};
+use palisade::agent::{run_until, AgentConfig};
+use palisade::source::{KubeConnection, SourceSpec};
+use palisade_tests::pins::PinDir;
+use palisade_tests::{assert_matrix, require_root, wait_until, Flavour, Model, Proto};
+use serde_json::{json, Value};
+
+const NODE: &str = "n1";
+
+/// The agent in the node's namespace on its own thread; stopped on drop.
+struct AgentGuard {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    run_dir: PathBuf,
+    // Dropped last: removes the pins after the agent has stopped.
+    _pins: PinDir,
+}
+
+impl AgentGuard {
+    fn start(model: &Model, tag: &str, client: kube::Client) -> AgentGuard {
+        let pins = PinDir::new(tag);
+        let run_dir =
+            std::env::temp_dir().join(format!("palisade-e2e-{tag}-{}", std::process::id()));
+        let cfg = AgentConfig {
+            node_name: NODE.into(),
+            source: SourceSpec::Kubernetes(KubeConnection::Client(client)),
+            layout: pins.layout(),
+            run_dir: run_dir.clone(),
+            conntrack_entries: 65_536,
+            revoke_untracked: false,
+            http_addr: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = model
+            .node()
+            .ns()
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(run_until(cfg, async {
+                    let _ = rx.await;
+                }))
+            })
+            .unwrap();
+        AgentGuard {
+            stop: Some(tx),
+            thread: Some(thread),
+            run_dir,
+            _pins: pins,
+        }
+    }
+
+    /// Waits on the status contract until `check` holds.
+    fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) {
+        let ok = wait_until(Duration::from_secs(15), || {
+            status(&self.run_dir).is_some_and(|v| check(&v))
+        });
+        assert!(ok, "{what}; status: {:?}", status(&self.run_dir));
+    }
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+fn status(run_dir: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).ok()?).ok()
+}
+
+fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
+    json!({"kind": kind, "apiVersion": api_version,
+           "metadata": {"resourceVersion": "500"}, "items": items})
+}
+
+/// The model as the API server would list it, plus a pod of another node whose address
+/// is outside this node (a peer, never enforced here).
+fn model_lists(model: &Model) -> (Value, Value) {
+    let namespaces = ["x", "y", "z"]
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            json!({"metadata": {"name": ns, "resourceVersion": (10 + i).to_string(),
+                "labels": {"kubernetes.io/metadata.name": ns, "ns": ns}},
+                "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+        })
+        .collect();
+    let port = |name: &str, n: u16, proto: &str| json!({"name": name, "containerPort": n, "protocol": proto});
+    let ports = json!([
+        port("serve-80-tcp", 80, "TCP"),
+        port("serve-81-tcp", 81, "TCP"),
+        port("serve-80-udp", 80, "UDP"),
+        port("serve-81-udp", 81, "UDP")
+    ]);
+    let pod = |ns: &str, name: &str, rv: usize, node: &str, v4: String, v6: String| {
+        json!({
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": rv.to_string(),
+                "uid": format!("00000000-0000-4000-8000-{rv:012}"), "labels": {"pod": name}},
+            "spec": {"nodeName": node, "containers": [{"name": "agnhost",
+                "image": "registry.k8s.io/e2e-test-images/agnhost:2.53", "args": ["porter"],
+                "ports": ports}]},
+            "status": {"phase": "Running", "podIP": v4, "podIPs": [{"ip": v4}, {"ip": v6}]}
+        })
+    };
+    let mut pods: Vec<Value> = model
+        .names()
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let p = model.pod(name);
+            let (ns, n) = name.split_once('/').unwrap();
+            pod(
+                ns,
+                n,
+                100 + i,
+                NODE,
+                p.ipv4().to_string(),
+                p.ipv6().to_string(),
+            )
+        })
+        .collect();
+    pods.push(pod(
+        "y",
+        "remote",
+        199,
+        "n2",
+        "198.19.254.10".into(),
+        "fd00:198:18:fe::10".into(),
+    ));
+    (
+        list("NamespaceList", "v1", namespaces),
+        list("PodList", "v1", pods),
+    )
+}
+
+const DENY_INGRESS_X: &str = r#"{"metadata": {"name": "deny-ingress", "namespace": "x",
+    "resourceVersion": "600"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}"#;
+
+fn policy_event(kind: &str, policy: &str) -> Value {
+    let mut obj: Value = serde_json::from_str(policy).unwrap();
+    obj["kind"] = json!("NetworkPolicy");
+    obj["apiVersion"] = json!("networking.k8s.io/v1");
+    json!({"type": kind, "object": obj})
+}
+
+fn programmed(v: &Value, key: &str) -> Option<String> {
+    v["programmed"].get(key)?.as_str().map(str::to_string)
+}
+
+fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
+    require_root();
+    // The API server's runtime outlives the agent (declared first, dropped last).
+    let api_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let model = Model::new(tag, flavour).unwrap();
+    let (client, mut api) = api_rt.block_on(async { ApiServer::start() });
+    let agent = AgentGuard::start(&model, tag, client);
+
+    let (namespaces, pods) = model_lists(&model);
+    let policies: WatchStream = api_rt.block_on(async {
+        api.expect_list(NAMESPACES, None)
+            .await
+            .reply(200, &namespaces);
+        api.expect_list(PODS, None).await.reply(200, &pods);
+        api.expect_list(NETWORK_POLICIES, None).await.reply(
+            200,
+            &list("NetworkPolicyList", "networking.k8s.io/v1", vec![]),
+        );
+        api.expect_watch(NETWORK_POLICIES, "500").await.stream()
+    });
+    agent.wait_status("first sync programmed", |v| {
+        v["synced"] == true
+            && programmed(v, "Pod/x/a").as_deref() == Some("100")
+            && programmed(v, "Pod/z/c").is_some()
+            && programmed(v, "Namespace/z").as_deref() == Some("12")
+    });
+    let st = status(&agent.run_dir).unwrap();
+    let endpoints: Vec<&str> = st["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pod"].as_str().unwrap())
+        .collect();
+    assert_eq!(endpoints.len(), 9, "only this node's pods: {endpoints:?}");
+    assert!(!endpoints.contains(&"y/remote"));
+    assert_matrix(&model.expect(true), &model.probe_matrix(80, Proto::Tcp));
+
+    // A policy arrives on the watch: x is closed to everyone.
+    policies.send(&policy_event("ADDED", DENY_INGRESS_X));
+    agent.wait_status("deny-ingress programmed", |v| {
+        programmed(v, "NetworkPolicy/x/deny-ingress").as_deref() == Some("600")
+    });
+    let mut want = model.expect(true);
+    for p in ["x/a", "x/b", "x/c"] {
+        want.set_to(p, false);
+    }
+    assert_matrix(&want, &model.probe_matrix(80, Proto::Tcp));
+
+    // It is deleted: x opens again.
+    policies.send(&policy_event("DELETED", DENY_INGRESS_X));
+    agent.wait_status("deny-ingress removed", |v| {
+        v["programmed"]
+            .get("NetworkPolicy/x/deny-ingress")
+            .is_none()
+    });
+    assert_matrix(&model.expect(true), &model.probe_matrix(80, Proto::Tcp));
+    drop(agent);
+    drop(api_rt);
+}
+
+#[test]
+fn kube_source_drives_the_matrix_on_a_routed_node() {
+    kube_source_drives_the_matrix(Flavour::Routed, "kbrt");
+}
