@@ -9,6 +9,7 @@ mod counters;
 mod error;
 mod layout;
 mod maps;
+mod service;
 pub mod testrun;
 
 use std::path::Path;
@@ -22,6 +23,9 @@ pub use error::DataplaneError;
 pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
 pub(crate) use maps::open as open_pinned;
 pub use maps::Maps;
+pub use service::{
+    default_route_devices, parse_mark_mask, program_services, MarkedRun, ServiceOptions,
+};
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));
