@@ -202,7 +202,7 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
 }
 
 #[inline(always)]
-fn identity(family: u8, addr: &[u8; 16]) -> IdentityValue {
+pub(crate) fn identity(family: u8, addr: &[u8; 16]) -> IdentityValue {
     let found = if family == 4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
         IDENTITY_V4.get(&key).copied()
@@ -223,7 +223,7 @@ fn opposite(dir: u8) -> u8 {
 }
 
 #[inline(always)]
-fn reversed(t: &Tuple) -> Tuple {
+pub(crate) fn reversed(t: &Tuple) -> Tuple {
     Tuple {
         family: t.family,
         proto: t.proto,
@@ -235,7 +235,7 @@ fn reversed(t: &Tuple) -> Tuple {
 }
 
 #[inline(always)]
-fn ct_key(t: &Tuple, slot: u32, dir: u8) -> CtKey {
+pub(crate) fn ct_key(t: &Tuple, slot: u32, dir: u8) -> CtKey {
     CtKey {
         saddr: t.saddr,
         daddr: t.daddr,
@@ -267,12 +267,12 @@ fn frag_key(c: &Ctx, t: &Tuple, id: u32) -> FragKey {
 
 /// Dead entries count as absent: see `Config::ct_alive`.
 #[inline(always)]
-fn alive(cfg: &Config, proto: u8, v: &CtValue, now: u64) -> bool {
+pub(crate) fn alive(cfg: &Config, proto: u8, v: &CtValue, now: u64) -> bool {
     cfg.ct_alive(proto, v, now)
 }
 
 #[inline(always)]
-fn touch(v: &mut CtValue, now: u64, closing: bool, reply: bool) {
+pub(crate) fn touch(v: &mut CtValue, now: u64, closing: bool, reply: bool) {
     v.last_seen_ns = now;
     if closing {
         v.state |= CT_CLOSING;
@@ -283,7 +283,7 @@ fn touch(v: &mut CtValue, now: u64, closing: bool, reply: bool) {
 }
 
 #[inline(always)]
-fn track(key: &CtKey, now: u64, state: u32) -> Result<(), ()> {
+pub(crate) fn track(key: &CtKey, now: u64, state: u32) -> Result<(), ()> {
     let v = CtValue {
         last_seen_ns: now,
         state,

@@ -6,6 +6,7 @@
 
 mod check;
 mod parse;
+mod service;
 
 use aya_ebpf::{
     macros::{classifier, map},
@@ -54,11 +55,17 @@ const TC_ACT_SHOT: i32 = 2;
 
 #[classifier]
 pub fn palisade_from_pod(ctx: TcContext) -> i32 {
+    if let Some(pass) = service::defer_from_pod(&ctx) {
+        return verdict(pass);
+    }
     verdict(check::check(&ctx, DIR_EGRESS))
 }
 
 #[classifier]
 pub fn palisade_to_pod(ctx: TcContext) -> i32 {
+    if service::deferred(&ctx) == Some(false) {
+        return TC_ACT_SHOT;
+    }
     verdict(check::check(&ctx, DIR_INGRESS))
 }
 

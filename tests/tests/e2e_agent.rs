@@ -73,6 +73,7 @@ impl AgentGuard {
             // The node namespace has its own loopback, so the port cannot collide.
             http_addr: Some(HTTP_ADDR.parse().unwrap()),
             revoke_untracked: false,
+            services: Default::default(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = model

@@ -98,6 +98,7 @@ impl Agent {
             node_name: NODE.into(),
             source: palisade::source::SourceSpec::Manifests(dirs.manifests.clone()),
             http_addr: None,
+            services: Default::default(),
             layout,
             run_dir: dirs.run.clone(),
             conntrack_entries,

@@ -41,6 +41,7 @@ impl AgentGuard {
             conntrack_entries: 65_536,
             revoke_untracked: false,
             http_addr: None,
+            services: Default::default(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = model

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use palisade_common::{Config, CFG_REVOKE_UNTRACKED, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS};
 use palisade_policy::Compiler;
 
-use crate::dataplane::{Dataplane, Layout, LoadOptions};
+use crate::dataplane::{Dataplane, Layout, LoadOptions, ServiceOptions};
 use crate::source::{self, SourceSpec, Update};
 use metrics::Metrics;
 use reconcile::Reconciler;
@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub revoke_untracked: bool,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Service CIDRs, mark range and uplinks of the deferred service egress check.
+    pub services: ServiceOptions,
 }
 
 /// How often pods whose interface is not wired yet are looked for again.
@@ -53,7 +55,7 @@ pub async fn run_until(
     cfg: AgentConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let dp = Dataplane::load(
+    let mut dp = Dataplane::load(
         cfg.layout.clone(),
         &LoadOptions {
             conntrack_entries: cfg.conntrack_entries,
@@ -69,6 +71,7 @@ pub async fn run_until(
         events_per_sec: 1000,
         ..Default::default()
     })?;
+    setup_services(&mut dp, &cfg.services)?;
     let node_ips = netdev::node_ips();
     tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
     let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
@@ -162,6 +165,34 @@ pub async fn run_until(
     }
     // Programs, links and maps stay pinned: enforcement continues while no agent runs.
     tracing::info!("agent stopping; enforcement stays in place");
+    Ok(())
+}
+
+/// Programs the service CIDRs and mark range, and puts `palisade_uplink` on the uplinks.
+/// Refuses to start when an uplink cannot carry it: service packets to remote backends
+/// would otherwise leave unjudged.
+fn setup_services(dp: &mut Dataplane, opts: &ServiceOptions) -> anyhow::Result<()> {
+    let svc = opts.config().map_err(anyhow::Error::msg)?;
+    if opts.cidrs.is_empty() {
+        crate::dataplane::program_services(dp.layout(), svc, &[])?;
+        return Ok(());
+    }
+    let uplinks = if opts.uplinks.is_empty() {
+        crate::dataplane::default_route_devices()
+    } else {
+        opts.uplinks.clone()
+    };
+    if uplinks.is_empty() {
+        anyhow::bail!(
+            "--service-cidr given but no uplink: this node has no default route; pass --uplink IFACE"
+        );
+    }
+    for dev in &uplinks {
+        dp.attach_uplink(dev)
+            .with_context(|| format!("attaching the uplink program to {dev}"))?;
+    }
+    crate::dataplane::program_services(dp.layout(), svc, &opts.cidrs)?;
+    tracing::info!(cidrs = ?opts.cidrs, mark_mask = format!("{:#010x}", svc.mark_mask), ?uplinks, "service egress deferred to the backend's hook");
     Ok(())
 }
 

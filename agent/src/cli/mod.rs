@@ -137,6 +137,22 @@ pub struct AgentArgs {
     /// them run until they close.
     #[arg(long)]
     pub revoke_untracked: bool,
+    /// The cluster's service-cluster-ip-range (repeatable, IPv4 and IPv6). Egress of an
+    /// isolated pod to an address in it is judged after kube-proxy's DNAT, on the backend.
+    #[arg(
+        long = "service-cidr",
+        env = "PALISADE_SERVICE_CIDRS",
+        value_delimiter = ','
+    )]
+    pub service_cidrs: Vec<ipnetwork::IpNetwork>,
+    /// skb mark bits Palisade may use to carry a service packet's pending egress check
+    /// (one contiguous run of at least 12 bits: 1 "pending" bit + the pod slot).
+    #[arg(long, env = "PALISADE_MARK_MASK", default_value = "0xfff00000", value_parser = crate::dataplane::parse_mark_mask)]
+    pub mark_mask: u32,
+    /// Device(s) where traffic to other nodes leaves (uplink, tunnel), repeatable; their tc
+    /// egress judges service packets for remote backends. Default: the default routes' devices.
+    #[arg(long = "uplink", env = "PALISADE_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Vec<String>,
     /// Remove every program, link and pinned map Palisade created on this node, then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -234,6 +250,11 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         conntrack_entries: args.conntrack_entries,
         http_addr: args.http_addr.0,
         revoke_untracked: args.revoke_untracked,
+        services: crate::dataplane::ServiceOptions {
+            cidrs: args.service_cidrs,
+            mark_mask: args.mark_mask,
+            uplinks: args.uplinks,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

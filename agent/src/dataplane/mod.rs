@@ -14,6 +14,7 @@ mod error;
 mod layout;
 mod maps;
 mod preflight;
+mod service;
 mod sys;
 pub mod testrun;
 pub mod upgrade;
@@ -31,6 +32,9 @@ pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
 pub(crate) use maps::open as open_pinned;
 pub use maps::{map_ids, Maps};
 pub use preflight::TCX_SINCE;
+pub use service::{
+    default_route_devices, parse_mark_mask, program_services, MarkedRun, ServiceOptions,
+};
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));

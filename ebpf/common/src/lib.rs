@@ -311,6 +311,94 @@ pub mod programs {
     pub const TO_POD: &str = "palisade_to_pod";
 }
 
+// ---- Services (issue #7): egress decided on the backend kube-proxy chose ----------------
+//
+// A packet of an egress-isolated pod whose destination lies in a service CIDR is not judged
+// at the pod's interface (it carries a ClusterIP there). `palisade_from_pod` writes the
+// source slot into the skb mark (`SvcConfig::mark_mask`: lowest bit "egress pending", the
+// bits above it the slot) and passes it on; kube-proxy DNATs it; the next tc hook on its
+// path (`palisade_to_pod` of a local backend, `palisade_uplink` on the node's uplink for a
+// remote one) judges the source slot's egress against the translated destination and
+// clears the bits.
+
+/// Value of `SVC_CIDR_V4` / `SVC_CIDR_V6` (LPM tries keyed like the identity tries).
+pub const SVC_CIDR_PRESENT: u32 = 1;
+
+/// Index 0 of `SVC_CONFIG`. A zero mask turns service handling off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcConfig {
+    /// Contiguous skb mark bits Palisade owns; at least `SVC_MARK_MIN_BITS` wide.
+    pub mark_mask: u32,
+    /// Position of the mask's lowest bit (the "egress pending" bit).
+    pub mark_shift: u32,
+}
+
+/// 1 pending bit + enough bits for every slot below `MAX_ENDPOINTS`.
+pub const SVC_MARK_MIN_BITS: u32 = 1 + (32 - (MAX_ENDPOINTS - 1).leading_zeros());
+
+/// Default mark range: bits 20..31. kube-proxy uses 0x4000/0x8000, flannel none, AWS VPC
+/// CNI 0x80, Cilium 0x0f00/0xf000 (plus identities in the upper half, but Cilium enforces
+/// policy itself), Calico 0xffff0000 by default (also an enforcer, never beside Palisade).
+pub const SVC_DEFAULT_MARK_MASK: u32 = 0xfff0_0000;
+
+impl SvcConfig {
+    /// The config for `mask`, or None when it is not contiguous or too narrow.
+    pub const fn new(mask: u32) -> Option<SvcConfig> {
+        if mask == 0 {
+            return None;
+        }
+        let shift = mask.trailing_zeros();
+        let width = (mask >> shift).trailing_ones();
+        if mask.count_ones() != width || width < SVC_MARK_MIN_BITS {
+            return None;
+        }
+        Some(SvcConfig {
+            mark_mask: mask,
+            mark_shift: shift,
+        })
+    }
+
+    /// The mark a pending packet of `slot` carries (other bits of `mark` kept).
+    pub const fn pending_mark(&self, mark: u32, slot: u32) -> u32 {
+        (mark & !self.mark_mask) | ((((slot << 1) | 1) << self.mark_shift) & self.mark_mask)
+    }
+
+    /// The source slot of a pending mark.
+    pub const fn pending_slot(&self, mark: u32) -> Option<u32> {
+        let v = (mark & self.mark_mask) >> self.mark_shift;
+        if v & 1 == 0 {
+            None
+        } else {
+            Some(v >> 1)
+        }
+    }
+}
+
+/// Key of `SVC_PENDING`: what a translated packet still shares with the packet the source
+/// pod sent (DNAT rewrites the destination only; masquerade keeps the port unless it must
+/// not). Value: the original tuple as a `CtKey`, so an allowed deferred check can record the
+/// pod→ClusterIP flow that the pod's replies are matched against.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcPendingKey {
+    pub slot: u32,
+    pub sport: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+pub mod svc_maps {
+    pub const SVC_CONFIG: &str = "SVC_CONFIG";
+    pub const SVC_CIDR_V4: &str = "SVC_CIDR_V4";
+    pub const SVC_CIDR_V6: &str = "SVC_CIDR_V6";
+    pub const SVC_PENDING: &str = "SVC_PENDING";
+}
+
+/// tc egress of the node's uplink (and tunnel) devices: the deferred egress check of
+/// service packets going to a remote backend. Passes every unmarked packet untouched.
+pub const PROGRAM_UPLINK: &str = "palisade_uplink";
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -326,6 +414,8 @@ mod user {
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for EventBudget {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for SvcConfig {}
+    unsafe impl aya::Pod for SvcPendingKey {}
 }
 
 #[cfg(test)]
@@ -357,5 +447,19 @@ mod tests {
         assert_eq!(last, COUNTER_ENTRIES - 1);
         assert!(reason_is_drop(REASON_DROPPED_NO_RULE));
         assert!(!reason_is_drop(REASON_ALLOWED_TRACKED));
+    }
+
+    #[test]
+    fn service_marks_round_trip_and_keep_foreign_bits() {
+        assert_eq!(SVC_MARK_MIN_BITS, 12);
+        let c = SvcConfig::new(SVC_DEFAULT_MARK_MASK).unwrap();
+        assert_eq!(c.mark_shift, 20);
+        let m = c.pending_mark(0x4000, MAX_ENDPOINTS - 1);
+        assert_eq!(m & 0x4000, 0x4000, "kube-proxy's masquerade bit survives");
+        assert_eq!(c.pending_slot(m), Some(MAX_ENDPOINTS - 1));
+        assert_eq!(c.pending_slot(0x4000), None);
+        assert!(SvcConfig::new(0x0ff0_0000).is_none(), "too narrow");
+        assert!(SvcConfig::new(0xfff0_0100).is_none(), "not contiguous");
+        assert_eq!(size_of::<SvcPendingKey>(), 8);
     }
 }
