@@ -220,7 +220,13 @@ fn judge(cfg: &Config, slot: u32, p: &Packet, now: u64) -> u32 {
             if track(&key, now, CT_ADOPTED).is_err() {
                 return REASON_DROPPED_CT_FULL;
             }
-            return record(orig.as_ref(), now, closing, CT_ADOPTED, REASON_ALLOWED_TRACKED);
+            return record(
+                orig.as_ref(),
+                now,
+                closing,
+                CT_ADOPTED,
+                REASON_ALLOWED_TRACKED,
+            );
         }
     }
 
