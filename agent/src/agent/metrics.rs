@@ -239,6 +239,15 @@ impl Metrics {
             .observe(since.elapsed().as_secs_f64());
     }
 
+    /// Live conntrack entries as the last GC pass counted them.
+    pub fn set_conntrack_entries(&self, n: u64) {
+        self.map_entries
+            .get_or_create(&MapLabel {
+                map: map_names::CONNTRACK,
+            })
+            .set(n as i64);
+    }
+
     /// slot -> (namespace, pod) of every local pod with a slot, for the packet counters.
     pub fn set_pods(&self, pods: BTreeMap<u32, (String, String)>) {
         *self.pods.lock().unwrap_or_else(|e| e.into_inner()) = pods;

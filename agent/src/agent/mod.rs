@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use palisade_common::{Config, CFG_REVOKE_UNTRACKED, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS};
 use palisade_policy::Compiler;
 
-use crate::dataplane::{Dataplane, Layout, LoadOptions, ServiceOptions};
+use crate::dataplane::{Dataplane, Layout, LoadOptions, Maps, ServiceOptions};
 use crate::source::{self, SourceSpec, Update};
 use metrics::Metrics;
 use reconcile::Reconciler;
@@ -87,6 +87,8 @@ pub async fn run_until(
         tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
     }
     let mut rec = Reconciler::new(dp, maps);
+    // Dropping the sender (when this function returns) stops the GC thread.
+    let _gc_stop = spawn_conntrack_gc(rec.dp.layout().clone(), Arc::clone(&metrics));
     let mut updates = spawn_source(&cfg.source).await?;
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
     let mut status = Status {
@@ -194,6 +196,40 @@ fn setup_services(dp: &mut Dataplane, opts: &ServiceOptions) -> anyhow::Result<(
     crate::dataplane::program_services(dp.layout(), svc, &opts.cidrs)?;
     tracing::info!(cidrs = ?opts.cidrs, mark_mask = format!("{:#010x}", svc.mark_mask), ?uplinks, "service egress deferred to the backend's hook");
     Ok(())
+}
+
+/// Conntrack garbage collection on its own thread with its own map handles: a pass blocks
+/// about 0.6 s per 100k entries, which the reconcile loop must not wait for. It only ever
+/// deletes entries the programs already treat as absent (see dataplane::conntrack).
+fn spawn_conntrack_gc(layout: Layout, metrics: Arc<Metrics>) -> std::sync::mpsc::Sender<()> {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("conntrack-gc".into())
+        .spawn(move || {
+            let mut maps = match Maps::open(&layout) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "conntrack GC disabled");
+                    return;
+                }
+            };
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(crate::dataplane::GC_INTERVAL)
+            {
+                match maps.gc_conntrack(crate::dataplane::monotonic_now_ns()) {
+                    Ok(stats) => {
+                        let live = stats.scanned - stats.deleted;
+                        metrics.set_conntrack_entries(live);
+                        tracing::debug!(?stats, live, "conntrack GC");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "conntrack GC pass failed"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "conntrack GC thread not started");
+    }
+    stop
 }
 
 async fn spawn_source(spec: &SourceSpec) -> anyhow::Result<tokio::sync::mpsc::Receiver<Update>> {
