@@ -59,6 +59,7 @@
 mod compile;
 mod error;
 mod identity;
+mod local;
 mod model;
 mod net;
 mod plan;
@@ -70,6 +71,7 @@ mod selector;
 pub use compile::{compile, Change, Compiler};
 pub use error::Rejection;
 pub use identity::{IdentityClass, PodAttrs};
+pub use local::{LocalPod, LocalPods};
 pub use model::{ObjectRef, PodRef, PolicyRef};
 pub use plan::{
     CanonicalPlan, Check, EndpointDiff, EndpointHeader, EndpointPlan, Plan, PlanDiff, PolicyEntry,

@@ -1,12 +1,12 @@
 //! `palisade agent`: source → compiler → dataplane, and the status that says what is live.
 
+mod links;
 pub mod netdev;
 mod reconcile;
 pub mod status;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use palisade_common::{Config, CFG_REVOKE_UNTRACKED, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS};
@@ -25,9 +25,6 @@ pub struct AgentConfig {
     pub conntrack_entries: u32,
     pub revoke_untracked: bool,
 }
-
-/// How often pods whose interface is not wired yet are looked for again.
-const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -63,10 +60,12 @@ pub async fn run_until(
         events_per_sec: 1000,
         ..Default::default()
     })?;
-    let node_ips = netdev::node_ips();
+    // Subscribed before the first snapshot, so no interface change is missed.
+    let mut watch = links::Watch::open()?;
+    let mut rec = Reconciler::new(dp, maps, &cfg.node_name)?;
+    let node_ips = rec.net.node_ips();
     tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
     let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
-    let mut rec = Reconciler::new(dp, maps);
     let mut updates = spawn_source(&cfg.source).await?;
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
     let mut status = Status {
@@ -78,7 +77,6 @@ pub async fn run_until(
     publish(&cfg, &rec, &compiler, &versions, &mut status)?;
 
     tokio::pin!(stop);
-    let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
     loop {
         tokio::select! {
             update = updates.recv() => {
@@ -115,6 +113,7 @@ pub async fn run_until(
                     }
                 }
                 let n = changes.len();
+                rec.observe(&changes);
                 let diff = compiler.apply_batch(changes);
                 rec.apply(&diff)?;
                 if synced_now && !status.synced {
@@ -130,8 +129,8 @@ pub async fn run_until(
                 );
                 publish(&cfg, &rec, &compiler, &versions, &mut status)?;
             }
-            _ = tick.tick() => {
-                if rec.resolve_pending()? > 0 {
+            events = watch.next() => {
+                if rec.on_netlink(events?)? {
                     publish(&cfg, &rec, &compiler, &versions, &mut status)?;
                 }
             }
