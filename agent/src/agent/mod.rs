@@ -14,6 +14,7 @@ use palisade_policy::Compiler;
 
 use crate::dataplane::{Dataplane, Layout, LoadOptions};
 use crate::source::{self, SourceSpec, Update};
+pub use reconcile::QUARANTINE_SLOT;
 use reconcile::Reconciler;
 pub use status::{Status, STATUS_FILE};
 
