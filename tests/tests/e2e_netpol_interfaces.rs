@@ -32,6 +32,9 @@ const T: Duration = Duration::from_millis(500);
 struct Sender {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
+    /// Nanoseconds from `started` to the first datagram the kernel accepted (0: none yet).
+    first: Arc<AtomicU64>,
+    started: Instant,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -39,15 +42,19 @@ impl Sender {
     fn start(ns: &NetNs, to: Vec<SocketAddr>) -> Sender {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
-        let (st, se) = (stop.clone(), sent.clone());
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let first = Arc::new(AtomicU64::new(0));
+        let (st, se, fi) = (stop.clone(), sent.clone(), first.clone());
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60);
         let thread = ns
             .spawn(move || {
                 let s = UdpSocket::bind("0.0.0.0:0").expect("bind sender");
                 while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
                     for a in &to {
-                        if s.send_to(b"first", a).is_ok() {
-                            se.fetch_add(1, Ordering::Relaxed);
+                        if s.send_to(b"first", a).is_ok() && se.fetch_add(1, Ordering::Relaxed) == 0
+                        {
+                            let ns = started.elapsed().as_nanos().max(1) as u64;
+                            fi.store(ns, Ordering::Relaxed);
                         }
                     }
                     std::thread::sleep(Duration::from_micros(200));
@@ -57,7 +64,17 @@ impl Sender {
         Sender {
             stop,
             sent,
+            first,
+            started,
             thread: Some(thread),
+        }
+    }
+
+    /// When the first datagram left, if one did.
+    fn first_sent(&self) -> Option<Instant> {
+        match self.first.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.started + Duration::from_nanos(ns)),
         }
     }
 
@@ -537,6 +554,7 @@ fn first_packet_race(flavour: Flavour, tag: &str) {
         let (mut lost, mut attached_before_return) = (0, 0);
         let mut to_attach = Vec::new();
         let mut add = Vec::new();
+        let (mut link_to_attach, mut link_to_first) = (Vec::new(), Vec::new());
         for i in 0..attempts {
             let name = format!("new{i}");
             let (v4, v6) = bed.node.next_pod_ips();
@@ -560,21 +578,33 @@ fn first_packet_race(flavour: Flavour, tag: &str) {
             let stop = Arc::new(AtomicBool::new(false));
             let layout = bed.agent.layout();
             let (stop2, t0) = (stop.clone(), Instant::now());
-            // Watches ENDPOINTS for the new interface's first entry.
+            // In the node's namespace: when the new interface shows up, and when the
+            // agent's first ENDPOINTS entry for it does.
+            let node_ns = bed.node.ns().open().unwrap();
             let poller = std::thread::spawn(move || {
+                palisade_tests::netns::enter(&node_ns).unwrap();
                 let maps = Maps::open(&layout).unwrap();
+                let links = || {
+                    std::fs::read_to_string("/proc/thread-self/net/dev")
+                        .map_or(0, |s| s.lines().count())
+                };
+                let before = links();
+                let mut link_at = None;
                 while !stop2.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(10) {
+                    if link_at.is_none() && links() > before {
+                        link_at = Some(Instant::now());
+                    }
                     if maps
                         .endpoints
                         .keys()
                         .filter_map(Result::ok)
                         .any(|k| !baseline.contains(&k))
                     {
-                        return Some(t0.elapsed());
+                        return (link_at, Some(Instant::now()));
                     }
-                    std::thread::sleep(Duration::from_micros(50));
+                    std::thread::sleep(Duration::from_micros(20));
                 }
-                None
+                (link_at, None)
             });
             let mut sender = None;
             let targets = bed.targets();
@@ -587,8 +617,15 @@ fn first_packet_race(flavour: Flavour, tag: &str) {
                 .unwrap();
             let add_took = t0.elapsed();
             let sender = sender.unwrap();
-            let seen = poller.join().unwrap();
             stop.store(true, Ordering::Relaxed);
+            let (link_at, seen_at) = poller.join().unwrap();
+            let seen = seen_at.map(|t| t - t0);
+            if let (Some(l), Some(a)) = (link_at, seen_at) {
+                link_to_attach.push(a.saturating_duration_since(l));
+            }
+            if let (Some(l), Some(f)) = (link_at, sender.first_sent()) {
+                link_to_first.push(f.saturating_duration_since(l));
+            }
             let sent = sender.sent();
             assert!(wait_until(Duration::from_secs(10), || sender.sent() >= sent + 200));
             let (h80, h81) = bed.hits();
@@ -610,6 +647,8 @@ fn first_packet_race(flavour: Flavour, tag: &str) {
         }
         to_attach.sort();
         add.sort();
+        link_to_attach.sort();
+        link_to_first.sort();
         let pct = |v: &[Duration], q: f64| {
             v.get(((v.len() as f64 - 1.0) * q) as usize)
                 .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
@@ -623,6 +662,17 @@ fn first_packet_race(flavour: Flavour, tag: &str) {
             pct(&to_attach, 0.9),
             pct(&to_attach, 1.0),
             pct(&add, 0.5),
+        );
+        eprintln!(
+            "[{tag}] ip {}: interface seen -> agent's entry p50 {:.2} ms p90 {:.2} ms max {:.2} ms \
+             ({} seen); interface seen -> pod's first datagram out p10 {:.2} ms p50 {:.2} ms",
+            if ip_known { "known" } else { "unknown" },
+            pct(&link_to_attach, 0.5),
+            pct(&link_to_attach, 0.9),
+            pct(&link_to_attach, 1.0),
+            link_to_attach.len(),
+            pct(&link_to_first, 0.1),
+            pct(&link_to_first, 0.5),
         );
     }
 }

@@ -14,8 +14,8 @@ use palisade_policy::Compiler;
 
 use crate::dataplane::{Dataplane, Layout, LoadOptions};
 use crate::source::{self, SourceSpec, Update};
-pub use reconcile::QUARANTINE_SLOT;
 use reconcile::Reconciler;
+pub use reconcile::QUARANTINE_SLOT;
 pub use status::{Status, STATUS_FILE};
 
 pub struct AgentConfig {
