@@ -170,7 +170,42 @@ impl Node {
     /// Creates a pod netns and runs loopback + bridge/ptp ADD for it.
     /// `name` may be `namespace/pod` (fills K8S_POD_NAMESPACE).
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
-        let host = {
+        self.add_pod_with(name, |_| Ok(()))
+    }
+
+    /// [`Node::add_pod`], calling `before_add` with the pod's namespace once it exists
+    /// and before CNI ADD runs (e.g. to start a sender that fires the moment the pod's
+    /// networking works).
+    pub fn add_pod_with(
+        &self,
+        name: &str,
+        before_add: impl FnOnce(&NetNs) -> Result<()>,
+    ) -> Result<Pod> {
+        self.add_pod_at(name, None, before_add)
+    }
+
+    /// The addresses the next [`Node::add_pod`] will give.
+    pub fn next_pod_ips(&self) -> (Ipv4Addr, Ipv6Addr) {
+        let host = *self
+            .inner
+            .next_host
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.inner.pod_ips(host)
+    }
+
+    /// [`Node::add_pod_with`] with a chosen host number (`Some(n)`: the pod gets
+    /// `198.18.X.n`, e.g. the address of a deleted pod, as an IPAM reusing it would).
+    pub fn add_pod_at(
+        &self,
+        name: &str,
+        host: Option<u8>,
+        before_add: impl FnOnce(&NetNs) -> Result<()>,
+    ) -> Result<Pod> {
+        let host = if let Some(h) = host {
+            ensure!((2..255).contains(&h), "host number {h} out of 2..255");
+            h
+        } else {
             let mut next = self
                 .inner
                 .next_host
@@ -194,16 +229,11 @@ impl Node {
         ns.sysctl("net.ipv4.icmp_ratelimit", "0")?;
         ns.sysctl("net.ipv6.icmp.ratelimit", "0")?;
 
+        let (ipv4, ipv6) = self.inner.pod_ips(host);
         let mut pod = Pod {
             name: name.to_string(),
-            ipv4: match self.inner.addr(Family::V4, host) {
-                IpAddr::V4(a) => a,
-                IpAddr::V6(_) => unreachable!(),
-            },
-            ipv6: match self.inner.addr(Family::V6, host) {
-                IpAddr::V6(a) => a,
-                IpAddr::V4(_) => unreachable!(),
-            },
+            ipv4,
+            ipv6,
             host_ifname: String::new(),
             host_ifindex: 0,
             conf: self.inner.conf(host),
@@ -212,6 +242,7 @@ impl Node {
         };
         // From here on Pod's Drop runs DEL, which also cleans a half-done ADD.
         let pod_ns = pod.ns();
+        before_add(pod_ns)?;
         self.inner
             .cni("loopback", "ADD", pod_ns, "lo", &loopback_conf(), name)?;
         let result = self
@@ -301,6 +332,18 @@ impl NodeInner {
                 .expect("valid v6")
                 .into(),
         }
+    }
+
+    fn pod_ips(&self, host: u8) -> (Ipv4Addr, Ipv6Addr) {
+        let v4 = match self.addr(Family::V4, host) {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => unreachable!(),
+        };
+        let v6 = match self.addr(Family::V6, host) {
+            IpAddr::V6(a) => a,
+            IpAddr::V4(_) => unreachable!(),
+        };
+        (v4, v6)
     }
 
     fn cidr(&self, family: Family) -> String {

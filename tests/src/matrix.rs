@@ -4,15 +4,16 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use crate::cni::{Flavour, Node, Pod};
 use crate::netns;
-use crate::probe::{self, Family, Proto, Server};
+use crate::probe::{self, Family, ProbeError, Proto, Server};
 
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 pub const PODS: [&str; 3] = ["a", "b", "c"];
@@ -178,6 +179,134 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Adds a pod `namespace/pod` to the model (a pod created later, e.g. after a
+    /// policy), with its four servers; matrices then include it.
+    pub fn add_pod(&mut self, name: &str) -> Result<&Pod> {
+        let pod = self.node.add_pod(name)?;
+        let mut servers = Vec::with_capacity(4);
+        for port in PORTS {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                servers.push(
+                    Server::new(pod.ns(), proto, port, name)
+                        .with_context(|| format!("{name} {proto:?}/{port}"))?,
+                );
+            }
+        }
+        self.pods.push(ModelPod {
+            servers,
+            name: name.to_string(),
+            pod,
+        });
+        Ok(&self.pods.last().expect("just pushed").pod)
+    }
+
+    /// Removes a pod from the model: its servers stop and CNI DEL runs.
+    pub fn remove_pod(&mut self, name: &str) {
+        self.pods.retain(|p| p.name != name);
+    }
+
+    /// Several matrices at once, `(port, proto)` each, every probe of every matrix in
+    /// one parallel pool of `workers` threads with a per-probe `timeout`. Much faster
+    /// than one matrix after the other when many pairs are blocked (each blocked pair
+    /// costs a whole timeout).
+    pub fn probe_many(
+        &self,
+        family: Family,
+        combos: &[(u16, Proto)],
+        timeout: Duration,
+        workers: usize,
+    ) -> Vec<Matrix> {
+        let n = self.pods.len();
+        let fds: Vec<File> = self
+            .pods
+            .iter()
+            .map(|p| p.pod.ns().open().expect("open pod netns"))
+            .collect();
+        let jobs: Vec<(usize, usize, usize)> = (0..combos.len())
+            .flat_map(|c| {
+                (0..n).flat_map(move |i| (0..n).filter(move |&j| j != i).map(move |j| (c, i, j)))
+            })
+            .collect();
+        let next = AtomicUsize::new(0);
+        let results = Mutex::new(Vec::with_capacity(jobs.len()));
+        std::thread::scope(|s| {
+            for _ in 0..workers.clamp(1, jobs.len().max(1)) {
+                s.spawn(|| loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(c, i, j)) = jobs.get(k) else {
+                        return;
+                    };
+                    netns::enter(&fds[i]).expect("setns into model pod");
+                    let (port, proto) = combos[c];
+                    let to = self.pods[j].pod.addr(family, port);
+                    let r = match proto {
+                        Proto::Tcp => probe::exchange(proto, to, timeout),
+                        Proto::Udp => udp_fresh(to, timeout),
+                    };
+                    results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((c, i, j, r));
+                });
+            }
+        });
+        let mut out: Vec<Matrix> = combos
+            .iter()
+            .map(|_| Matrix::new(self.names(), false))
+            .collect();
+        for (c, i, j, r) in results.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            let ok = matches!(&r, Ok(reply) if *reply == self.pods[j].name);
+            out[c].cells[i][j] = Some(ok);
+            out[c].notes[i][j] = Some(match r {
+                Ok(_) if ok => "ok".into(),
+                Ok(reply) => format!("wrong pod replied: {reply:?}"),
+                Err(e) => e.to_string(),
+            });
+        }
+        out
+    }
+}
+
+/// A UDP request/reply from a source port no earlier probe of this process used (below
+/// the kernel's ephemeral range, cycling through 22k ports): a random ephemeral port can
+/// repeat an earlier probe's 5-tuple, which a stateful enforcer rightly treats as that
+/// earlier flow (kept for its idle timeout after the destination became isolated), not as
+/// a new one.
+fn udp_fresh(to: SocketAddr, timeout: Duration) -> Result<String, ProbeError> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const FIRST: usize = 10_000;
+    const COUNT: usize = 22_000;
+    let sport = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+    let local: IpAddr = match to {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let s = match UdpSocket::bind(SocketAddr::new(local, sport)) {
+        Ok(s) => s,
+        // Taken by someone else in that namespace: any other port will do.
+        Err(_) => UdpSocket::bind(SocketAddr::new(local, 0))?,
+    };
+    let deadline = Instant::now() + timeout;
+    s.connect(to)?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ProbeError::Timeout);
+        }
+        s.send(b"probe")?;
+        s.set_read_timeout(Some(left.min(Duration::from_millis(200))))?;
+        match s.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) => match ProbeError::from(e) {
+                ProbeError::Timeout => continue,
+                other => return Err(other),
+            },
+        }
+    }
+}
+
 /// Reachability between named pods; `cells[from][to]`, `None` on the
 /// diagonal (self-probes are skipped, as upstream does for pod->itself).
 #[derive(Debug, Clone)]
@@ -238,6 +367,16 @@ impl Matrix {
             self.set(&from, to, value);
         }
         self
+    }
+
+    /// Records an observed outcome for one cell (e.g. a probe repeated with a longer
+    /// timeout), with the note shown by [`truth_table`].
+    pub fn record(&mut self, from: &str, to: &str, value: bool, note: impl Into<String>) {
+        let (i, j) = (self.idx(from), self.idx(to));
+        if i != j {
+            self.cells[i][j] = Some(value);
+            self.notes[i][j] = Some(note.into());
+        }
     }
 
     /// Cells where `self` (expected) and `observed` disagree:

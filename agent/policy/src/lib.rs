@@ -60,6 +60,7 @@ mod compile;
 mod error;
 pub mod explain;
 mod identity;
+mod local;
 mod model;
 mod net;
 mod plan;
@@ -71,6 +72,7 @@ mod selector;
 pub use compile::{compile, Change, Compiler};
 pub use error::Rejection;
 pub use identity::{IdentityClass, PodAttrs};
+pub use local::{LocalPod, LocalPods};
 pub use model::{ObjectRef, PodRef, PolicyRef};
 pub use plan::{
     CanonicalPlan, Check, EndpointDiff, EndpointHeader, EndpointPlan, Plan, PlanDiff, PolicyEntry,

@@ -1,6 +1,7 @@
 //! `palisade agent`: source → compiler → dataplane, and the status that says what is live.
 
 pub mod http;
+mod links;
 pub mod metrics;
 pub mod netdev;
 mod reconcile;
@@ -19,6 +20,7 @@ use crate::dataplane::{Dataplane, Layout, LoadOptions, Maps, ServiceOptions};
 use crate::source::{self, SourceSpec, Update};
 use metrics::Metrics;
 use reconcile::Reconciler;
+pub use reconcile::QUARANTINE_SLOT;
 pub use status::{Status, STATUS_FILE};
 
 pub struct AgentConfig {
@@ -34,8 +36,17 @@ pub struct AgentConfig {
     pub services: ServiceOptions,
 }
 
-/// How often pods whose interface is not wired yet are looked for again.
-const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
+/// This namespace's addresses (the node's IPs), read once over netlink: what the agent
+/// treats as node traffic.
+pub fn node_ips() -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let mut net = netdev::HostNet::default();
+    for ev in links::Query::open()?.snapshot()? {
+        net.apply(ev);
+    }
+    Ok(net.node_ips())
+}
+
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -72,9 +83,8 @@ pub async fn run_until(
         ..Default::default()
     })?;
     setup_services(&mut dp, &cfg.services)?;
-    let node_ips = netdev::node_ips();
-    tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
-    let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
+    // Subscribed before the first snapshot, so no interface change is missed.
+    let mut watch = links::Watch::open()?;
     let metrics = Arc::new(Metrics::new(dp.maps()?));
     let caps = metrics::map_capacities(dp.layout());
     metrics.capacities(&caps);
@@ -86,9 +96,12 @@ pub async fn run_until(
             .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
     }
-    let mut rec = Reconciler::new(dp, maps);
+    let mut rec = Reconciler::new(dp, maps, &cfg.node_name)?;
     // Dropping the sender (when this function returns) stops the GC thread.
     let _gc_stop = spawn_conntrack_gc(rec.dp.layout().clone(), Arc::clone(&metrics));
+    let node_ips = rec.net.node_ips();
+    tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
+    let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
     let mut updates = spawn_source(&cfg.source).await?;
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
     let mut status = Status {
@@ -100,7 +113,8 @@ pub async fn run_until(
     publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
 
     tokio::pin!(stop);
-    let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
+    // Liveness for /healthz: the loop turns at least this often.
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
         tokio::select! {
             update = updates.recv() => {
@@ -137,6 +151,7 @@ pub async fn run_until(
                     }
                 }
                 let n = changes.len();
+                rec.observe(&changes);
                 let diff = compiler.apply_batch(changes);
                 rec.apply(&diff)?;
                 if synced_now && !status.synced {
@@ -155,13 +170,13 @@ pub async fn run_until(
                 publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
                 metrics.record(&status, &rec);
             }
-            _ = tick.tick() => {
-                health.beat();
-                if rec.resolve_pending()? > 0 {
+            events = watch.next() => {
+                if rec.on_netlink(events?)? {
                     publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
                     metrics.record(&status, &rec);
                 }
             }
+            _ = heartbeat.tick() => health.beat(),
             _ = &mut stop => break,
         }
     }

@@ -1,23 +1,73 @@
 //! Applying the compiler's diffs to the kernel, and the bookkeeping the compiler leaves to
-//! the dataplane: which slot and which interface each local pod has.
+//! the dataplane: which slot and which interface each local pod has, and the quarantine of
+//! interfaces that cannot be told apart yet.
 //!
 //! Order of writes, so that every packet sees a consistent state:
-//! 1. new allow entries, 2. identity updates, 3. endpoint headers and attachment,
-//! 4. removed allow entries, 5. removed identities, 6. gone endpoints.
+//! 1. new allow entries, 2. identity updates, 3. endpoint headers,
+//! 4. removed allow entries, 5. removed identities, 6. gone endpoints,
+//! 7. interfaces: bind found ones, quarantine unknown ones (see below).
 //!
 //! A pod's interface gets its ENDPOINTS entry (isolation flags) only after all its allow
 //! entries are in, and the programs only after that, so its first judged packet already
 //! sees its complete policy.
-
+//!
+//! # Fail closed from the first packet: quarantine
+//!
+//! The CNI creates a pod's interface (and gives it its IP) before the source reports the
+//! pod's IP, and the pod may send as soon as CNI ADD returns. So the agent does not wait
+//! to know whose an interface is:
+//!
+//! * **Awaiting pods** are the live local pods (`spec.nodeName` is this node, not
+//!   hostNetwork, not terminated) not bound to an interface: no IP reported yet, or no
+//!   interface found for it yet, or their interface vanished.
+//! * The **quarantine flags** are the union of the isolation that the policies of their
+//!   namespaces give the awaiting pods (by podSelector and policyTypes, as the compiler
+//!   does; a rejected policy counts). Zero when no awaiting pod would be isolated.
+//! * Every pod-like interface ([`super::netdev`]) that is not bound to a pod is, while the
+//!   quarantine flags are not zero, attached at once (on its `RTM_NEWLINK`) with the
+//!   ENDPOINTS entry `{slot: QUARANTINE_SLOT, flags: quarantine flags}`: isolated in those
+//!   directions with no allow entry at all (traffic from the node's own addresses still
+//!   passes, as for every isolated pod). Its drops are counted under that slot.
+//! * It is **released** when it is identified (it holds the IP of a local pod the compiler
+//!   planned): its pod's entry replaces the quarantine entry in one map update; or when
+//!   no awaiting pod would be isolated any more: the entry and programs are removed.
+//! * **IP reuse**: a pod whose interface vanished and that has not been updated by the
+//!   source since keeps its IP only as a stale claim: while another local pod is still
+//!   waiting for its IP, a new interface holding that IP stays quarantined (it may be the
+//!   new pod's, reusing the IP) until the source says who holds it; otherwise it is bound
+//!   back to the pod (its sandbox was recreated).
+//!
+//! The window left open: an interface that appears while no awaiting pod would be
+//! isolated, or before the source has told the agent about its pod at all, is not
+//! quarantined; and the agent must see `RTM_NEWLINK` before the pod's first packet (the
+//! CNI still has to configure addresses and routes after creating the interface, and the
+//! pod's process starts only after CNI ADD returns, but nothing makes the kernel wait for
+//! the agent). Measured on a loaded 2-core machine (debug build, `first_packet_race_*` in
+//! `tests/tests/e2e_netpol_interfaces.rs`): the agent's entry lands ~2 ms (p50) after the
+//! interface appears; a sender already running in the pod namespace *before* CNI ADD got
+//! a datagram through in 2-18% of attempts; a sender started when ADD returns, never.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{Endpoint, MAX_ENDPOINTS};
-use palisade_policy::{PlanDiff, PodRef};
+use palisade_policy::{Change, LocalPods, PlanDiff, PodRef};
 
-use super::netdev;
+use super::links::{NetlinkError, Query};
+use super::netdev::{Event, HostNet};
 use crate::dataplane::{attached_ifindexes, detach, Dataplane, DataplaneError, Maps};
+
+/// The slot of quarantined interfaces: no allow entry ever uses it, so everything an
+/// isolated direction sees there is dropped (and counted under it).
+pub const QUARANTINE_SLOT: u32 = MAX_ENDPOINTS - 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
 
 /// A local pod as the dataplane knows it.
 #[derive(Clone, Debug)]
@@ -32,6 +82,15 @@ pub struct Reconciler {
     pub dp: Dataplane,
     pub maps: Maps,
     pub endpoints: BTreeMap<PodRef, LocalEndpoint>,
+    /// Interfaces in quarantine: ifindex -> the isolation flags written for it.
+    pub quarantined: BTreeMap<u32, u32>,
+    /// The namespace's interfaces, routes and veth peers' addresses (netlink).
+    pub net: HostNet,
+    query: Query,
+    /// Every local pod, IP or not, and the policies' selectors.
+    local: LocalPods,
+    /// Pods whose interface vanished and that the source has not updated since.
+    lost: BTreeSet<PodRef>,
     /// ENDPOINTS as an earlier agent left them (ifindex -> endpoint): slots are reused so
     /// the allow entries already in the kernel stay valid through a restart.
     inherited: BTreeMap<u32, Endpoint>,
@@ -39,24 +98,102 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(dp: Dataplane, maps: Maps) -> Self {
+    /// `node` is this node's name. Open the netlink [`super::links::Watch`] before this,
+    /// which takes the first snapshot of the namespace.
+    pub fn new(dp: Dataplane, maps: Maps, node: &str) -> Result<Self, ReconcileError> {
         let inherited: BTreeMap<u32, Endpoint> =
             maps.endpoints.iter().filter_map(Result::ok).collect();
         let used_slots = inherited.values().map(|e| e.slot).collect();
-        Self {
+        let mut rec = Self {
             dp,
             maps,
             endpoints: BTreeMap::new(),
+            quarantined: BTreeMap::new(),
+            net: HostNet::default(),
+            query: Query::open()?,
+            local: LocalPods::new(node),
+            lost: BTreeSet::new(),
             inherited,
             used_slots,
+        };
+        rec.resync()?;
+        Ok(rec)
+    }
+
+    /// Rebuilds the model of the namespace from dumps.
+    fn resync(&mut self) -> Result<(), NetlinkError> {
+        let mut net = HostNet::default();
+        for ev in self.query.snapshot()? {
+            net.apply(ev);
         }
+        self.net = net;
+        let peers: Vec<_> = self.net.peers().collect();
+        for p in peers {
+            self.query_peer(p);
+        }
+        Ok(())
+    }
+
+    fn query_peer(&mut self, p: super::netdev::Peer) {
+        match self.query.peer_addrs(p) {
+            Ok(ips) => self.net.set_peer_addrs(p, ips),
+            // The namespace can be gone already; its link's deletion follows.
+            Err(e) => {
+                tracing::debug!(nsid = p.nsid, ifindex = p.ifindex, error = %e, "peer addresses")
+            }
+        }
+    }
+
+    /// Follows the source's changes (before the compiler gets them): local pods without
+    /// IPs and the policies' selectors, for the quarantine; and the end of a stale claim.
+    pub fn observe(&mut self, changes: &[Change]) {
+        for c in changes {
+            self.local.observe(c);
+            match c {
+                Change::UpsertPod(p) => {
+                    let r = PodRef::new(
+                        p.metadata.namespace.clone().unwrap_or_default(),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    );
+                    self.lost.remove(&r);
+                }
+                Change::DeletePod(r) => {
+                    self.lost.remove(r);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Applies netlink events; returns whether any pod or interface changed state.
+    pub fn on_netlink(&mut self, events: Vec<Event>) -> Result<bool, ReconcileError> {
+        if events.contains(&Event::Overflow) {
+            self.resync()?;
+            return self.sync_interfaces();
+        }
+        let mut new_peers = Vec::new();
+        for ev in events {
+            new_peers.extend(self.net.apply(ev));
+        }
+        // A new interface is quarantined before anything else is asked: the pod may
+        // send within milliseconds of its interface appearing.
+        let mut changed = self.sync_interfaces()?;
+        if !new_peers.is_empty() {
+            for p in new_peers {
+                self.query_peer(p);
+            }
+            changed |= self.sync_interfaces()?;
+        }
+        Ok(changed)
     }
 
     fn alloc_slot(&mut self, ifindex: Option<u32>) -> Result<u32, DataplaneError> {
         if let Some(ep) = ifindex.and_then(|i| self.inherited.remove(&i)) {
-            return Ok(ep.slot);
+            if ep.slot != QUARANTINE_SLOT {
+                return Ok(ep.slot);
+            }
         }
-        let slot = (0..MAX_ENDPOINTS)
+        let slot = (0..QUARANTINE_SLOT)
             .find(|s| !self.used_slots.contains(s))
             .ok_or(DataplaneError::Map {
                 name: palisade_common::maps::ENDPOINTS,
@@ -70,8 +207,9 @@ impl Reconciler {
         Ok(slot)
     }
 
-    pub fn apply(&mut self, diff: &PlanDiff) -> Result<(), DataplaneError> {
-        // Slots (and, where possible, interfaces) for new endpoints first.
+    pub fn apply(&mut self, diff: &PlanDiff) -> Result<(), ReconcileError> {
+        // Slots for new endpoints first; an interface an earlier agent enforced keeps its
+        // slot, so the entries already in the kernel stay right.
         let new: Vec<(&PodRef, Vec<IpAddr>)> = diff
             .endpoints
             .iter()
@@ -83,20 +221,14 @@ impl Reconciler {
                 )
             })
             .collect();
-        let all_ips: Vec<IpAddr> = new.iter().flat_map(|(_, ips)| ips.clone()).collect();
-        let wired = if all_ips.is_empty() {
-            BTreeMap::new()
-        } else {
-            netdev::resolve(&all_ips)
-        };
         for (pod, ips) in new {
-            let ifindex = ips.iter().find_map(|ip| wired.get(ip).copied());
-            let slot = self.alloc_slot(ifindex)?;
+            let hint = ips.iter().find_map(|ip| self.net.resolve(*ip));
+            let slot = self.alloc_slot(hint)?;
             self.endpoints.insert(
                 pod.clone(),
                 LocalEndpoint {
                     slot,
-                    ifindex,
+                    ifindex: None,
                     flags: 0,
                     ips,
                 },
@@ -119,12 +251,18 @@ impl Reconciler {
                 self.maps.set_identity(net, v)?;
             }
         }
-        // 3. Endpoint headers, then programs.
+        // 3. Endpoint headers of bound endpoints (new ones are bound in step 7).
         for (pod, d) in &diff.endpoints {
             let Some(h) = &d.header else { continue };
+            let mut moved = false;
             if let Some(ep) = self.endpoints.get_mut(pod) {
                 ep.flags = h.flags;
+                moved = ep.ips != h.ips;
                 ep.ips = h.ips.clone();
+            }
+            if moved {
+                // Its interface is found again for the new IPs.
+                self.unbind(pod, false)?;
             }
             self.program_endpoint(pod)?;
         }
@@ -147,19 +285,37 @@ impl Reconciler {
         // 6. Gone endpoints.
         for (pod, d) in &diff.endpoints {
             if d.header.is_none() {
+                self.unbind(pod, false)?;
                 if let Some(ep) = self.endpoints.remove(pod) {
-                    if let Some(ifindex) = ep.ifindex {
-                        self.maps.remove_endpoint(ifindex)?;
-                        detach(self.dp.layout(), ifindex)?;
-                    }
                     self.used_slots.remove(&ep.slot);
                 }
             }
+        }
+        // 7. Interfaces.
+        self.sync_interfaces()?;
+        Ok(())
+    }
+
+    /// Removes a pod's interface binding: its ENDPOINTS entry and programs. `vanished`:
+    /// the interface itself is gone (the pod's IP claim becomes stale).
+    fn unbind(&mut self, pod: &PodRef, vanished: bool) -> Result<(), DataplaneError> {
+        let Some(ep) = self.endpoints.get_mut(pod) else {
+            return Ok(());
+        };
+        let Some(ifindex) = ep.ifindex.take() else {
+            return Ok(());
+        };
+        self.maps.remove_endpoint(ifindex)?;
+        detach(self.dp.layout(), ifindex)?;
+        if vanished {
+            tracing::info!(pod = %pod, ifindex, "pod interface gone");
+            self.lost.insert(pod.clone());
         }
         Ok(())
     }
 
     /// Writes the ENDPOINTS entry and attaches the programs, if the interface is known.
+    /// An interface that vanished meanwhile is unbound (its deletion event follows).
     fn program_endpoint(&mut self, pod: &PodRef) -> Result<(), DataplaneError> {
         let Some(ep) = self.endpoints.get(pod) else {
             return Ok(());
@@ -172,43 +328,149 @@ impl Reconciler {
             flags: ep.flags,
         };
         self.maps.set_endpoint(ifindex, entry)?;
-        self.dp.attach(ifindex)?;
+        if let Err(e) = self.dp.attach(ifindex) {
+            tracing::warn!(pod = %pod, ifindex, error = %e, "attaching to the pod's interface");
+            self.unbind(pod, false)?;
+            return Ok(());
+        }
         tracing::debug!(pod = %pod, ifindex, slot = entry.slot, flags = entry.flags, "endpoint programmed");
         Ok(())
     }
 
-    /// Looks again for the interfaces of local pods not wired yet; returns how many were
-    /// found and programmed.
-    pub fn resolve_pending(&mut self) -> Result<usize, DataplaneError> {
-        let pending: Vec<(PodRef, Vec<IpAddr>)> = self
-            .endpoints
-            .iter()
-            .filter(|(_, e)| e.ifindex.is_none() && !e.ips.is_empty())
-            .map(|(p, e)| (p.clone(), e.ips.clone()))
-            .collect();
-        if pending.is_empty() {
-            return Ok(0);
-        }
-        let ips: Vec<IpAddr> = pending.iter().flat_map(|(_, ips)| ips.clone()).collect();
-        let wired = netdev::resolve(&ips);
-        let mut n = 0;
-        for (pod, ips) in pending {
-            if let Some(ifindex) = ips.iter().find_map(|ip| wired.get(ip).copied()) {
-                if let Some(ep) = self.endpoints.get_mut(&pod) {
-                    ep.ifindex = Some(ifindex);
-                }
-                tracing::info!(pod = %pod, ifindex, "pod interface found");
-                self.program_endpoint(&pod)?;
-                n += 1;
+    /// The union of the isolation the awaiting pods (local, live, not bound) will get.
+    fn quarantine_flags(&self) -> u32 {
+        let mut flags = 0;
+        for (pod, lp) in self.local.iter() {
+            let bound = self.endpoints.get(pod).is_some_and(|e| e.ifindex.is_some());
+            if !bound {
+                flags |= match self.endpoints.get(pod) {
+                    Some(ep) if !lp.ips.is_empty() => ep.flags,
+                    _ => self.local.isolation_of(pod),
+                };
             }
         }
-        Ok(n)
+        flags
+    }
+
+    /// Brings bindings and quarantine in line with the interfaces and the pods; returns
+    /// whether anything changed.
+    pub fn sync_interfaces(&mut self) -> Result<bool, ReconcileError> {
+        let mut changed = false;
+        // Bindings whose interface vanished, or that another interface now holds the
+        // pod's IP for (the old one was reassigned).
+        let stale: Vec<(PodRef, bool)> = self
+            .endpoints
+            .iter()
+            .filter_map(|(p, e)| {
+                let i = e.ifindex?;
+                if !self.net.exists(i) {
+                    return Some((p.clone(), true));
+                }
+                let moved = e
+                    .ips
+                    .iter()
+                    .filter_map(|ip| self.net.resolve(*ip))
+                    .any(|j| j != i);
+                moved.then(|| (p.clone(), false))
+            })
+            .collect();
+        for (pod, vanished) in stale {
+            self.unbind(&pod, vanished)?;
+            changed = true;
+        }
+
+        // Bind pods to the interfaces that hold their IPs.
+        let waiting_for_ip = self.local.iter().any(|(_, lp)| lp.ips.is_empty());
+        let mut bound: BTreeSet<u32> = self.endpoints.values().filter_map(|e| e.ifindex).collect();
+        let unbound: Vec<PodRef> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.ifindex.is_none())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for pod in unbound {
+            let ips = self.endpoints[&pod].ips.clone();
+            let Some(ifindex) = ips.iter().find_map(|ip| self.net.resolve(*ip)) else {
+                continue;
+            };
+            if bound.contains(&ifindex) {
+                continue;
+            }
+            if self.lost.contains(&pod) && waiting_for_ip {
+                // Maybe a new pod reusing the IP: not this pod's rules until the source
+                // says who holds the IP.
+                tracing::info!(pod = %pod, ifindex, "interface holds the IP of a pod whose interface vanished while another pod awaits its IP: kept in quarantine");
+                continue;
+            }
+            self.endpoints.get_mut(&pod).expect("listed above").ifindex = Some(ifindex);
+            self.lost.remove(&pod);
+            self.quarantined.remove(&ifindex);
+            self.program_endpoint(&pod)?;
+            if self.endpoints[&pod].ifindex.is_some() {
+                tracing::info!(pod = %pod, ifindex, "pod interface found");
+                bound.insert(ifindex);
+                changed = true;
+            }
+        }
+
+        // Quarantine the pod-like interfaces nobody is bound to.
+        let q = self.quarantine_flags();
+        let candidates: BTreeSet<u32> =
+            self.net.pod_like().filter(|i| !bound.contains(i)).collect();
+        for &ifindex in &candidates {
+            if q == 0 || self.quarantined.get(&ifindex) == Some(&q) {
+                continue;
+            }
+            let entry = Endpoint {
+                slot: QUARANTINE_SLOT,
+                flags: q,
+            };
+            self.maps.set_endpoint(ifindex, entry)?;
+            match self.dp.attach(ifindex) {
+                Ok(()) => {
+                    let name = self
+                        .net
+                        .link(ifindex)
+                        .map(|l| l.name.as_str())
+                        .unwrap_or("");
+                    tracing::info!(ifindex, name, flags = q, "interface quarantined");
+                    self.quarantined.insert(ifindex, q);
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(ifindex, error = %e, "attaching to a new interface");
+                    self.maps.remove_endpoint(ifindex)?;
+                }
+            }
+        }
+        let release: Vec<u32> = self
+            .quarantined
+            .keys()
+            .copied()
+            .filter(|i| q == 0 || !candidates.contains(i))
+            .collect();
+        for ifindex in release {
+            self.quarantined.remove(&ifindex);
+            if bound.contains(&ifindex) {
+                continue; // its pod's entry replaced the quarantine one
+            }
+            self.maps.remove_endpoint(ifindex)?;
+            detach(self.dp.layout(), ifindex)?;
+            tracing::info!(ifindex, "interface released from quarantine");
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// After the first full sync: removes what an earlier agent left that the current plan
     /// does not want (entries of deleted pods and policies, links of gone interfaces).
     pub fn collect_garbage(&mut self, plan: &palisade_policy::Plan) -> Result<(), DataplaneError> {
-        let ours: BTreeSet<u32> = self.endpoints.values().filter_map(|e| e.ifindex).collect();
+        let ours: BTreeSet<u32> = self
+            .endpoints
+            .values()
+            .filter_map(|e| e.ifindex)
+            .chain(self.quarantined.keys().copied())
+            .collect();
         for (ifindex, _) in std::mem::take(&mut self.inherited) {
             if !ours.contains(&ifindex) {
                 self.maps.remove_endpoint(ifindex)?;

@@ -193,7 +193,7 @@ fn live_source(args: &mut ExplainArgs) -> anyhow::Result<()> {
     args.manifests = Some(PathBuf::from(dir));
     if args.node_name.is_none() {
         args.node_name = Some(status.node);
-        args.node_ips = crate::agent::netdev::node_ips();
+        args.node_ips = crate::agent::node_ips()?;
     }
     Ok(())
 }

@@ -1,0 +1,724 @@
+//! The NetworkPolicy conformance suite, end to end through the manifest directory, on the
+//! upstream Kubernetes e2e netpol model: namespaces x, y, z labelled `ns`, pods a, b, c
+//! labelled `pod`, every pod serving TCP and UDP on 80 and 81. One node and one agent run
+//! the whole sequence of cases (once on a bridged node, once on a routed node); each case
+//! writes its objects, waits until `status.json` shows their versions programmed, and
+//! checks the full matrix — every ordered pod pair, TCP and UDP, ports 80 and 81 —
+//! against an expectation written from the Kubernetes semantics for that case (a plain
+//! predicate over the pods' names and labels, not the compiler).
+//!
+//! Cases follow the Kubernetes documentation and the descriptions of the upstream
+//! `network_policy.go` tests.
+
+#[path = "e2e_netpol/common.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::{labels, namespace, pod, policy, programmed, Agent, Labels};
+use palisade_tests::matrix::{truth_table, Matrix, NAMESPACES, PODS};
+use palisade_tests::probe::{self, Family, Proto};
+use palisade_tests::{require_root, Flavour, Model};
+use serde_json::{json, Value};
+
+/// A blocked pair costs one timeout; a reachable one answers in well under a
+/// millisecond, so this is short. Pairs expected reachable that time out are probed
+/// again with [`SLOW_TIMEOUT`] before being judged (a busy machine).
+const FAST_TIMEOUT: Duration = Duration::from_millis(300);
+const SLOW_TIMEOUT: Duration = Duration::from_secs(2);
+const WORKERS: usize = 64;
+const COMBOS: [(u16, Proto); 4] = [
+    (80, Proto::Tcp),
+    (81, Proto::Tcp),
+    (80, Proto::Udp),
+    (81, Proto::Udp),
+];
+
+/// What an expectation sees of a pod.
+struct View<'a> {
+    /// `ns/pod`
+    name: &'a str,
+    ns: &'a str,
+    labels: &'a Labels,
+    ns_labels: &'a Labels,
+}
+
+impl View<'_> {
+    fn is(&self, name: &str) -> bool {
+        self.name == name
+    }
+    fn pod(&self) -> &str {
+        self.labels.get("pod").map_or("", String::as_str)
+    }
+}
+
+type Expect<'e> = &'e dyn Fn(&View, &View, u16, Proto) -> bool;
+
+struct Suite {
+    agent: Agent,
+    model: Model,
+    ns_labels: BTreeMap<String, Labels>,
+    pod_labels: BTreeMap<String, Labels>,
+    /// Policy files written by the current case.
+    policy_files: Vec<(String, String)>,
+    rv: u64,
+    tag: &'static str,
+    cases: usize,
+}
+
+impl Suite {
+    fn new(flavour: Flavour, tag: &'static str) -> Suite {
+        let model = Model::new(tag, flavour).unwrap();
+        let ns_labels: BTreeMap<String, Labels> = NAMESPACES
+            .iter()
+            .map(|ns| (ns.to_string(), labels(&[("ns", ns)])))
+            .collect();
+        let pod_labels: BTreeMap<String, Labels> = model
+            .names()
+            .into_iter()
+            .map(|n| {
+                let p = n.split_once('/').unwrap().1.to_string();
+                (n, labels(&[("pod", &p)]))
+            })
+            .collect();
+        let mut rv = 1;
+        let mut files = Vec::new();
+        let mut want = Vec::new();
+        for (ns, l) in &ns_labels {
+            let o = namespace(ns, l, rv);
+            want.push(programmed(&o));
+            files.push((format!("ns-{ns}.json"), vec![o]));
+        }
+        for (name, l) in &pod_labels {
+            let o = pod_object(&model, name, l, rv);
+            want.push(programmed(&o));
+            files.push((pod_file(name), vec![o]));
+        }
+        rv += 1;
+        let agent = Agent::start(model.node().ns(), tag, &files);
+        agent.wait(&want);
+        Suite {
+            agent,
+            model,
+            ns_labels,
+            pod_labels,
+            policy_files: Vec::new(),
+            rv,
+            tag,
+            cases: 0,
+        }
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    /// Writes (or rewrites) a policy of the current case and waits until it is live.
+    fn apply(&mut self, ns: &str, name: &str, spec: Value) {
+        let rv = self.next_rv();
+        let o = policy(ns, name, spec, rv);
+        let file = format!("np-{ns}-{name}.json");
+        self.agent.write(&file, std::slice::from_ref(&o));
+        if !self.policy_files.iter().any(|(f, _)| *f == file) {
+            self.policy_files.push((file, common::key(&o)));
+        }
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    fn delete_policy(&mut self, ns: &str, name: &str) {
+        let file = format!("np-{ns}-{name}.json");
+        self.agent.remove(&file);
+        let key = format!("NetworkPolicy/{ns}/{name}");
+        self.policy_files.retain(|(f, _)| *f != file);
+        self.agent.wait(&[(key, None)]);
+    }
+
+    fn set_ns_labels(&mut self, ns: &str, l: Labels) {
+        let rv = self.next_rv();
+        let o = namespace(ns, &l, rv);
+        self.agent
+            .write(&format!("ns-{ns}.json"), std::slice::from_ref(&o));
+        self.ns_labels.insert(ns.to_string(), l);
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    fn set_pod_labels(&mut self, name: &str, l: Labels) {
+        let rv = self.next_rv();
+        let o = pod_object(&self.model, name, &l, rv);
+        self.agent.write(&pod_file(name), std::slice::from_ref(&o));
+        self.pod_labels.insert(name.to_string(), l);
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    /// Removes the case's policies and restores the model's labels.
+    fn reset(&mut self) {
+        let files = std::mem::take(&mut self.policy_files);
+        for (f, _) in &files {
+            self.agent.remove(f);
+        }
+        let gone: Vec<_> = files.into_iter().map(|(_, k)| (k, None)).collect();
+        self.agent.wait(&gone);
+        for ns in NAMESPACES {
+            let base = labels(&[("ns", ns)]);
+            if self.ns_labels[ns] != base {
+                self.set_ns_labels(ns, base);
+            }
+        }
+        for name in self.model.names() {
+            let p = name.split_once('/').unwrap().1.to_string();
+            let base = labels(&[("pod", &p)]);
+            if self.pod_labels[&name] != base {
+                self.set_pod_labels(&name, base);
+            }
+        }
+    }
+
+    /// Checks every matrix of [`COMBOS`] (IPv4) against `expect(from, to, port, proto)`.
+    fn check(&mut self, case: &str, expect: Expect) {
+        self.check_family(case, Family::V4, expect);
+    }
+
+    fn check_family(&mut self, case: &str, family: Family, expect: Expect) {
+        self.cases += 1;
+        let started = Instant::now();
+        let names = self.model.names();
+        let views: Vec<View> = names
+            .iter()
+            .map(|n| {
+                let (ns, _) = n.split_once('/').unwrap();
+                View {
+                    name: n,
+                    ns,
+                    labels: &self.pod_labels[n],
+                    ns_labels: &self.ns_labels[ns],
+                }
+            })
+            .collect();
+        let wanted: Vec<Matrix> = COMBOS
+            .iter()
+            .map(|&(port, proto)| {
+                let mut m = Matrix::new(names.clone(), false);
+                for f in &views {
+                    for t in &views {
+                        m.set(f.name, t.name, expect(f, t, port, proto));
+                    }
+                }
+                m
+            })
+            .collect();
+        let mut seen = self
+            .model
+            .probe_many(family, &COMBOS, FAST_TIMEOUT, WORKERS);
+        // Second chance, with a long timeout, for pairs that should pass and did not.
+        let mut again = Vec::new();
+        for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
+            for (from, to, e, _) in want.diff(got) {
+                if e {
+                    again.push((c, from, to));
+                }
+            }
+        }
+        let model = &self.model;
+        let retried: Vec<(usize, String, String, Result<String, probe::ProbeError>)> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = again
+                    .into_iter()
+                    .map(|(c, from, to)| {
+                        s.spawn(move || {
+                            let (port, proto) = COMBOS[c];
+                            let dst = model.pod(&to).addr(family, port);
+                            let r = probe::probe(model.pod(&from).ns(), proto, dst, SLOW_TIMEOUT);
+                            (c, from, to, r)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+        for (c, from, to, r) in retried {
+            let ok = r.as_deref() == Ok(to.as_str());
+            let note = match r {
+                Ok(_) if ok => "ok on retry".to_string(),
+                Ok(reply) => format!("wrong pod replied: {reply:?}"),
+                Err(e) => format!("{e} (also with {SLOW_TIMEOUT:?})"),
+            };
+            seen[c].record(&from, &to, ok, note);
+        }
+        let mut failures = String::new();
+        for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
+            if !want.diff(got).is_empty() {
+                let (port, proto) = COMBOS[c];
+                failures += &format!(
+                    "--- {proto:?}/{port} {family:?}\n{}\n",
+                    truth_table(want, got)
+                );
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "[{}] case {case:?}: reachability mismatch\n{failures}",
+            self.tag
+        );
+        eprintln!(
+            "[{}] {case}: ok ({} ms)",
+            self.tag,
+            started.elapsed().as_millis()
+        );
+    }
+
+    fn cidr(&self) -> String {
+        self.model.node().pod_cidr_v4()
+    }
+
+    fn host(&self, name: &str) -> String {
+        format!("{}/32", self.model.pod(name).ipv4())
+    }
+}
+
+fn pod_file(name: &str) -> String {
+    format!("pod-{}.json", name.replace('/', "-"))
+}
+
+fn pod_object(model: &Model, name: &str, l: &Labels, rv: u64) -> Value {
+    let (ns, p) = name.split_once('/').unwrap();
+    let pd = model.pod(name);
+    let ips: [IpAddr; 2] = [pd.ipv4().into(), pd.ipv6().into()];
+    pod(ns, p, l, &ips, rv)
+}
+
+fn sel(kv: &[(&str, &str)]) -> Value {
+    json!({"matchLabels": labels(kv)})
+}
+
+fn expr(key: &str, op: &str, values: &[&str]) -> Value {
+    if values.is_empty() {
+        json!({"key": key, "operator": op})
+    } else {
+        json!({"key": key, "operator": op, "values": values})
+    }
+}
+
+fn run_suite(flavour: Flavour, tag: &'static str) {
+    require_root();
+    let started = Instant::now();
+    let mut s = Suite::new(flavour, tag);
+    let setup = started.elapsed();
+    s.check("no policy: everything reachable", &|_, _, _, _| true);
+
+    // --- Default policies.
+    s.apply("x", "deny-ingress", json!({"podSelector": {}}));
+    s.check("default-deny-ingress", &|_, t, _, _| t.ns != "x");
+    s.check_family("default-deny-ingress (IPv6)", Family::V6, &|_, t, _, _| {
+        t.ns != "x"
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "deny-egress",
+        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+    );
+    s.check("default-deny-egress", &|f, _, _, _| f.ns != "x");
+    s.reset();
+
+    s.apply(
+        "x",
+        "deny-all",
+        json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+    );
+    s.check("default-deny-all", &|f, t, _, _| f.ns != "x" && t.ns != "x");
+    s.check_family("default-deny-all (IPv6)", Family::V6, &|f, t, _, _| {
+        f.ns != "x" && t.ns != "x"
+    });
+    // Policy delete: enforcement stops.
+    s.delete_policy("x", "deny-all");
+    s.check("deny-all deleted", &|_, _, _, _| true);
+    s.reset();
+
+    s.apply("x", "deny-ingress", json!({"podSelector": {}}));
+    s.apply(
+        "x",
+        "allow-all-ingress",
+        json!({"podSelector": {}, "ingress": [{}]}),
+    );
+    s.check(
+        "allow-all ingress wins over default-deny-ingress",
+        &|_, _, _, _| true,
+    );
+    s.reset();
+
+    s.apply(
+        "x",
+        "deny-egress",
+        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+    );
+    s.apply(
+        "x",
+        "allow-all-egress",
+        json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
+    );
+    s.check(
+        "allow-all egress wins over default-deny-egress",
+        &|_, _, _, _| true,
+    );
+    s.reset();
+
+    // --- Selectors.
+    s.apply(
+        "x",
+        "a-from-b",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"podSelector": sel(&[("pod", "b")])}]}]}),
+    );
+    s.check("podSelector peer (own namespace only)", &|f, t, _, _| {
+        !t.is("x/a") || f.is("x/b")
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-from-y",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns", "y")])}]}]}),
+    );
+    s.check("namespaceSelector peer", &|f, t, _, _| {
+        !t.is("x/a") || f.ns == "y"
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-from-y-name",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"namespaceSelector":
+                sel(&[("kubernetes.io/metadata.name", "y")])}]}]}),
+    );
+    s.check(
+        "namespaceSelector on the default kubernetes.io/metadata.name label",
+        &|f, t, _, _| !t.is("x/a") || f.ns == "y",
+    );
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-and",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{
+                "namespaceSelector": {"matchExpressions": [expr("ns", "NotIn", &["x"])]},
+                "podSelector": sel(&[("pod", "b")])}]}]}),
+    );
+    s.check(
+        "namespaceSelector AND podSelector in one peer",
+        &|f, t, _, _| !t.is("x/a") || (f.ns != "x" && f.pod() == "b"),
+    );
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-or",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [
+                {"podSelector": sel(&[("pod", "b")])},
+                {"namespaceSelector": sel(&[("ns", "y")])}]}]}),
+    );
+    s.check(
+        "podSelector OR namespaceSelector (two peers)",
+        &|f, t, _, _| !t.is("x/a") || f.is("x/b") || f.ns == "y",
+    );
+    s.reset();
+
+    s.apply(
+        "x",
+        "in",
+        json!({"podSelector": {"matchExpressions": [expr("pod", "In", &["a", "b"])]},
+            "ingress": [{"from": [{"podSelector":
+                {"matchExpressions": [expr("pod", "In", &["c"])]}}]}]}),
+    );
+    s.check("matchExpressions In", &|f, t, _, _| {
+        !(t.is("x/a") || t.is("x/b")) || f.is("x/c")
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "notin-exists",
+        json!({"podSelector": {"matchExpressions": [expr("pod", "Exists", &[])]},
+            "ingress": [{"from": [{
+                "namespaceSelector": {"matchExpressions": [expr("ns", "Exists", &[])]},
+                "podSelector": {"matchExpressions": [expr("pod", "NotIn", &["a"])]}}]}]}),
+    );
+    s.check("matchExpressions NotIn and Exists", &|f, t, _, _| {
+        t.ns != "x" || f.pod() != "a"
+    });
+    s.reset();
+
+    s.set_ns_labels("z", labels(&[("ns", "z"), ("team", "blue")]));
+    s.apply(
+        "x",
+        "doesnotexist",
+        json!({"podSelector": {"matchExpressions": [expr("role", "DoesNotExist", &[])]},
+            "ingress": [{"from": [{"namespaceSelector":
+                {"matchExpressions": [expr("team", "DoesNotExist", &[])]}}]}]}),
+    );
+    s.check("matchExpressions DoesNotExist", &|f, t, _, _| {
+        t.ns != "x" || !f.ns_labels.contains_key("team")
+    });
+    s.reset();
+
+    // --- Ports and protocols.
+    s.apply(
+        "x",
+        "a-81",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 81}]}]}),
+    );
+    s.check("numbered port (TCP by default)", &|_, t, port, proto| {
+        !t.is("x/a") || (port == 81 && proto == Proto::Tcp)
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-named",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"ports": [{"port": "serve-81-tcp"},
+                {"port": "serve-80-udp", "protocol": "UDP"}]}]}),
+    );
+    s.check("named ports, ingress", &|_, t, port, proto| {
+        !t.is("x/a") || (port, proto) == (81, Proto::Tcp) || (port, proto) == (80, Proto::Udp)
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-named-egress",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"port": "serve-80-udp", "protocol": "UDP"}]}]}),
+    );
+    s.check(
+        "named port, egress (resolved on the destination)",
+        &|f, _, port, proto| !f.is("x/a") || (port, proto) == (80, Proto::Udp),
+    );
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-endport",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"ports": [{"port": 80, "endPort": 81, "protocol": "UDP"}]}]}),
+    );
+    s.apply(
+        "y",
+        "b-endport",
+        json!({"podSelector": sel(&[("pod", "b")]),
+            "ingress": [{"ports": [{"port": 81, "endPort": 1000}]}]}),
+    );
+    s.check("endPort ranges", &|_, t, port, proto| {
+        (!t.is("x/a") || proto == Proto::Udp) && (!t.is("y/b") || (port, proto) == (81, Proto::Tcp))
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-udp",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"ports": [{"port": 80, "protocol": "UDP"}]}]}),
+    );
+    s.check("UDP-only rule does not allow TCP", &|_, t, port, proto| {
+        !t.is("x/a") || (port, proto) == (80, Proto::Udp)
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-sctp",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"ports": [{"port": 80, "protocol": "SCTP"}]}]}),
+    );
+    s.check("SCTP rule is not TCP nor UDP", &|_, t, _, _| !t.is("x/a"));
+    s.reset();
+
+    // --- ipBlock.
+    let (cidr, yb, xa) = (s.cidr(), s.host("y/b"), s.host("x/a"));
+    s.apply(
+        "x",
+        "a-egress-block",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": cidr, "except": [yb]}}]}]}),
+    );
+    s.check("ipBlock with except, egress", &|f, t, _, _| {
+        !f.is("x/a") || !t.is("y/b")
+    });
+    s.apply(
+        "x",
+        "a-egress-yb",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": yb}}]}]}),
+    );
+    s.check(
+        "an except hole allowed by another policy's ipBlock",
+        &|_, _, _, _| true,
+    );
+    s.reset();
+
+    s.apply(
+        "z",
+        "c-from-block",
+        json!({"podSelector": sel(&[("pod", "c")]),
+            "ingress": [{"from": [{"ipBlock": {"cidr": xa}}]}]}),
+    );
+    s.check("ipBlock, ingress", &|f, t, _, _| {
+        !t.is("z/c") || f.is("x/a")
+    });
+    s.reset();
+
+    // --- Several policies and directions.
+    s.apply(
+        "x",
+        "a-b-80",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"podSelector": sel(&[("pod", "b")])}], "ports": [{"port": 80}]}]}),
+    );
+    s.apply(
+        "x",
+        "a-y-81",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns", "y")])}],
+                "ports": [{"port": 81}]}]}),
+    );
+    s.check("stacked policies add up", &|f, t, port, proto| {
+        !t.is("x/a")
+            || (proto == Proto::Tcp && ((f.is("x/b") && port == 80) || (f.ns == "y" && port == 81)))
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-both",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns", "y")])}]}],
+            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "z")])}]}]}),
+    );
+    s.check("ingress and egress in one policy", &|f, t, _, _| {
+        (!t.is("x/a") || f.ns == "y") && (!f.is("x/a") || t.ns == "z")
+    });
+    s.reset();
+
+    s.apply(
+        "z",
+        "allow-all",
+        json!({"podSelector": {}, "ingress": [{}]}),
+    );
+    s.apply(
+        "x",
+        "a-egress-y",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "y")])}]}]}),
+    );
+    s.check(
+        "client egress deny holds even if the server allows",
+        &|f, t, _, _| !f.is("x/a") || t.ns == "y",
+    );
+    s.reset();
+
+    // --- Changes.
+    s.apply(
+        "x",
+        "a-from",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"podSelector": sel(&[("pod", "b")])}]}]}),
+    );
+    s.check("before update", &|f, t, _, _| !t.is("x/a") || f.is("x/b"));
+    s.apply(
+        "x",
+        "a-from",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"podSelector": sel(&[("pod", "c")])}]}]}),
+    );
+    s.check("policy updated", &|f, t, _, _| !t.is("x/a") || f.is("x/c"));
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-from-updated-ns",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns2", "updated")])}]}]}),
+    );
+    s.check("before namespace relabel", &|_, t, _, _| !t.is("x/a"));
+    s.set_ns_labels("y", labels(&[("ns", "y"), ("ns2", "updated")]));
+    s.check("namespace relabelled into the selector", &|f, t, _, _| {
+        !t.is("x/a") || f.ns == "y"
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "a-from-updated-pod",
+        json!({"podSelector": sel(&[("pod", "a")]),
+            "ingress": [{"from": [{"podSelector": sel(&[("pod2", "updated")])}]}]}),
+    );
+    s.check("before pod relabel", &|_, t, _, _| !t.is("x/a"));
+    s.set_pod_labels("x/b", labels(&[("pod", "b"), ("pod2", "updated")]));
+    s.check("pod relabelled into the peer selector", &|f, t, _, _| {
+        !t.is("x/a") || f.is("x/b")
+    });
+    s.reset();
+
+    s.apply(
+        "x",
+        "isolate-target",
+        json!({"podSelector": sel(&[("target", "isolated")])}),
+    );
+    s.check("target label on no pod yet", &|_, _, _, _| true);
+    s.set_pod_labels("x/a", labels(&[("pod", "a"), ("target", "isolated")]));
+    s.check(
+        "pod relabelled into the policy's podSelector",
+        &|_, t, _, _| !t.is("x/a"),
+    );
+    s.reset();
+
+    // --- A pod created after the policy is isolated from the start.
+    s.apply("x", "deny-ingress", json!({"podSelector": {}}));
+    s.apply(
+        "x",
+        "from-d",
+        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": sel(&[("pod", "d")])}]}]}),
+    );
+    let d_labels = labels(&[("pod", "d")]);
+    s.model.add_pod("x/d").unwrap();
+    s.pod_labels.insert("x/d".into(), d_labels.clone());
+    let rv = s.next_rv();
+    let d = pod_object(&s.model, "x/d", &d_labels, rv);
+    s.agent.write(&pod_file("x/d"), std::slice::from_ref(&d));
+    s.agent.wait(&[programmed(&d)]);
+    s.check("pod created after the policy (10 pods)", &|f, t, _, _| {
+        t.ns != "x" || f.is("x/d")
+    });
+    s.agent.remove(&pod_file("x/d"));
+    s.agent.wait(&[("Pod/x/d".into(), None)]);
+    s.model.remove_pod("x/d");
+    s.pod_labels.remove("x/d");
+    s.reset();
+    s.check("back to open after the last case", &|_, _, _, _| true);
+
+    eprintln!(
+        "[{tag}] {} matrix checks of {}x{} pods x 4 (port, protocol) in {:.1} s (setup {:.1} s)",
+        s.cases,
+        PODS.len() * NAMESPACES.len(),
+        PODS.len() * NAMESPACES.len(),
+        started.elapsed().as_secs_f64(),
+        setup.as_secs_f64()
+    );
+}
+
+#[test]
+fn netpol_suite_on_a_bridged_node() {
+    run_suite(Flavour::Bridged, "npbr");
+}
+
+#[test]
+fn netpol_suite_on_a_routed_node() {
+    run_suite(Flavour::Routed, "nprt");
+}
