@@ -33,8 +33,11 @@ use palisade_tests::{require_root, tcp_connect, wait_until, Family, Flavour, Nod
 const AGENT_CAPS: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"];
 /// With the routed-cni component (no bridge lookup into pod namespaces).
 const ROUTED_CNI_CAPS: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
-/// The uninstall DaemonSet's cleanup container.
-const CLEANUP_CAPS: [&str; 1] = ["BPF"];
+/// The uninstall DaemonSet's cleanup container: none. The kernel lets root open its own
+/// pins and unpin them without capabilities (shown by the kernel tests below); the
+/// container is seccomp-unconfined instead, as runtimes' default profiles refuse bpf(2)
+/// to a container holding neither CAP_BPF nor CAP_SYS_ADMIN.
+const CLEANUP_CAPS: [&str; 0] = [];
 
 /// The agent's HTTP contract.
 const HTTP_PORT_NAME: &str = "http-metrics";
@@ -42,13 +45,15 @@ const HTTP_PORT: i32 = 9977;
 
 /// Flags the manifests use that the agent on this branch does not have yet, because another
 /// branch adds them. Tolerated only while absent from `palisade agent --help`: once the
-/// agent has one, `daemonset_flags_and_env_are_accepted_by_the_agent` fails until it is
+/// agent has one, `daemonset_flags_and_env_are_accepted_by_the_agent_and_documented` fails
+/// until it is
 /// removed from this list, so the tolerance cannot outlive its reason.
 const PENDING_AGENT_FLAGS: [&str; 1] = ["http-addr"];
 
-/// Kubernetes versions the manifests must validate against: the oldest the agent supports
+/// Kubernetes versions the manifests must validate against: the oldest README.md claims
+/// (1.30: `appArmorProfile` became a field), the API the agent is built against
 /// (k8s-openapi's `v1_33`) and the newest schema the pinned validator ships.
-const KUBERNETES_VERSIONS: [&str; 2] = ["1.33.0", "1.37.0"];
+const KUBERNETES_VERSIONS: [&str; 3] = ["1.30.0", "1.33.0", "1.37.0"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -543,6 +548,15 @@ fn the_agent_is_not_privileged_and_has_exactly_the_documented_capabilities() {
                     privileged(c)
                 );
                 check_api_server_rules(c);
+                let sc = c.security_context.as_ref();
+                let seccomp = sc.and_then(|s| s.seccomp_profile.as_ref());
+                if seccomp.is_some_and(|p| p.type_ == "Unconfined") {
+                    assert!(
+                        added_caps(c).is_empty() && !privileged(c),
+                        "{}: only a container without capabilities may run unconfined",
+                        c.name
+                    );
+                }
             }
         }
     }
@@ -1076,13 +1090,33 @@ impl Scene {
         };
         wait_until(patience, || agent.is_finished() || enforced_ifindex());
         let found = enforced_ifindex();
-        let t = Duration::from_millis(500);
-        let a_to_b = tcp_connect(self.a.ns(), self.b.ip(Family::V4), 80, t);
-        let b_to_a = tcp_connect(self.b.ns(), self.a.ip(Family::V4), 80, t);
+        let endpoints = Status::read(&self.run_dir())
+            .map(|s| {
+                let ends = s.endpoints.iter();
+                ends.map(|e| format!("{}@{:?}:{}", e.pod, e.ifindex, e.isolation))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // A drop shows as a timeout, so the isolated direction gets a short deadline; the
+        // allowed one a generous deadline, for loaded machines.
+        let a_to_b = tcp_connect(
+            self.a.ns(),
+            self.b.ip(Family::V4),
+            80,
+            Duration::from_secs(1),
+        );
+        let b_to_a = tcp_connect(
+            self.b.ns(),
+            self.a.ip(Family::V4),
+            80,
+            Duration::from_secs(5),
+        );
         let _ = stop.send(());
         let result = agent.join().expect("agent thread panicked");
         Outcome {
             found,
+            endpoints,
+            interfaces: [self.a.host_ifindex(), self.b.host_ifindex()],
             a_to_b,
             b_to_a,
             error: result.err().map(|e| short_error(&format!("{e:#}"))),
@@ -1112,6 +1146,10 @@ impl Drop for Scene {
 struct Outcome {
     /// The status reports x/b enforced on its host interface.
     found: bool,
+    /// What the status says, `pod@ifindex:isolation`, against the real host interfaces of
+    /// x/a and x/b.
+    endpoints: Vec<String>,
+    interfaces: [u32; 2],
     a_to_b: Result<String, palisade_tests::ProbeError>,
     b_to_a: Result<String, palisade_tests::ProbeError>,
     error: Option<String>,
@@ -1123,6 +1161,16 @@ impl Outcome {
             self.error.is_none() && self.found,
             "{what}: agent did not enforce: {self:?}"
         );
+        let [a, b] = self.interfaces;
+        for want in [
+            format!("x/a@Some({a}):open"),
+            format!("x/b@Some({b}):ingress-isolated"),
+        ] {
+            assert!(
+                self.endpoints.contains(&want),
+                "{what}: status does not show {want}: {self:?}"
+            );
+        }
         assert_eq!(
             self.a_to_b,
             Err(palisade_tests::ProbeError::Timeout),
