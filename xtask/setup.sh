@@ -8,7 +8,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # Debian packages: CNI plugins for real pod networking, tools the tests and demo drive.
-PKGS=(containernetworking-plugins iproute2 jq netcat-openbsd iptables nftables iputils-ping procps kmod)
+PKGS=(containernetworking-plugins iproute2 jq netcat-openbsd iptables nftables iputils-ping procps kmod python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -45,6 +45,17 @@ if ! command -v bpf-linker >/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$sy
   LLVM_PREFIX="$prefix" cargo install bpf-linker --version 0.13.0 --locked --force \
     --no-default-features --features "llvm-$llvm_major"
   echo "$sysroot" > "$stamp"
+fi
+
+# Kubernetes schema validator for the manifests (tests/tests/deploy_manifests.rs), pinned,
+# in its own venv so it never touches the system Python.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+venv=/opt/palisade-venv
+if [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+  step "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into $venv"
+  $SUDO /usr/bin/python3 -m venv "$venv"
+  $SUDO "$venv/bin/pip" install -q --disable-pip-version-check \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "jsonschema==4.26.0"
 fi
 
 # bpffs: the agent mounts it itself when missing, but tests and the CLI expect it.

@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | image`.
 
 mod demo;
+mod image;
 
 use std::process::Command;
 use std::time::Instant;
@@ -26,6 +27,16 @@ enum Task {
     },
     /// Build Palisade and walk through enforcement on a local demo node.
     Demo,
+    /// Build the container image (Containerfile) with podman, docker or buildah, tagged with
+    /// the reference in manifests/image/kustomization.yaml.
+    Image {
+        /// Use this engine instead of the first usable of podman, docker, buildah.
+        #[arg(long)]
+        engine: Option<String>,
+        /// Tag the image with this reference instead of the manifests' one.
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             demo::run()
         }
+        Task::Image { engine, tag } => image::run(engine, tag),
     }
 }
 
