@@ -1,0 +1,284 @@
+//! Figures for issue #3 at 10,000 pods / 500 namespaces / 2,000 policies with 100 local pods:
+//! full compile time and peak heap, incremental change times (p50/p99), map entry totals,
+//! and how the entries grow with cluster pods and with policies.
+//!
+//! ```text
+//! cargo run --release -p palisade-policy --example scale            # human-readable
+//! cargo run --release -p palisade-policy --example scale -- --json  # for cargo xtask bench
+//! cargo run --release -p palisade-policy --example scale -- --reps 500
+//! ```
+//!
+//! The heap is measured by a counting global allocator (live bytes, high-water mark).
+
+mod world;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use palisade_policy::{Compiler, Plan};
+use serde_json::{json, Value};
+use world::Scale;
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(n: usize) {
+    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = System.alloc(l);
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(l);
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l);
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = System.realloc(p, l, new);
+        if !q.is_null() {
+            if new >= l.size() {
+                grew(new - l.size());
+            } else {
+                LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
+            }
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({
+        "n": v.len(),
+        "p50_ms": percentile(&v, 0.5),
+        "p99_ms": percentile(&v, 0.99),
+        "max_ms": v[v.len() - 1],
+    })
+}
+
+fn policy_entries(p: &Plan) -> usize {
+    p.endpoints.values().map(|e| e.entries.len()).sum()
+}
+
+fn identity_entries(p: &Plan) -> usize {
+    p.identities_v4.len() + p.identities_v6.len()
+}
+
+fn sizes(c: &Compiler) -> Value {
+    let p = c.plan();
+    json!({
+        "identities": c.identity_count(),
+        "identity_entries": identity_entries(p),
+        "endpoints": p.endpoints.len(),
+        "policy_entries": policy_entries(p),
+        "map_entries": p.map_entries(),
+    })
+}
+
+/// One full compile: time, peak heap during it (live bytes, inputs included), and the result.
+fn full_compile(s: Scale) -> (Duration, usize, Compiler) {
+    let changes = world::world(s);
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+    let t = Instant::now();
+    let mut c = Compiler::new(world::NODE, world::node_ips());
+    c.apply_batch(changes);
+    let d = t.elapsed();
+    (d, PEAK.load(Ordering::Relaxed), c)
+}
+
+/// Full compile (three runs) and every incremental scenario at scale `s`.
+fn measure(s: Scale, reps: usize) -> Value {
+    // The heap figure is the largest peak of the three runs.
+    let mut times = Vec::new();
+    let mut peak = 0;
+    let mut c = None;
+    for _ in 0..3 {
+        drop(c.take());
+        let base = LIVE.load(Ordering::Relaxed);
+        let (d, pk, compiler) = full_compile(s);
+        times.push(ms(d));
+        peak = peak.max(pk - base);
+        c = Some(compiler);
+    }
+    let mut c = c.expect("compiled");
+    let full_sizes = sizes(&c);
+
+    // Each forward change then its undo, `reps` times per kind.
+    let mut incremental = serde_json::Map::new();
+    for kind in world::STEPS {
+        let mut fwd = Vec::with_capacity(reps);
+        let mut back = Vec::with_capacity(reps);
+        let (mut fwd_writes, mut back_writes) = (0usize, 0usize);
+        for n in 0..reps {
+            let st = world::step(s, kind, n);
+            let t = Instant::now();
+            let d = c.apply(st.forward);
+            fwd.push(ms(t.elapsed()));
+            fwd_writes += d.len();
+            let t = Instant::now();
+            let d = c.apply(st.back);
+            back.push(ms(t.elapsed()));
+            back_writes += d.len();
+        }
+        let avg = |w: usize, n: usize| json!(w as f64 / n as f64);
+        let mut add = |name: String, v: Vec<f64>, writes: Value| {
+            let mut sm = summary(v);
+            sm["avg_map_writes"] = writes;
+            incremental.insert(name, sm);
+        };
+        if kind.starts_with("pod_add") {
+            add(kind.into(), fwd, avg(fwd_writes, reps));
+            add(kind.replace("add", "delete"), back, avg(back_writes, reps));
+        } else {
+            fwd.extend(back);
+            add(kind.into(), fwd, avg(fwd_writes + back_writes, 2 * reps));
+        }
+    }
+    assert_eq!(
+        full_sizes,
+        sizes(&c),
+        "every change was undone, so the plan must be back to its size"
+    );
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    json!({
+        "scale": {"namespaces": s.namespaces, "pods": s.pods, "policies": s.policies,
+                  "nodes": world::NODES, "local_pods": world::LOCAL_PODS,
+                  "ipblock_excepts_split_pod_range": s.fragment},
+        "full_compile_ms": {"runs": times, "min": sorted[0], "median": sorted[sorted.len() / 2]},
+        "peak_heap_bytes": peak,
+        "peak_heap_mib": peak as f64 / MIB,
+        "plan": full_sizes,
+        "incremental": incremental,
+    })
+}
+
+/// Entry totals when the cluster pods double (same policies, same local pods) and when the
+/// policies halve (same pods).
+fn growth(s: Scale) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (pods, policies) in [
+        (s.pods, s.policies),
+        (2 * s.pods, s.policies),
+        (s.pods, s.policies / 2),
+    ] {
+        let g = Scale {
+            pods,
+            policies,
+            ..s
+        };
+        let (d, pk, c) = full_compile(g);
+        let mut v = sizes(&c);
+        v["pods"] = json!(pods);
+        v["policies"] = json!(policies);
+        v["full_compile_ms"] = json!(ms(d));
+        v["peak_heap_mib"] = json!(pk as f64 / MIB);
+        out.push(v);
+    }
+    out
+}
+
+fn print_human(name: &str, m: &Value) {
+    let sc = &m["scale"];
+    println!(
+        "== {name}: {} pods, {} namespaces, {} policies, {} local pods",
+        sc["pods"], sc["namespaces"], sc["policies"], sc["local_pods"]
+    );
+    println!(
+        "full compile: min {:.0} ms, median {:.0} ms; peak heap {:.1} MiB",
+        m["full_compile_ms"]["min"].as_f64().unwrap_or_default(),
+        m["full_compile_ms"]["median"].as_f64().unwrap_or_default(),
+        m["peak_heap_mib"].as_f64().unwrap_or_default(),
+    );
+    println!("plan: {}", m["plan"]);
+    for (k, v) in m["incremental"].as_object().into_iter().flatten() {
+        println!(
+            "{k:>20}: p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  (n={}, {:.0} map writes avg)",
+            v["p50_ms"].as_f64().unwrap_or_default(),
+            v["p99_ms"].as_f64().unwrap_or_default(),
+            v["max_ms"].as_f64().unwrap_or_default(),
+            v["n"],
+            v["avg_map_writes"].as_f64().unwrap_or_default(),
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json_out = args.iter().any(|a| a == "--json");
+    let reps: usize = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("--reps takes a number"))
+        .unwrap_or(200);
+    let typical = Scale::ISSUE;
+    let fragmented = Scale {
+        fragment: true,
+        ..typical
+    };
+    // `--only typical|fragmented|growth` runs one part (for profiling).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let mut out = json!({});
+    if run("typical") {
+        out["typical"] = measure(typical, reps);
+    }
+    if run("fragmented") {
+        out["fragmented"] = measure(fragmented, reps);
+    }
+    if run("growth") {
+        out["growth"] = json!(growth(typical));
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("serializable")
+        );
+        return;
+    }
+    if run("typical") {
+        print_human("typical", &out["typical"]);
+    }
+    if run("fragmented") {
+        print_human("ipBlock excepts split the pod range", &out["fragmented"]);
+    }
+    for g in out["growth"].as_array().into_iter().flatten() {
+        println!("growth: {g}");
+    }
+}
