@@ -1,4 +1,10 @@
 //! The plan, looked up exactly as the tc programs do, agrees with the reference evaluator.
+//!
+//! Nightly-style run, many more and larger cases (about 10 minutes in release):
+//!
+//! ```text
+//! PROPTEST_CASES=50000 cargo test --release -p palisade-policy --test agreement -- --ignored
+//! ```
 
 mod common;
 
@@ -70,7 +76,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 20000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: long_cases(20000), ..ProptestConfig::default() })]
 
     #[test]
     #[ignore = "long: run with --ignored"]
