@@ -40,7 +40,7 @@ use self::matches::{port_entries, rule_contributions, PeerCache};
 use crate::identity::{Identities, IdentityClass, PodAttrs};
 use crate::model::{self, ObjectRef, PodRef, PodState, PolicyRef};
 use crate::net;
-use crate::plan::{EndpointDiff, Plan, PlanDiff, DIRS};
+use crate::plan::{EndpointDiff, Plan, PlanDiff, PolicyEntry, DIRS};
 use crate::policy::{self, CompiledPolicy, IpBlock, PeerSet, Rule};
 use crate::ports::NamedPort;
 use crate::selector::Labels;
@@ -111,7 +111,7 @@ fn grant_rule(
     rule: &Rule,
     dir: u8,
     local_ports: &[NamedPort],
-    sink: &mut Sink,
+    out: &mut impl FnMut(PolicyEntry),
 ) {
     let cache = rule.peers.as_ref().map(|p| {
         let c = caches
@@ -120,7 +120,7 @@ fn grant_rule(
         c.users += 1;
         &*c
     });
-    rule_contributions(rule, dir, cache, local_ports, ids, &mut |e| sink.add(e));
+    rule_contributions(rule, dir, cache, local_ports, ids, out);
 }
 
 /// Subtracts the contributions of `rule`, computed exactly as `grant_rule` did.
@@ -130,14 +130,24 @@ fn withdraw_rule(
     rule: &Rule,
     dir: u8,
     local_ports: &[NamedPort],
-    sink: &mut Sink,
+    out: &mut impl FnMut(PolicyEntry),
 ) {
     let cache = rule.peers.as_ref().map(|p| {
         let c = caches.get_mut(p).expect("a held rule has a peer cache");
         c.users -= 1;
         &*c
     });
-    rule_contributions(rule, dir, cache, local_ports, ids, &mut |e| sink.sub(e));
+    rule_contributions(rule, dir, cache, local_ports, ids, out);
+}
+
+/// Lets go of `rule`'s peer cache without computing its contributions (the endpoint goes).
+fn release_rule(caches: &mut Caches, rule: &Rule) {
+    if let Some(p) = &rule.peers {
+        caches
+            .get_mut(p)
+            .expect("a held rule has a peer cache")
+            .users -= 1;
+    }
 }
 
 /// The rules of `new` that `old` lacks, per direction, as multisets.
@@ -154,6 +164,20 @@ fn rules_not_in<'a>(new: &'a CompiledPolicy, old: &CompiledPolicy) -> Vec<(u8, &
         }
     }
     out
+}
+
+/// The `EP_ISOLATED_*` bits the policies give.
+fn isolation_flags(policies: &[(PolicyRef, Arc<CompiledPolicy>)]) -> u32 {
+    let mut flags = 0;
+    for (_, pol) in policies {
+        if pol.isolates[DIR_INGRESS as usize] {
+            flags |= EP_ISOLATED_INGRESS;
+        }
+        if pol.isolates[palisade_common::DIR_EGRESS as usize] {
+            flags |= EP_ISOLATED_EGRESS;
+        }
+    }
+    flags
 }
 
 fn all_rules(p: &CompiledPolicy) -> impl Iterator<Item = (u8, &Rule)> {
@@ -583,7 +607,7 @@ impl Compiler {
                 .expect("every endpoint is in the plan")
                 .entries;
             let mut sink = Sink {
-                counts: &mut ep.counts,
+                extra: &mut ep.extra,
                 entries,
                 journal: j,
             };
@@ -643,20 +667,53 @@ impl Compiler {
                 .map(|p| self.selecting(&r.namespace, &p.labels))
                 .unwrap_or_default();
             let j = journal(&self.plan, &mut tx.eps, &r);
+            let Some(state) = state else {
+                // The endpoint goes: its entries all go with it, nothing to count.
+                let ep = self.endpoints.remove(&r).expect("checked above");
+                for (_, pol) in &ep.selecting {
+                    for (_, rule) in all_rules(pol) {
+                        release_rule(&mut self.caches, rule);
+                    }
+                }
+                if let Some(pe) = self.plan.endpoints.remove(&r) {
+                    j.remove_all(&pe.entries);
+                }
+                continue;
+            };
             let pe = self.plan.endpoints.entry(r.clone()).or_default();
-            let ep = self.endpoints.entry(r.clone()).or_insert_with(|| {
-                Endpoint::new(state.clone().expect("only a local pod gets a new endpoint"))
-            });
+            let ep = match self.endpoints.entry(r.clone()) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    // A new endpoint: everything it gets, built at once.
+                    let ep = v.insert(Endpoint::new(state));
+                    let mut all = Vec::new();
+                    for (_, pol) in &want {
+                        for (d, rule) in all_rules(pol) {
+                            grant_rule(
+                                &mut self.caches,
+                                &self.ids,
+                                rule,
+                                d,
+                                &ep.pod.named_ports,
+                                &mut |e| all.push(e),
+                            );
+                        }
+                    }
+                    ep.fill(&mut pe.entries, all);
+                    ep.selecting = want;
+                    pe.ips.clone_from(&ep.pod.ips);
+                    pe.flags = isolation_flags(&ep.selecting);
+                    continue;
+                }
+            };
             let mut sink = Sink {
-                counts: &mut ep.counts,
+                extra: &mut ep.extra,
                 entries: &mut pe.entries,
                 journal: j,
             };
             // Ingress named ports resolve on the pod: if they changed, every rule is
             // recomputed.
-            let same_ports = state
-                .as_ref()
-                .is_some_and(|p| p.named_ports == ep.pod.named_ports);
+            let same_ports = state.named_ports == ep.pod.named_ports;
             let old_ports = std::mem::take(&mut ep.pod.named_ports);
             let held = std::mem::take(&mut ep.selecting);
             for (pr, pa) in &held {
@@ -667,16 +724,11 @@ impl Compiler {
                     _ => all_rules(pa).collect(),
                 };
                 for (d, rule) in gone {
-                    withdraw_rule(&mut self.caches, &self.ids, rule, d, &old_ports, &mut sink);
+                    withdraw_rule(&mut self.caches, &self.ids, rule, d, &old_ports, &mut |e| {
+                        sink.sub(e)
+                    });
                 }
             }
-            let Some(state) = state else {
-                self.endpoints.remove(&r);
-                if let Some(pe) = self.plan.endpoints.remove(&r) {
-                    debug_assert!(pe.entries.is_empty(), "{r}: entries left after withdrawal");
-                }
-                continue;
-            };
             ep.pod = state;
             for (pr, pb) in &want {
                 let before = held.iter().find(|(hr, _)| hr == pr).map(|(_, h)| h);
@@ -692,25 +744,13 @@ impl Compiler {
                         rule,
                         d,
                         &ep.pod.named_ports,
-                        &mut sink,
+                        &mut |e| sink.add(e),
                     );
-                }
-            }
-            let mut flags = 0;
-            for (_, pol) in &want {
-                for d in DIRS {
-                    if pol.isolates[d as usize] {
-                        flags |= if d == DIR_INGRESS {
-                            EP_ISOLATED_INGRESS
-                        } else {
-                            EP_ISOLATED_EGRESS
-                        };
-                    }
                 }
             }
             ep.selecting = want;
             pe.ips.clone_from(&ep.pod.ips);
-            pe.flags = flags;
+            pe.flags = isolation_flags(&ep.selecting);
         }
     }
 
@@ -729,24 +769,7 @@ impl Compiler {
             let now = self.plan.endpoints.get(&r);
             let header = now.map(|e| e.header());
             let header_changed = header != j.header_before;
-            let (added, removed) = if j.tracked {
-                let mut added = Vec::new();
-                let mut removed = Vec::new();
-                for (e, before) in j.touched {
-                    let is = now.is_some_and(|p| p.entries.contains(&e));
-                    match (before, is) {
-                        (false, true) => added.push(e),
-                        (true, false) => removed.push(e),
-                        _ => {}
-                    }
-                }
-                added.sort_unstable();
-                removed.sort_unstable();
-                (added, removed)
-            } else {
-                let all = now.map(|p| p.entries.iter().copied().collect());
-                (all.unwrap_or_default(), Vec::new())
-            };
+            let (added, removed) = j.net(now.map(|p| &p.entries));
             if !header_changed && added.is_empty() && removed.is_empty() {
                 continue;
             }

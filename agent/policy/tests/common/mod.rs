@@ -488,7 +488,11 @@ pub fn edits() -> impl Strategy<Value = Vec<Edit>> {
 }
 
 fn edit_rules(spec: &mut Value, aux: usize, f: impl FnOnce(&mut Vec<Value>, usize)) {
-    let dir = if aux.is_multiple_of(2) { "ingress" } else { "egress" };
+    let dir = if aux.is_multiple_of(2) {
+        "ingress"
+    } else {
+        "egress"
+    };
     if !spec[dir].is_array() {
         spec[dir] = json!([]);
     }
