@@ -21,6 +21,7 @@
 //! identity indexes, not by testing every identity.
 
 mod endpoint;
+pub(crate) mod fxhash;
 mod matches;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -102,7 +103,7 @@ fn journal<'a>(
     eps.get_mut(r).expect("inserted above")
 }
 
-type Caches = HashMap<Arc<PeerSet>, PeerCache>;
+type Caches = HashMap<Arc<PeerSet>, PeerCache, fxhash::FxBuild>;
 
 /// Adds the contributions of `rule` (building its peer cache if it is the first user).
 fn grant_rule(
@@ -214,7 +215,7 @@ impl Compiler {
             prefixes: BTreeMap::new(),
             blocks: BTreeMap::new(),
             ids: Identities::default(),
-            caches: HashMap::new(),
+            caches: HashMap::default(),
             endpoints: BTreeMap::new(),
             plan: Plan::default(),
         };
@@ -571,7 +572,7 @@ impl Compiler {
 
         // The caches learn the births and forget the deaths; `born_in` keeps, per peer set,
         // the identities born that it matches.
-        let mut born_in: HashMap<&PeerSet, Vec<u32>> = HashMap::new();
+        let mut born_in: HashMap<&PeerSet, Vec<u32>, fxhash::FxBuild> = HashMap::default();
         for (set, cache) in self.caches.iter_mut() {
             for id in &died {
                 cache.ids.remove(id);

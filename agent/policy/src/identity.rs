@@ -1,8 +1,10 @@
 //! Identity classes and their numbering.
 
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
+use crate::compile::fxhash::FxBuild;
 use crate::policy::IpBlock;
 use crate::ports::NamedPort;
 use crate::selector::Labels;
@@ -41,6 +43,29 @@ struct Entry {
     members: usize,
 }
 
+/// A class with its hash computed once: classes are deep (labels, blocks), and the intern
+/// table rehashes every key when it grows.
+#[derive(Clone, PartialEq, Eq)]
+struct ClassKey {
+    hash: u64,
+    class: Arc<IdentityClass>,
+}
+
+impl ClassKey {
+    fn new(class: &Arc<IdentityClass>) -> Self {
+        Self {
+            hash: FxBuild::default().hash_one(&**class),
+            class: class.clone(),
+        }
+    }
+}
+
+impl Hash for ClassKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
 /// Interns classes to ids. Ids of live classes never change; an id is freed only when its
 /// class has no member left, and reused afterwards, so a change renumbers nothing else.
 ///
@@ -49,13 +74,13 @@ struct Entry {
 /// looks at the candidate namespaces and blocks, not at every identity.
 #[derive(Default)]
 pub(crate) struct Identities {
-    by_class: HashMap<Arc<IdentityClass>, u32>,
+    by_class: HashMap<ClassKey, u32, FxBuild>,
     /// Indexed by id (ids are small and reused, so the table stays dense).
     by_id: Vec<Option<Entry>>,
     live: usize,
     free: Vec<u32>,
-    by_namespace: HashMap<String, BTreeSet<u32>>,
-    by_block: HashMap<Arc<IpBlock>, BTreeSet<u32>>,
+    by_namespace: HashMap<String, BTreeSet<u32>, FxBuild>,
+    by_block: HashMap<Arc<IpBlock>, BTreeSet<u32>, FxBuild>,
 }
 
 impl Identities {
@@ -68,7 +93,8 @@ impl Identities {
         if class.is_world() {
             return (palisade_common::IDENTITY_WORLD, false);
         }
-        if let Some(&id) = self.by_class.get(class) {
+        let key = ClassKey::new(class);
+        if let Some(&id) = self.by_class.get(&key) {
             let e = self.by_id[id as usize]
                 .as_mut()
                 .expect("by_class and by_id agree");
@@ -83,7 +109,7 @@ impl Identities {
         if self.by_id.len() <= id as usize {
             self.by_id.resize_with(id as usize + 1, || None);
         }
-        self.by_class.insert(class.clone(), id);
+        self.by_class.insert(key, id);
         if let Some(pod) = &class.pod {
             self.by_namespace
                 .entry(pod.namespace.clone())
@@ -135,7 +161,7 @@ impl Identities {
                 }
             }
         }
-        self.by_class.remove(&e.class);
+        self.by_class.remove(&ClassKey::new(&e.class));
         self.free.push(id);
     }
 

@@ -302,6 +302,13 @@ fn main() {
     if run("fragmented") {
         out["fragmented"] = measure(fragmented, reps);
     }
+    // `--only compile-fragmented`: full compiles alone (for profiling).
+    if only.as_deref() == Some("compile-fragmented") {
+        for _ in 0..5 {
+            let (_, cpu, _, _, _) = full_compile(fragmented);
+            println!("full compile: cpu {cpu:.0} ms");
+        }
+    }
     if run("growth") {
         out["growth"] = json!(growth(typical));
     }

@@ -6,46 +6,12 @@
 //! without recomputing the endpoint from every policy that selects it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
+use super::fxhash::FxBuild;
 use crate::model::{PodState, PolicyRef};
 use crate::plan::{EndpointHeader, EndpointPlan, PolicyEntry};
 use crate::policy::CompiledPolicy;
-
-/// A small fast hasher for the entry counts (FxHash's mixing; the keys are not
-/// attacker-chosen in a way that matters: they come from the cluster's own objects, and the
-/// worst case is slower, not wrong).
-#[derive(Default, Clone, Copy)]
-pub(super) struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u8(&mut self, i: u8) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u16(&mut self, i: u16) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u32(&mut self, i: u32) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, i: usize) {
-        self.write_u64(i as u64);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-pub(super) type FxBuild = BuildHasherDefault<FxHasher>;
 
 /// The compiler's bookkeeping for one local pod (its entries are in the plan).
 pub(super) struct Endpoint {
