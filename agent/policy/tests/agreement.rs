@@ -1,9 +1,10 @@
 //! The plan, looked up exactly as the tc programs do, agrees with the reference evaluator.
 //!
-//! Nightly-style run, many more and larger cases (about 10 minutes in release):
+//! Nightly-style run: the `#[ignore]`d `_long` tests, larger clusters and `PROPTEST_CASES`
+//! cases (default 20,000; 100,000 take about a minute in release on 2 cores):
 //!
 //! ```text
-//! PROPTEST_CASES=50000 cargo test --release -p palisade-policy --test agreement -- --ignored
+//! PROPTEST_CASES=100000 cargo test --release -p palisade-policy --test agreement -- --ignored
 //! ```
 
 mod common;

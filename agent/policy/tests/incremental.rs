@@ -1,10 +1,11 @@
 //! Applying the diffs of a sequence of changes to an empty plan gives what a full compile
 //! of the final state gives.
 //!
-//! Nightly-style run, many more and larger cases (about 10 minutes in release):
+//! Nightly-style run: the `#[ignore]`d `_long` tests, larger clusters and `PROPTEST_CASES`
+//! cases each (default 10,000; 100,000 take about 4 minutes in release on 2 cores):
 //!
 //! ```text
-//! PROPTEST_CASES=20000 cargo test --release -p palisade-policy --test incremental -- --ignored
+//! PROPTEST_CASES=100000 cargo test --release -p palisade-policy --test incremental -- --ignored
 //! ```
 
 mod common;
