@@ -1,9 +1,28 @@
 //! The stateful, incremental compiler.
 //!
-//! Every change marks what it may affect — address prefixes whose identity class may
-//! differ, local endpoints whose entries must be recomputed — and `settle` brings exactly
-//! those up to date. Class births and deaths are then pushed to the per-rule match caches
-//! and, as single-identity entry deltas, to the endpoints that were not recomputed anyway.
+//! A change first records what it touches: address prefixes whose identity class may differ,
+//! local pods, policies. `settle` then brings the plan up to date in two steps, keeping each
+//! endpoint's entry counts (see [`endpoint`]) equal to the contributions of the rules it
+//! holds — every rule of the policy versions in its `selecting` list — under the current
+//! peer caches:
+//!
+//! 1. **Identities.** Prefix classes are recomputed. Identities born are added to the peer
+//!    caches that match them and granted by the rules endpoints hold; identities that died
+//!    are dropped from the caches and their entries purged.
+//! 2. **Endpoints.** Each local pod that may now be selected differently (it changed, or a
+//!    policy of its namespace did) withdraws the rules it no longer holds and is granted the
+//!    ones it newly holds. A policy edit is diffed rule by rule, so unchanged rules cost
+//!    nothing.
+//!
+//! So a policy change costs the entries of the rules it changes, a new identity its own
+//! entries, and a local pod changing labels the policies it leaves and joins — never a
+//! recomputation of whole endpoints. Peer caches are shared by every rule with the same
+//! peers (the `env: prod` peer of 500 policies is looked up once) and built from the
+//! identity indexes, not by testing every identity.
+
+mod endpoint;
+pub(crate) mod fxhash;
+mod matches;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -17,12 +36,14 @@ use palisade_common::{
     IDENTITY_WORLD,
 };
 
+use self::endpoint::{Endpoint, EpJournal, Sink};
+use self::matches::{port_entries, rule_contributions, PeerCache};
 use crate::identity::{Identities, IdentityClass, PodAttrs};
 use crate::model::{self, ObjectRef, PodRef, PodState, PolicyRef};
 use crate::net;
-use crate::plan::{EndpointDiff, EndpointHeader, Plan, PlanDiff, PolicyEntry, DIRS};
-use crate::policy::{self, CompiledPolicy, IpBlock, Peer, Rule};
-use crate::ports::{port_blocks, PortMatch};
+use crate::plan::{EndpointDiff, Plan, PlanDiff, PolicyEntry, DIRS};
+use crate::policy::{self, CompiledPolicy, IpBlock, PeerSet, Rule};
+use crate::ports::NamedPort;
 use crate::selector::Labels;
 
 /// One object event, as a watch delivers it.
@@ -55,24 +76,114 @@ impl PrefixSrc {
     }
 }
 
-#[derive(Default)]
-struct EpJournal {
-    header_before: Option<EndpointHeader>,
-    added: BTreeSet<PolicyEntry>,
-    removed: BTreeSet<PolicyEntry>,
-}
-
 /// What one `apply` has touched so far.
 #[derive(Default)]
 struct Tx {
     dirty_prefixes: BTreeSet<IpNetwork>,
-    dirty_endpoints: BTreeSet<PodRef>,
+    /// Pods that changed and are or were local.
+    dirty_pods: BTreeSet<PodRef>,
+    dirty_policies: BTreeSet<PolicyRef>,
     ident_before: BTreeMap<IpNetwork, Option<IdentityValue>>,
     eps: BTreeMap<PodRef, EpJournal>,
     rejections: BTreeSet<PolicyRef>,
     created: BTreeSet<u32>,
     released: BTreeSet<u32>,
     classes: BTreeMap<u32, Option<Arc<IdentityClass>>>,
+}
+
+/// Opens `r`'s journal on first touch, recording the endpoint as it was.
+fn journal<'a>(
+    plan: &Plan,
+    eps: &'a mut BTreeMap<PodRef, EpJournal>,
+    r: &PodRef,
+) -> &'a mut EpJournal {
+    if !eps.contains_key(r) {
+        eps.insert(r.clone(), EpJournal::open(plan.endpoints.get(r)));
+    }
+    eps.get_mut(r).expect("inserted above")
+}
+
+type Caches = HashMap<Arc<PeerSet>, PeerCache, fxhash::FxBuild>;
+
+/// Adds the contributions of `rule` (building its peer cache if it is the first user).
+fn grant_rule(
+    caches: &mut Caches,
+    ids: &Identities,
+    rule: &Rule,
+    dir: u8,
+    local_ports: &[NamedPort],
+    out: &mut impl FnMut(PolicyEntry),
+) {
+    let cache = rule.peers.as_ref().map(|p| {
+        let c = caches
+            .entry(p.clone())
+            .or_insert_with(|| PeerCache::build(p, ids));
+        c.users += 1;
+        &*c
+    });
+    rule_contributions(rule, dir, cache, local_ports, ids, out);
+}
+
+/// Subtracts the contributions of `rule`, computed exactly as `grant_rule` did.
+fn withdraw_rule(
+    caches: &mut Caches,
+    ids: &Identities,
+    rule: &Rule,
+    dir: u8,
+    local_ports: &[NamedPort],
+    out: &mut impl FnMut(PolicyEntry),
+) {
+    let cache = rule.peers.as_ref().map(|p| {
+        let c = caches.get_mut(p).expect("a held rule has a peer cache");
+        c.users -= 1;
+        &*c
+    });
+    rule_contributions(rule, dir, cache, local_ports, ids, out);
+}
+
+/// Lets go of `rule`'s peer cache without computing its contributions (the endpoint goes).
+fn release_rule(caches: &mut Caches, rule: &Rule) {
+    if let Some(p) = &rule.peers {
+        caches
+            .get_mut(p)
+            .expect("a held rule has a peer cache")
+            .users -= 1;
+    }
+}
+
+/// The rules of `new` that `old` lacks, per direction, as multisets.
+fn rules_not_in<'a>(new: &'a CompiledPolicy, old: &CompiledPolicy) -> Vec<(u8, &'a Rule)> {
+    let mut out = Vec::new();
+    for d in DIRS {
+        let olds = &old.rules[d as usize];
+        let mut used = vec![false; olds.len()];
+        for r in &new.rules[d as usize] {
+            match (0..olds.len()).find(|&i| !used[i] && olds[i] == *r) {
+                Some(i) => used[i] = true,
+                None => out.push((d, r)),
+            }
+        }
+    }
+    out
+}
+
+/// The `EP_ISOLATED_*` bits the policies give.
+fn isolation_flags(policies: &[(PolicyRef, Arc<CompiledPolicy>)]) -> u32 {
+    let mut flags = 0;
+    for (_, pol) in policies {
+        if pol.isolates[DIR_INGRESS as usize] {
+            flags |= EP_ISOLATED_INGRESS;
+        }
+        if pol.isolates[palisade_common::DIR_EGRESS as usize] {
+            flags |= EP_ISOLATED_EGRESS;
+        }
+    }
+    flags
+}
+
+fn all_rules(p: &CompiledPolicy) -> impl Iterator<Item = (u8, &Rule)> {
+    DIRS.into_iter()
+        .flat_map(move |d| p.rules[d as usize].iter().map(move |r| (d, r)))
 }
 
 /// The incremental policy compiler of one node.
@@ -85,10 +196,11 @@ pub struct Compiler {
     /// Live ipBlock peers by cidr, with the number of peers referencing each.
     blocks: BTreeMap<IpNetwork, BTreeMap<Arc<IpBlock>, usize>>,
     ids: Identities,
-    /// Per policy, per direction, per rule: ids of the classes its peers match (rules with
-    /// no peer list match all and are not cached). Filled lazily, only for policies that
-    /// select a local pod, and kept current on class births and deaths.
-    rule_cache: HashMap<PolicyRef, [Vec<BTreeSet<u32>>; 2]>,
+    /// Per distinct peer set of a rule some endpoint holds: the identities it matches, kept
+    /// current as identities are born and die.
+    caches: Caches,
+    /// Per local pod: its entry counts and the policy versions they come from.
+    endpoints: BTreeMap<PodRef, Endpoint>,
     plan: Plan,
 }
 
@@ -103,7 +215,8 @@ impl Compiler {
             prefixes: BTreeMap::new(),
             blocks: BTreeMap::new(),
             ids: Identities::default(),
-            rule_cache: HashMap::new(),
+            caches: HashMap::default(),
+            endpoints: BTreeMap::new(),
             plan: Plan::default(),
         };
         let mut tx = Tx::default();
@@ -144,10 +257,7 @@ impl Compiler {
                 .iter()
                 .map(|(k, e)| {
                     let d = EndpointDiff {
-                        header: Some(EndpointHeader {
-                            ips: e.ips.clone(),
-                            flags: e.flags,
-                        }),
+                        header: Some(e.header()),
                         header_changed: true,
                         added: e.entries.iter().copied().collect(),
                         removed: Vec::new(),
@@ -246,7 +356,7 @@ impl Compiler {
                 }
             }
             if o.is_local(&self.node) {
-                tx.dirty_endpoints.insert(r.clone());
+                tx.dirty_pods.insert(r.clone());
             }
         }
         if let Some(n) = new {
@@ -258,7 +368,7 @@ impl Compiler {
                 }
             }
             if n.is_local(&self.node) {
-                tx.dirty_endpoints.insert(r.clone());
+                tx.dirty_pods.insert(r.clone());
             }
             self.pods.insert(r, n);
         }
@@ -283,21 +393,7 @@ impl Compiler {
             }
         }
         tx.rejections.insert(r.clone());
-        self.rule_cache.remove(&r);
-        // Only pods selected before or after can see a difference.
-        let selects = |p: &Option<Arc<CompiledPolicy>>, labels: &Labels| {
-            p.as_ref().is_some_and(|p| p.selector.matches(labels))
-        };
-        for (k, _) in self
-            .plan
-            .endpoints
-            .range(ObjectRef::namespace_range(&r.namespace))
-        {
-            let labels = self.pods.get(k).map(|p| &p.labels);
-            if labels.is_none_or(|l| selects(&old, l) || selects(&new, l)) {
-                tx.dirty_endpoints.insert(k.clone());
-            }
-        }
+        tx.dirty_policies.insert(r.clone());
         if let Some(n) = new {
             self.policies.insert(r, n);
         }
@@ -402,8 +498,23 @@ impl Compiler {
         }
     }
 
+    /// The policies of `ns` that select a pod labelled `labels`.
+    fn selecting(&self, ns: &str, labels: &Labels) -> Vec<(PolicyRef, Arc<CompiledPolicy>)> {
+        self.policies
+            .range(ObjectRef::namespace_range(ns))
+            .filter(|(_, p)| p.selector.matches(labels))
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect()
+    }
+
     fn settle(&mut self, tx: &mut Tx) {
-        // 1. Prefix classes.
+        self.update_identities(tx);
+        self.update_endpoints(tx);
+        self.caches.retain(|_, c| c.users > 0);
+    }
+
+    /// Step 1: prefix classes, then identity births and deaths.
+    fn update_identities(&mut self, tx: &mut Tx) {
         for p in std::mem::take(&mut tx.dirty_prefixes) {
             let before = self.trie_get(p);
             tx.ident_before.entry(p).or_insert(before);
@@ -438,7 +549,6 @@ impl Compiler {
             self.trie_set(p, Some(IdentityValue { id, flags }));
         }
 
-        // 2. Class births and deaths.
         let mut born = Vec::new();
         for &id in &tx.created {
             if self.ids.members(id) == 0 {
@@ -456,207 +566,192 @@ impl Compiler {
             .collect();
         tx.created.clear();
         tx.released.clear();
+        if born.is_empty() && died.is_empty() {
+            return;
+        }
 
-        if !born.is_empty() || !died.is_empty() {
-            for (pref, cache) in self.rule_cache.iter_mut() {
-                let Some(pol) = self.policies.get(pref) else {
-                    continue;
-                };
-                for d in DIRS {
-                    for (i, rule) in pol.rules[d as usize].iter().enumerate() {
-                        let set = &mut cache[d as usize][i];
-                        for id in &died {
-                            set.remove(id);
-                        }
-                        for (id, c) in &born {
-                            if rule.peers.is_some() && rule_matches(rule, &pol.namespace, c) {
-                                set.insert(*id);
-                            }
-                        }
-                    }
+        // The caches learn the births and forget the deaths; `born_in` keeps, per peer set,
+        // the identities born that it matches.
+        let mut born_in: HashMap<&PeerSet, Vec<u32>, fxhash::FxBuild> = HashMap::default();
+        for (set, cache) in self.caches.iter_mut() {
+            for id in &died {
+                cache.ids.remove(id);
+            }
+            for (id, c) in &born {
+                if set.matches(c) {
+                    cache.ids.insert(*id);
+                    born_in.entry(set).or_default().push(*id);
                 }
             }
-            let eps: Vec<PodRef> = self
+        }
+        let all_born: Vec<u32> = born.iter().map(|(id, _)| *id).collect();
+        for (r, ep) in self.endpoints.iter_mut() {
+            let entries = &self.plan.endpoints[r].entries;
+            let has_dead = died
+                .iter()
+                .any(|id| entries.range(endpoint::entry_range(*id)).next().is_some());
+            let held = || ep.selecting.iter().flat_map(|(_, p)| all_rules(p));
+            let has_born = !all_born.is_empty()
+                && held().any(|(_, rule)| {
+                    rule.peers
+                        .as_ref()
+                        .is_none_or(|p| born_in.contains_key(&**p))
+                });
+            if !has_dead && !has_born {
+                continue;
+            }
+            let j = journal(&self.plan, &mut tx.eps, r);
+            let entries = &mut self
                 .plan
                 .endpoints
-                .keys()
-                .filter(|k| !tx.dirty_endpoints.contains(*k))
-                .cloned()
-                .collect();
-            for r in eps {
-                for &id in &died {
-                    let gone: Vec<PolicyEntry> = self.plan.endpoints[&r]
-                        .entries
-                        .range(entry_range(id))
-                        .copied()
-                        .collect();
-                    for e in gone {
-                        self.remove_entry(&r, e, tx);
-                    }
-                }
-                if born.is_empty() {
-                    continue;
-                }
-                let Some(pod) = self.pods.get(&r) else {
-                    continue;
-                };
-                let mut out = BTreeSet::new();
-                for (_, pol) in self
-                    .policies
-                    .range(ObjectRef::namespace_range(&r.namespace))
-                {
-                    if !pol.selector.matches(&pod.labels) {
-                        continue;
-                    }
-                    for d in DIRS {
-                        for rule in &pol.rules[d as usize] {
-                            for (id, c) in &born {
-                                if rule_matches(rule, &pol.namespace, c) {
-                                    port_entries(rule, d, pod, c, *id, &mut out);
-                                }
-                            }
-                        }
-                    }
-                }
-                for e in out {
-                    self.add_entry(&r, e, tx);
-                }
+                .get_mut(r)
+                .expect("every endpoint is in the plan")
+                .entries;
+            let mut sink = Sink {
+                extra: &mut ep.extra,
+                entries,
+                journal: j,
+            };
+            for id in &died {
+                sink.purge(*id);
             }
-            for (id, c) in born {
-                self.plan.classes.insert(id, c.clone());
-                tx.classes.insert(id, Some(c));
+            if !has_born {
+                continue;
             }
-            for id in died {
-                self.ids.collect(id);
-                self.plan.classes.remove(&id);
-                tx.classes.insert(id, None);
-            }
-        }
-
-        // 3. Endpoints recomputed in full.
-        for r in std::mem::take(&mut tx.dirty_endpoints) {
-            self.recompute_endpoint(&r, tx);
-        }
-    }
-
-    fn journal<'a>(&self, r: &PodRef, tx: &'a mut Tx) -> &'a mut EpJournal {
-        tx.eps.entry(r.clone()).or_insert_with(|| EpJournal {
-            header_before: self.plan.endpoints.get(r).map(|e| EndpointHeader {
-                ips: e.ips.clone(),
-                flags: e.flags,
-            }),
-            ..Default::default()
-        })
-    }
-
-    fn add_entry(&mut self, r: &PodRef, e: PolicyEntry, tx: &mut Tx) {
-        let j = self.journal(r, tx);
-        if let Some(ep) = self.plan.endpoints.get_mut(r) {
-            if ep.entries.insert(e) && !j.removed.remove(&e) {
-                j.added.insert(e);
-            }
-        }
-    }
-
-    fn remove_entry(&mut self, r: &PodRef, e: PolicyEntry, tx: &mut Tx) {
-        let j = self.journal(r, tx);
-        if let Some(ep) = self.plan.endpoints.get_mut(r) {
-            if ep.entries.remove(&e) && !j.added.remove(&e) {
-                j.removed.insert(e);
-            }
-        }
-    }
-
-    fn ensure_cache(&mut self, pref: &PolicyRef) {
-        if self.rule_cache.contains_key(pref) {
-            return;
-        }
-        let Some(pol) = self.policies.get(pref) else {
-            return;
-        };
-        let cache = DIRS.map(|d| {
-            pol.rules[d as usize]
-                .iter()
-                .map(|rule| match rule.peers {
-                    None => BTreeSet::new(),
-                    Some(_) => self
-                        .ids
-                        .ids()
-                        .filter(|(_, c)| rule_matches(rule, &pol.namespace, c))
-                        .map(|(id, _)| id)
-                        .collect(),
-                })
-                .collect()
-        });
-        self.rule_cache.insert(pref.clone(), cache);
-    }
-
-    fn recompute_endpoint(&mut self, r: &PodRef, tx: &mut Tx) {
-        let pod = self.pods.get(r).filter(|p| p.is_local(&self.node)).cloned();
-        let Some(pod) = pod else {
-            if self.plan.endpoints.contains_key(r) {
-                let j = self.journal(r, tx);
-                let ep = self.plan.endpoints.remove(r).expect("checked");
-                for e in ep.entries {
-                    if !j.added.remove(&e) {
-                        j.removed.insert(e);
-                    }
-                }
-            }
-            return;
-        };
-        let selecting: Vec<PolicyRef> = self
-            .policies
-            .range(ObjectRef::namespace_range(&r.namespace))
-            .filter(|(_, p)| p.selector.matches(&pod.labels))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut flags = 0;
-        let mut entries = BTreeSet::new();
-        for pref in &selecting {
-            self.ensure_cache(pref);
-            let pol = &self.policies[pref];
-            let cache = &self.rule_cache[pref];
-            for d in DIRS {
-                if pol.isolates[d as usize] {
-                    flags |= if d == DIR_INGRESS {
-                        EP_ISOLATED_INGRESS
-                    } else {
-                        EP_ISOLATED_EGRESS
+            for (_, pol) in &ep.selecting {
+                for (d, rule) in all_rules(pol) {
+                    let ids = match &rule.peers {
+                        None => &all_born[..],
+                        Some(p) => born_in.get(&**p).map_or(&[][..], |v| &v[..]),
                     };
-                }
-                for (i, rule) in pol.rules[d as usize].iter().enumerate() {
-                    let world = IdentityClass::default();
-                    if rule.peers.is_none() {
-                        port_entries(rule, d, &pod, &world, IDENTITY_WORLD, &mut entries);
-                        for (id, c) in self.ids.ids() {
-                            port_entries(rule, d, &pod, c, id, &mut entries);
-                        }
-                    } else {
-                        for &id in &cache[d as usize][i] {
-                            if let Some(c) = self.ids.class(id) {
-                                port_entries(rule, d, &pod, c, id, &mut entries);
-                            }
-                        }
+                    for &id in ids {
+                        port_entries(rule, d, &ep.pod.named_ports, &self.ids, id, &mut |e| {
+                            sink.add(e)
+                        });
                     }
                 }
             }
         }
-        self.journal(r, tx);
-        let ep = self.plan.endpoints.entry(r.clone()).or_default();
-        ep.ips.clone_from(&pod.ips);
-        ep.flags = flags;
-        let old = std::mem::replace(&mut ep.entries, entries);
-        let j = tx.eps.get_mut(r).expect("journal opened above");
-        for e in old.difference(&ep.entries) {
-            if !j.added.remove(e) {
-                j.removed.insert(*e);
-            }
+        for (id, c) in born {
+            self.plan.classes.insert(id, c.clone());
+            tx.classes.insert(id, Some(c));
         }
-        for e in ep.entries.difference(&old) {
-            if !j.removed.remove(e) {
-                j.added.insert(*e);
+        for id in died {
+            self.ids.collect(id);
+            self.plan.classes.remove(&id);
+            tx.classes.insert(id, None);
+        }
+    }
+
+    /// Step 2: every local pod that may be selected differently withdraws the rules it no
+    /// longer holds and is granted the ones it newly holds.
+    fn update_endpoints(&mut self, tx: &mut Tx) {
+        let mut candidates = std::mem::take(&mut tx.dirty_pods);
+        for p in std::mem::take(&mut tx.dirty_policies) {
+            candidates.extend(
+                self.endpoints
+                    .range(ObjectRef::namespace_range(&p.namespace))
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        for r in candidates {
+            let state = self
+                .pods
+                .get(&r)
+                .filter(|p| p.is_local(&self.node))
+                .cloned();
+            if state.is_none() && !self.endpoints.contains_key(&r) {
+                continue;
             }
+            let want = state
+                .as_ref()
+                .map(|p| self.selecting(&r.namespace, &p.labels))
+                .unwrap_or_default();
+            let j = journal(&self.plan, &mut tx.eps, &r);
+            let Some(state) = state else {
+                // The endpoint goes: its entries all go with it, nothing to count.
+                let ep = self.endpoints.remove(&r).expect("checked above");
+                for (_, pol) in &ep.selecting {
+                    for (_, rule) in all_rules(pol) {
+                        release_rule(&mut self.caches, rule);
+                    }
+                }
+                if let Some(pe) = self.plan.endpoints.remove(&r) {
+                    j.remove_all(&pe.entries);
+                }
+                continue;
+            };
+            let pe = self.plan.endpoints.entry(r.clone()).or_default();
+            let ep = match self.endpoints.entry(r.clone()) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    // A new endpoint: everything it gets, built at once.
+                    let ep = v.insert(Endpoint::new(state));
+                    let mut all = Vec::new();
+                    for (_, pol) in &want {
+                        for (d, rule) in all_rules(pol) {
+                            grant_rule(
+                                &mut self.caches,
+                                &self.ids,
+                                rule,
+                                d,
+                                &ep.pod.named_ports,
+                                &mut |e| all.push(e),
+                            );
+                        }
+                    }
+                    ep.fill(&mut pe.entries, all);
+                    ep.selecting = want;
+                    pe.ips.clone_from(&ep.pod.ips);
+                    pe.flags = isolation_flags(&ep.selecting);
+                    continue;
+                }
+            };
+            let mut sink = Sink {
+                extra: &mut ep.extra,
+                entries: &mut pe.entries,
+                journal: j,
+            };
+            // Ingress named ports resolve on the pod: if they changed, every rule is
+            // recomputed.
+            let same_ports = state.named_ports == ep.pod.named_ports;
+            let old_ports = std::mem::take(&mut ep.pod.named_ports);
+            let held = std::mem::take(&mut ep.selecting);
+            for (pr, pa) in &held {
+                let now = want.iter().find(|(wr, _)| wr == pr).map(|(_, w)| w);
+                let gone = match now {
+                    Some(pb) if same_ports && Arc::ptr_eq(pa, pb) => continue,
+                    Some(pb) if same_ports => rules_not_in(pa, pb),
+                    _ => all_rules(pa).collect(),
+                };
+                for (d, rule) in gone {
+                    withdraw_rule(&mut self.caches, &self.ids, rule, d, &old_ports, &mut |e| {
+                        sink.sub(e)
+                    });
+                }
+            }
+            ep.pod = state;
+            for (pr, pb) in &want {
+                let before = held.iter().find(|(hr, _)| hr == pr).map(|(_, h)| h);
+                let fresh = match before {
+                    Some(pa) if same_ports && Arc::ptr_eq(pa, pb) => continue,
+                    Some(pa) if same_ports => rules_not_in(pb, pa),
+                    _ => all_rules(pb).collect(),
+                };
+                for (d, rule) in fresh {
+                    grant_rule(
+                        &mut self.caches,
+                        &self.ids,
+                        rule,
+                        d,
+                        &ep.pod.named_ports,
+                        &mut |e| sink.add(e),
+                    );
+                }
+            }
+            ep.selecting = want;
+            pe.ips.clone_from(&ep.pod.ips);
+            pe.flags = isolation_flags(&ep.selecting);
         }
     }
 
@@ -672,12 +767,11 @@ impl Compiler {
             }
         }
         for (r, j) in tx.eps {
-            let header = self.plan.endpoints.get(&r).map(|e| EndpointHeader {
-                ips: e.ips.clone(),
-                flags: e.flags,
-            });
+            let now = self.plan.endpoints.get(&r);
+            let header = now.map(|e| e.header());
             let header_changed = header != j.header_before;
-            if !header_changed && j.added.is_empty() && j.removed.is_empty() {
+            let (added, removed) = j.net(now.map(|p| &p.entries));
+            if !header_changed && added.is_empty() && removed.is_empty() {
                 continue;
             }
             diff.endpoints.insert(
@@ -685,8 +779,8 @@ impl Compiler {
                 EndpointDiff {
                     header,
                     header_changed,
-                    added: j.added.into_iter().collect(),
-                    removed: j.removed.into_iter().collect(),
+                    added,
+                    removed,
                 },
             );
         }
@@ -707,90 +801,6 @@ impl Compiler {
         }
         diff.classes = tx.classes;
         diff
-    }
-}
-
-fn entry_range(id: u32) -> std::ops::RangeInclusive<PolicyEntry> {
-    let lo = PolicyEntry {
-        identity: id,
-        dir: 0,
-        proto: None,
-        port: 0,
-        port_prefix_bits: 0,
-    };
-    let hi = PolicyEntry {
-        identity: id,
-        dir: u8::MAX,
-        proto: Some(u8::MAX),
-        port: u16::MAX,
-        port_prefix_bits: u8::MAX,
-    };
-    lo..=hi
-}
-
-/// Whether `rule`'s peers (of a policy in namespace `ns`) match addresses of `class`.
-fn rule_matches(rule: &Rule, ns: &str, class: &IdentityClass) -> bool {
-    let Some(peers) = &rule.peers else {
-        return true;
-    };
-    peers.iter().any(|peer| match peer {
-        Peer::Pods { ns: ns_sel, pods } => class.pod.as_ref().is_some_and(|a| {
-            let ns_ok = match ns_sel {
-                None => a.namespace == ns,
-                Some(s) => s.matches(&a.namespace_labels),
-            };
-            ns_ok && pods.matches(&a.labels)
-        }),
-        Peer::Block(b) => class.blocks.contains(b),
-    })
-}
-
-/// The entries `rule` (in direction `dir`, of a policy selecting the local `pod`) grants to
-/// peers of `class`, numbered `id`.
-fn port_entries(
-    rule: &Rule,
-    dir: u8,
-    pod: &PodState,
-    class: &IdentityClass,
-    id: u32,
-    out: &mut BTreeSet<PolicyEntry>,
-) {
-    let entry = |proto, port, bits| PolicyEntry {
-        identity: id,
-        dir,
-        proto,
-        port,
-        port_prefix_bits: bits,
-    };
-    let Some(specs) = &rule.ports else {
-        out.insert(entry(None, 0, 0));
-        return;
-    };
-    for s in specs {
-        match &s.port {
-            PortMatch::All => {
-                out.insert(entry(Some(s.proto), 0, 0));
-            }
-            PortMatch::Range(lo, hi) => {
-                for (p, bits) in port_blocks(*lo, *hi) {
-                    out.insert(entry(Some(s.proto), p, bits));
-                }
-            }
-            PortMatch::Named(name) => {
-                // The destination pod names the port: the local pod for ingress, the peer
-                // for egress.
-                let named = if dir == DIR_INGRESS {
-                    &pod.named_ports[..]
-                } else {
-                    class.pod.as_ref().map_or(&[][..], |a| &a.named_ports[..])
-                };
-                for (n, proto, port) in named {
-                    if n == name && *proto == s.proto {
-                        out.insert(entry(Some(s.proto), *port, 16));
-                    }
-                }
-            }
-        }
     }
 }
 

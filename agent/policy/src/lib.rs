@@ -29,12 +29,22 @@
 //! # Incremental compilation
 //!
 //! [`Compiler`] keeps the objects plus indexes: prefix → sources and class, ipBlocks by
-//! cidr, and per rule the set of identities its peers match (kept current as classes are
-//! born and die, computed only for policies that select a local pod). A change marks the
-//! prefixes whose class may change and the local endpoints that must be recomputed; class
-//! births and deaths then reach the other endpoints as single-identity deltas.
-//! [`Compiler::apply`] returns the [`PlanDiff`] to write to the maps.
+//! cidr, live identities by namespace and by the ipBlocks containing them, and per distinct
+//! peer set (the `from`/`to` of a rule; shared by every rule with equal peers) the identities
+//! it matches — built from the indexes, kept current as classes are born and die. Each
+//! local pod's entries are a multiset of contributions, one per (rule, identity, port
+//! entry): an entry is in the plan while some rule contributes it. A change then costs what
+//! it changes, not what the endpoints hold:
 //!
+//! * a pod elsewhere whose labels match an existing identity: one identity entry;
+//! * an identity born or dying: its own entries on the endpoints whose rules match it;
+//! * a policy edited: the rules that differ between the two versions, withdrawn and granted
+//!   on the endpoints it selects (equal rules are left alone);
+//! * a local pod relabelled: the policies it leaves and joins; added or deleted: its entries.
+//!
+//! [`Compiler::apply`] returns the [`PlanDiff`] to write to the maps; a property test checks
+//! that the diffs, applied one after the other, equal a full compile at every step.
+
 //! # Semantics choices
 //!
 //! * **Named ports** resolve on the destination pod: the local pod for ingress, the peer

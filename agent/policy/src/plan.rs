@@ -54,6 +54,15 @@ pub struct EndpointPlan {
     pub entries: BTreeSet<PolicyEntry>,
 }
 
+impl EndpointPlan {
+    pub fn header(&self) -> EndpointHeader {
+        EndpointHeader {
+            ips: self.ips.clone(),
+            flags: self.flags,
+        }
+    }
+}
+
 /// Everything the dataplane maps of one node must hold.
 #[derive(Clone, Debug, Default)]
 pub struct Plan {

@@ -9,6 +9,7 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, Network
 use palisade_common::{DIR_EGRESS, DIR_INGRESS};
 
 use crate::error::{FieldError, Rejection};
+use crate::identity::IdentityClass;
 use crate::net;
 use crate::ports::{self, PortSpec};
 use crate::selector::Selector;
@@ -37,10 +38,46 @@ pub(crate) enum Peer {
     Block(Arc<IpBlock>),
 }
 
+/// The peers of one rule (ORed). Rules with equal peer sets match the same identities, so
+/// the compiler keeps one match cache per distinct set.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PeerSet {
+    /// The policy's namespace if a peer selects pods of it (`podSelector` without
+    /// `namespaceSelector`); `None` if the peers mean the same in every namespace.
+    pub namespace: Option<String>,
+    pub peers: Vec<Peer>,
+}
+
+impl PeerSet {
+    fn new(namespace: &str, peers: Vec<Peer>) -> Self {
+        let local = peers
+            .iter()
+            .any(|p| matches!(p, Peer::Pods { ns: None, .. }));
+        Self {
+            namespace: local.then(|| namespace.to_string()),
+            peers,
+        }
+    }
+
+    /// Whether the peers match addresses of `class`.
+    pub fn matches(&self, class: &IdentityClass) -> bool {
+        self.peers.iter().any(|peer| match peer {
+            Peer::Pods { ns, pods } => class.pod.as_ref().is_some_and(|a| {
+                let ns_ok = match ns {
+                    None => self.namespace.as_deref() == Some(a.namespace.as_str()),
+                    Some(s) => s.matches(&a.namespace_labels),
+                };
+                ns_ok && pods.matches(&a.labels)
+            }),
+            Peer::Block(b) => class.blocks.contains(b),
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Rule {
     /// `None` = every address, the world included.
-    pub peers: Option<Vec<Peer>>,
+    pub peers: Option<Arc<PeerSet>>,
     /// `None` = every protocol and port.
     pub ports: Option<Vec<PortSpec>>,
 }
@@ -61,10 +98,13 @@ pub(crate) struct CompiledPolicy {
 impl CompiledPolicy {
     pub fn blocks(&self) -> impl Iterator<Item = &Arc<IpBlock>> {
         self.rules.iter().flatten().flat_map(|r| {
-            r.peers.iter().flatten().filter_map(|p| match p {
-                Peer::Block(b) => Some(b),
-                Peer::Pods { .. } => None,
-            })
+            r.peers
+                .iter()
+                .flat_map(|s| &s.peers)
+                .filter_map(|p| match p {
+                    Peer::Block(b) => Some(b),
+                    Peer::Pods { .. } => None,
+                })
         })
     }
 }
@@ -139,6 +179,7 @@ fn parse_peer(p: &NetworkPolicyPeer, path: &str, errors: &mut Vec<FieldError>) -
 }
 
 fn parse_rule(
+    namespace: &str,
     peers: Option<&Vec<NetworkPolicyPeer>>,
     ports: Option<&Vec<NetworkPolicyPort>>,
     path: &str,
@@ -147,10 +188,12 @@ fn parse_rule(
 ) -> Rule {
     // An empty list means the same as an absent one: everything.
     let peers = peers.filter(|v| !v.is_empty()).map(|v| {
-        v.iter()
+        let list = v
+            .iter()
             .enumerate()
             .filter_map(|(i, p)| parse_peer(p, &format!("{path}.{peer_field}[{i}]"), errors))
-            .collect()
+            .collect();
+        Arc::new(PeerSet::new(namespace, list))
     });
     let ports = ports.filter(|v| !v.is_empty()).map(|v| {
         v.iter()
@@ -208,6 +251,7 @@ pub(crate) fn compile(np: &NetworkPolicy) -> CompiledPolicy {
     let mut rules: [Vec<Rule>; 2] = [Vec::new(), Vec::new()];
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
         let rule = parse_rule(
+            &ns,
             r.from.as_ref(),
             r.ports.as_ref(),
             &format!("spec.ingress[{i}]"),
@@ -218,6 +262,7 @@ pub(crate) fn compile(np: &NetworkPolicy) -> CompiledPolicy {
     }
     for (i, r) in spec.egress.iter().flatten().enumerate() {
         let rule = parse_rule(
+            &ns,
             r.to.as_ref(),
             r.ports.as_ref(),
             &format!("spec.egress[{i}]"),

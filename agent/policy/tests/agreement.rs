@@ -1,4 +1,11 @@
 //! The plan, looked up exactly as the tc programs do, agrees with the reference evaluator.
+//!
+//! Nightly-style run: the `#[ignore]`d `_long` tests, larger clusters and `PROPTEST_CASES`
+//! cases (default 20,000; 100,000 take about a minute in release on 2 cores):
+//!
+//! ```text
+//! PROPTEST_CASES=100000 cargo test --release -p palisade-policy --test agreement -- --ignored
+//! ```
 
 mod common;
 
@@ -70,7 +77,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 20000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: long_cases(20000), ..ProptestConfig::default() })]
 
     #[test]
     #[ignore = "long: run with --ignored"]

@@ -5,9 +5,11 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use palisade_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use palisade_common::{
+    EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 use palisade_policy::reference::Cluster;
-use palisade_policy::{compile, Plan};
+use palisade_policy::{compile, ObjectRef, Plan};
 
 const NODE: &str = "node-a";
 const NODE_IP: &str = "10.0.0.1";
@@ -371,7 +373,7 @@ spec:
 }
 
 #[test]
-fn named_port_resolves_on_destination_pod() {
+fn ingress_named_port_resolves_on_the_local_pod() {
     let f = fixture(
         r#"
 kind: NetworkPolicy
@@ -379,7 +381,19 @@ metadata: {name: in, namespace: prod}
 spec:
   podSelector: {matchLabels: {app: web}}
   ingress: [{ports: [{port: http}]}]
----
+"#,
+    );
+    assert!(f.tcp(CLIENT, WEB, 8080), "web's own http port");
+    assert!(
+        !f.tcp(CLIENT, WEB, 9000),
+        "not the http port of another pod"
+    );
+}
+
+#[test]
+fn egress_named_port_resolves_on_the_peer() {
+    let f = fixture(
+        r#"
 kind: NetworkPolicy
 metadata: {name: out, namespace: prod}
 spec:
@@ -388,11 +402,32 @@ spec:
   egress: [{ports: [{port: http}]}]
 "#,
     );
-    assert!(f.tcp(CLIENT, WEB, 8080), "web's own http port");
-    assert!(!f.tcp(CLIENT, WEB, 9000));
     assert!(f.tcp(WEB, TOOL, 9000), "tool's http port, not web's");
     assert!(!f.tcp(WEB, TOOL, 8080));
+    assert!(!f.tcp(WEB, DB, 8080), "db declares no http port");
     assert!(!f.tcp(WEB, OUTSIDE, 8080), "no pod to resolve on");
+}
+
+#[test]
+fn named_port_resolving_on_no_pod_allows_nothing_but_isolates() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{ports: [{port: nosuch}]}]
+  egress: [{ports: [{port: nosuch}]}]
+"#,
+    );
+    for port in [0, 53, 5432, 8080, 9000] {
+        assert!(!f.tcp(CLIENT, DB, port), "ingress {port}");
+        assert!(!f.tcp(DB, TOOL, port), "egress {port}");
+    }
+    let db = &f.plan.endpoints[&ObjectRef::new("prod", "db")];
+    assert_eq!(db.flags, EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS);
+    assert!(db.entries.is_empty(), "{:?}", db.entries);
 }
 
 #[test]
@@ -520,7 +555,7 @@ spec:
 }
 
 #[test]
-fn invalid_fields_are_rejected_with_their_path() {
+fn invalid_fields_are_rejected_naming_the_policy_and_field() {
     let cases = [
         ("{ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}", "spec.ingress[0].from[0].ipBlock.cidr"),
         ("{ingress: [{ports: [{protocol: ICMP}]}]}", "spec.ingress[0].ports[0].protocol"),
@@ -531,7 +566,25 @@ fn invalid_fields_are_rejected_with_their_path() {
         ("{egress: [{to: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]}]}", "spec.egress[0].to[0].podSelector.matchExpressions[0].values"),
         ("{egress: [{to: [{namespaceSelector: {matchExpressions: [{key: a, operator: Exists, values: [b]}]}}]}]}", "spec.egress[0].to[0].namespaceSelector.matchExpressions[0].values"),
         ("{policyTypes: [Inbound]}", "spec.policyTypes[0]"),
+        ("{ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/4]}}]}]}", "spec.ingress[0].from[0].ipBlock.except[0]"),
+        ("{ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.0.2.0/24]}}]}]}", "spec.ingress[0].from[0].ipBlock.except[0]"),
+        ("{ingress: [{ports: [{protocol: SCTPX, port: 80}]}]}", "spec.ingress[0].ports[0].protocol"),
     ];
+    // Valid policies next to the invalid one (web may reach db): they must keep working.
+    const GOOD: &str = r#"
+kind: NetworkPolicy
+metadata: {name: good-in, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]
+---
+kind: NetworkPolicy
+metadata: {name: good-out, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]
+"#;
     for (rest, field) in cases {
         let mut spec: serde_yaml::Value = serde_yaml::from_str(rest).unwrap();
         spec["podSelector"] = serde_yaml::from_str("{}").unwrap();
@@ -544,24 +597,52 @@ fn invalid_fields_are_rejected_with_their_path() {
             .unwrap(),
         )
         .unwrap();
-        let f = fixture(&doc);
+        let f = fixture(&format!("{doc}\n---\n{GOOD}"));
         let r = f
             .plan
             .rejections
             .values()
             .flatten()
-            .map(|r| r.field.as_str())
+            .map(|r| (r.object.as_str(), r.field.as_str()))
             .collect::<Vec<_>>();
-        assert_eq!(r, vec![field], "for {rest}");
+        assert_eq!(r, vec![("NetworkPolicy/prod/bad", field)], "for {rest}");
         assert!(
-            !f.tcp(CLIENT, DB, 80),
-            "{rest}: rejected policy must fail closed"
+            !f.tcp(CLIENT, WEB, 80) && !f.tcp(CLIENT, DB, 80),
+            "{rest}: the pods it selects stay isolated"
         );
+        assert!(f.tcp(WEB, DB, 80), "{rest}: the valid policy keeps working");
     }
 }
 
 #[test]
-fn hostnetwork_and_terminated_pods_are_neither_enforced_nor_peers() {
+fn terminated_pods_are_neither_enforced_nor_peers() {
+    let f = fixture(
+        r#"
+kind: Pod
+metadata: {name: done, namespace: prod, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: c}]}
+status: {phase: Succeeded, podIP: 10.1.0.9}
+---
+kind: Pod
+metadata: {name: crashed, namespace: prod, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: c}]}
+status: {phase: Failed, podIP: 10.1.0.10}
+---
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]
+"#,
+    );
+    assert!(!f.tcp("10.1.0.9", DB, 80), "a Succeeded pod is no peer");
+    assert!(!f.tcp("10.1.0.10", DB, 80), "a Failed pod is no peer");
+    assert!(f.tcp(WEB, DB, 80), "a running pod with the same labels is");
+    assert_eq!(f.plan.endpoints.len(), 2, "terminated pods get no plan");
+}
+
+#[test]
+fn host_network_pods_are_the_node_not_pods() {
     let f = fixture(
         r#"
 kind: Pod
@@ -569,23 +650,86 @@ metadata: {name: agent, namespace: prod, labels: {app: web}}
 spec: {nodeName: node-a, hostNetwork: true, containers: [{name: c}]}
 status: {podIP: 10.0.0.1}
 ---
-kind: Pod
-metadata: {name: done, namespace: prod, labels: {app: web}}
-spec: {nodeName: node-a, containers: [{name: c}]}
-status: {phase: Succeeded, podIP: 10.1.0.9}
----
 kind: NetworkPolicy
 metadata: {name: p, namespace: prod}
 spec:
   podSelector: {matchLabels: {app: db}}
   policyTypes: [Ingress, Egress]
-  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]
+  ingress: [{from: [{podSelector: {matchLabels: {app: tool}}}]}]
 "#,
     );
-    assert_eq!(f.plan.endpoints.len(), 2);
-    assert!(!f.tcp("10.1.0.9", DB, 80), "terminated pods are not peers");
-    assert!(f.tcp(NODE_IP, DB, 80), "the host-network pod is the node");
+    assert_eq!(f.plan.endpoints.len(), 2, "no plan for a host-network pod");
+    assert!(
+        f.tcp(NODE_IP, DB, 80),
+        "its traffic is the node's: let in although app=web is not allowed"
+    );
+    assert!(
+        !f.tcp(DB, NODE_IP, 80),
+        "and it is no app=web peer for egress"
+    );
     assert!(!f.tcp(DB, WEB, 80));
+}
+
+#[test]
+fn pods_without_an_ip_get_no_plan_yet() {
+    let f = fixture(
+        r#"
+kind: Pod
+metadata: {name: starting, namespace: prod, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: c}]}
+status: {phase: Pending}
+---
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec: {podSelector: {matchLabels: {app: web}}}
+"#,
+    );
+    assert!(!f
+        .plan
+        .endpoints
+        .contains_key(&ObjectRef::new("prod", "starting")));
+    assert!(!f.tcp(CLIENT, WEB, 80), "the pods with an IP are enforced");
+}
+
+#[test]
+fn pods_on_other_nodes_are_peers_but_not_enforced_here() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {}
+  ingress: [{from: [{podSelector: {matchLabels: {app: tool}}}]}]
+"#,
+    );
+    assert!(f.tcp(TOOL, DB, 80), "tool (node-b) is a peer");
+    assert!(!f.tcp(CLIENT, DB, 80));
+    assert!(
+        !f.plan
+            .endpoints
+            .contains_key(&ObjectRef::new("prod", "tool")),
+        "node-b enforces tool"
+    );
+}
+
+#[test]
+fn traffic_from_the_pods_own_node_is_always_allowed() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+"#,
+    );
+    assert!(f.tcp(NODE_IP, WEB, 80));
+    assert!(f.allows(NODE_IP, DB, PROTO_UDP, 53));
+    assert!(
+        !f.tcp(WEB, NODE_IP, 80),
+        "only traffic from the node, not to it"
+    );
+    assert!(!f.tcp("10.0.0.2", WEB, 80), "another node's address is not");
 }
 
 #[test]
@@ -599,8 +743,183 @@ spec:
   ingress: [{from: [{ipBlock: {cidr: "fd00::/120", except: ["fd00::2/128"]}}]}]
 "#,
     );
-    assert!(!f.tcp(CLIENT6, WEB6, 80));
+    assert!(!f.tcp(CLIENT6, WEB6, 80), "excepted");
+    assert!(f.tcp("fd00::7", WEB6, 80), "inside the v6 block");
+    assert!(!f.tcp(CLIENT, WEB, 80), "a v6 block admits no v4 address");
     assert!(f.plan.identities_v6.len() >= 3);
+}
+
+#[test]
+fn pod_peers_match_both_address_families() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {env: dev}}}]}]
+"#,
+    );
+    assert!(f.tcp(CLIENT, WEB, 80));
+    assert!(f.tcp(CLIENT6, WEB6, 80));
+    assert!(!f.tcp("fd00::9", WEB6, 80), "an address that is no pod");
+    let web = &f.plan.endpoints[&ObjectRef::new("prod", "web")];
+    assert_eq!(web.ips.len(), 2, "both podIPs are the endpoint's");
+}
+
+#[test]
+fn ipv4_blocks_do_not_match_ipv6_addresses() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0}}]}]
+"#,
+    );
+    assert!(f.tcp(OUTSIDE, WEB, 80));
+    assert!(f.tcp(CLIENT, WEB, 80), "pods are addresses too");
+    assert!(!f.tcp(CLIENT6, WEB6, 80));
+}
+
+#[test]
+fn namespace_selector_alone_matches_every_pod_of_those_namespaces() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {env: dev}}}]}]
+"#,
+    );
+    assert!(f.tcp(CLIENT, DB, 1));
+    assert!(!f.tcp(WEB, DB, 1), "its own namespace is not env=dev");
+}
+
+#[test]
+fn empty_pod_selector_peer_means_every_pod_of_the_namespace() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{podSelector: {}}]}]
+"#,
+    );
+    assert!(f.tcp(WEB, DB, 1));
+    assert!(f.tcp(TOOL, DB, 1));
+    assert!(!f.tcp(CLIENT, DB, 1), "another namespace");
+    assert!(!f.tcp(OUTSIDE, DB, 1), "not an address that is no pod");
+}
+
+#[test]
+fn empty_from_and_empty_ports_mean_everything() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [], ports: []}]
+"#,
+    );
+    assert!(f.tcp(OUTSIDE, DB, 1));
+    assert!(f.allows(CLIENT, DB, PROTO_UDP, 9));
+    assert!(f.allows(CLIENT, DB, PROTO_ICMP, 0));
+}
+
+#[test]
+fn absent_to_allows_every_destination() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  egress: [{ports: [{port: 53, protocol: UDP}]}]
+"#,
+    );
+    assert!(f.allows(WEB, OUTSIDE, PROTO_UDP, 53));
+    assert!(f.allows(WEB, CLIENT, PROTO_UDP, 53));
+    assert!(!f.tcp(WEB, OUTSIDE, 53));
+    assert!(!f.tcp(CLIENT, WEB, 80), "ingress is isolated too (always)");
+}
+
+#[test]
+fn exists_and_does_not_exist_test_the_key_only() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from:
+    - podSelector: {matchExpressions: [{key: app, operator: Exists}, {key: tier, operator: DoesNotExist}]}
+"#,
+    );
+    assert!(f.tcp(WEB, DB, 1), "has app, lacks tier");
+    assert!(f.tcp(TOOL, DB, 1));
+}
+
+#[test]
+fn match_labels_and_match_expressions_are_anded() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: web}, matchExpressions: [{key: app, operator: In, values: [tool]}]}
+"#,
+    );
+    assert!(!f.tcp(WEB, DB, 1), "app=web but not In [tool]");
+    assert!(!f.tcp(TOOL, DB, 1), "In [tool] but not app=web");
+}
+
+#[test]
+fn sctp_is_matched_by_protocol() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{ports: [{port: 3868, protocol: SCTP}, {port: 2905, endPort: 2906, protocol: SCTP}]}]
+"#,
+    );
+    assert!(f.allows(CLIENT, DB, PROTO_SCTP, 3868));
+    assert!(f.allows(CLIENT, DB, PROTO_SCTP, 2906));
+    assert!(!f.allows(CLIENT, DB, PROTO_SCTP, 3869));
+    assert!(!f.tcp(CLIENT, DB, 3868), "SCTP only");
+    assert!(!f.allows(CLIENT, DB, PROTO_UDP, 3868));
+}
+
+#[test]
+fn except_narrows_only_its_own_peer_within_one_rule() {
+    let f = fixture(
+        r#"
+kind: NetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from:
+    - ipBlock: {cidr: 10.0.0.0/8, except: [10.2.0.0/16]}
+    - ipBlock: {cidr: 10.2.0.0/31}
+"#,
+    );
+    assert!(
+        f.tcp(CLIENT, DB, 1),
+        "10.2.0.1 is excepted by one peer, inside the other"
+    );
+    assert!(!f.tcp("10.2.0.9", DB, 1), "inside no peer");
+    assert!(f.tcp(WEB, DB, 1));
 }
 
 #[test]

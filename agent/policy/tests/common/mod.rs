@@ -449,3 +449,162 @@ pub fn changes_between(a: &Cluster, b: &Cluster) -> Vec<Change> {
     }
     v
 }
+
+/// `c` with `change` applied, as the API server would hold it.
+pub fn apply_to_cluster(c: &mut Cluster, change: &Change) {
+    fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+        ObjectRef::new(
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    }
+    fn upsert<T: Clone>(v: &mut Vec<T>, x: &T, same: impl Fn(&T) -> bool) {
+        match v.iter().position(same) {
+            Some(i) => v[i] = x.clone(),
+            None => v.push(x.clone()),
+        }
+    }
+    match change {
+        Change::UpsertNamespace(n) => {
+            upsert(&mut c.namespaces, n, |x| x.metadata.name == n.metadata.name)
+        }
+        Change::DeleteNamespace(name) => c
+            .namespaces
+            .retain(|x| x.metadata.name.as_deref() != Some(name.as_str())),
+        Change::UpsertPod(p) => upsert(&mut c.pods, p, |x| key(&x.metadata) == key(&p.metadata)),
+        Change::DeletePod(r) => c.pods.retain(|x| key(&x.metadata) != *r),
+        Change::UpsertPolicy(p) => {
+            upsert(&mut c.policies, p, |x| key(&x.metadata) == key(&p.metadata))
+        }
+        Change::DeletePolicy(r) => c.policies.retain(|x| key(&x.metadata) != *r),
+    }
+}
+
+/// One small edit of a cluster: `(what, which object, detail)`.
+pub type Edit = (u8, usize, usize);
+
+pub fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    proptest::collection::vec((0u8..9, any::<usize>(), any::<usize>()), 1..8)
+}
+
+fn edit_rules(spec: &mut Value, aux: usize, f: impl FnOnce(&mut Vec<Value>, usize)) {
+    let dir = if aux.is_multiple_of(2) {
+        "ingress"
+    } else {
+        "egress"
+    };
+    if !spec[dir].is_array() {
+        spec[dir] = json!([]);
+    }
+    if let Some(rules) = spec[dir].as_array_mut() {
+        f(rules, aux / 2);
+    }
+}
+
+/// `c` after the edits: policies losing, gaining, reordering or re-porting one rule (so
+/// most of a policy stays the same), pods changing labels, node or named ports, namespaces
+/// changing labels. The objects keep their names, so every edit is an update.
+pub fn edited(c: &Cluster, edits: &[Edit]) -> Cluster {
+    let mut c = c.clone();
+    for &(what, target, aux) in edits {
+        match what {
+            0..=3 if !c.policies.is_empty() => {
+                let i = target % c.policies.len();
+                let mut v = serde_json::to_value(&c.policies[i]).unwrap();
+                let spec = &mut v["spec"];
+                match what {
+                    0 => edit_rules(spec, aux, |r, k| {
+                        let n = r.len().max(1);
+                        let copy = r.get(k % n).cloned().unwrap_or(json!({}));
+                        r.push(copy)
+                    }),
+                    1 => edit_rules(spec, aux, |r, k| {
+                        if !r.is_empty() {
+                            let n = r.len();
+                            r.remove(k % n);
+                        }
+                    }),
+                    2 => edit_rules(spec, aux, |r, k| {
+                        let n = r.len().max(1);
+                        if let Some(rule) = r.get_mut(k % n) {
+                            rule["ports"] = match k % 3 {
+                                0 => json!([{"port": 80}]),
+                                1 => json!([{"port": "http"}, {"port": 1000, "endPort": 1030}]),
+                                _ => Value::Null,
+                            };
+                        }
+                    }),
+                    _ => edit_rules(spec, aux, |r, _| r.reverse()),
+                }
+                c.policies[i] = serde_json::from_value(v).unwrap();
+            }
+            4 if !c.policies.is_empty() => {
+                let i = target % c.policies.len();
+                let mut v = serde_json::to_value(&c.policies[i]).unwrap();
+                v["spec"]["podSelector"] = match aux % 3 {
+                    0 => json!({}),
+                    1 => json!({"matchLabels": {"app": POD_VALUES[aux / 3 % 3]}}),
+                    _ => json!({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}),
+                };
+                c.policies[i] = serde_json::from_value(v).unwrap();
+            }
+            5..=7 if !c.pods.is_empty() => {
+                let i = target % c.pods.len();
+                let mut v = serde_json::to_value(&c.pods[i]).unwrap();
+                match what {
+                    5 => {
+                        let key = POD_KEYS[aux % 2];
+                        if aux / 2 % 4 == 3 {
+                            if let Some(m) = v["metadata"]["labels"].as_object_mut() {
+                                m.remove(key);
+                            }
+                        } else {
+                            v["metadata"]["labels"][key] = json!(POD_VALUES[aux / 2 % 4]);
+                        }
+                    }
+                    6 => v["spec"]["nodeName"] = json!(NODES[aux % 2].0),
+                    _ => {
+                        v["spec"]["containers"][0]["ports"] = match aux % 3 {
+                            0 => json!([]),
+                            1 => json!([{"name": "http", "containerPort": 80 + aux % 7}]),
+                            _ => {
+                                json!([{"name": "http", "containerPort": 8080, "protocol": "UDP"}, {"name": PORT_NAMES[aux % 3], "containerPort": 9090}])
+                            }
+                        }
+                    }
+                }
+                c.pods[i] = serde_json::from_value(v).unwrap();
+            }
+            8 if !c.namespaces.is_empty() => {
+                let i = target % c.namespaces.len();
+                let mut v = serde_json::to_value(&c.namespaces[i]).unwrap();
+                v["metadata"]["labels"][NS_LABEL_KEYS[aux % 2]] =
+                    json!(NS_LABEL_VALUES[aux / 2 % 2]);
+                c.namespaces[i] = serde_json::from_value(v).unwrap();
+            }
+            _ => {}
+        }
+    }
+    c
+}
+
+/// `changes` cut into batches: a batch ends after change `i` when `cuts[i % len]` says so.
+pub fn batches(changes: Vec<Change>, cuts: &[bool]) -> Vec<Vec<Change>> {
+    let mut out = vec![Vec::new()];
+    for (i, ch) in changes.into_iter().enumerate() {
+        out.last_mut().unwrap().push(ch);
+        if cuts.is_empty() || cuts[i % cuts.len()] {
+            out.push(Vec::new());
+        }
+    }
+    out.retain(|b| !b.is_empty());
+    out
+}
+
+/// The number of cases for a long (`--ignored`) property test: `PROPTEST_CASES` if set.
+pub fn long_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
