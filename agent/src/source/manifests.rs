@@ -147,6 +147,8 @@ struct Origin<'a> {
     line: usize,
     /// `items[3]` inside a List; `None` for a top-level document.
     item: Option<usize>,
+    /// Lines of the file before the document: serde_yaml counts from the document's start.
+    offset: usize,
 }
 
 impl Origin<'_> {
@@ -242,23 +244,24 @@ impl Loader {
 
     /// `start` is the document's first line in the file, `line` its first content line.
     fn load_document(&mut self, file: &Path, start: usize, line: usize, doc: &str) {
-        // Padding with the lines before the document makes serde_yaml's locations file
-        // lines, while each document still parses on its own: a syntax error in one
-        // cannot hide the documents after it.
-        let text = format!("{}{doc}", "\n".repeat(start - 1));
-        let value: Value = match serde_yaml::from_str(&text) {
+        // Each document parses on its own (a syntax error in one cannot hide the documents
+        // after it); serde_yaml's lines are shifted by the lines before it. Padding the text
+        // instead would make reading a file quadratic in its number of documents.
+        let offset = start - 1;
+        let value: Value = match serde_yaml::from_str(doc) {
             Ok(value) => value,
             Err(e) => {
                 let (at, reason) = split_location(&e);
-                return self.error(file, Some(at.unwrap_or(line)), reason);
+                return self.error(file, Some(at.map_or(line, |l| l + offset)), reason);
             }
         };
         let origin = Origin {
             file,
             line,
             item: None,
+            offset,
         };
-        self.load_value(&origin, value, Raw::Text(&text));
+        self.load_value(&origin, value, Raw::Text(doc));
     }
 
     fn load_value(&mut self, origin: &Origin<'_>, value: Value, raw: Raw<'_>) {
@@ -320,6 +323,7 @@ impl Loader {
                 file,
                 line,
                 item: Some(i),
+                offset: 0,
             };
             self.load_value(&origin, item.clone(), Raw::Value(item));
         }
@@ -340,7 +344,8 @@ impl Loader {
             Err(e) => {
                 let (at, reason) = split_location(&e);
                 let reason = origin.prefix(format!("{} {name}: {reason}", K::KIND));
-                return self.error(origin.file, Some(at.unwrap_or(origin.line)), reason);
+                let at = at.map_or(origin.line, |l| l + origin.offset);
+                return self.error(origin.file, Some(at), reason);
             }
         };
         let meta = obj.metadata_mut();
