@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use palisade_policy::Change;
 use tokio::sync::mpsc;
 
-use super::{load_dir, object_key, DirWatcher, ObjectChange, Snapshot, SourceError, Update};
+use super::manifests::{load_dir_cached, DirCache};
+use super::{object_key, DirWatcher, ObjectChange, Snapshot, SourceError, Update};
 
 /// Starts following `dir`. The watch is set up before the first read, so no change is
 /// missed between the two. The task ends when the receiver is dropped.
@@ -18,8 +19,9 @@ pub fn spawn_directory(dir: PathBuf) -> Result<mpsc::Receiver<Update>, SourceErr
         let mut versions = BTreeMap::new();
         let mut synced = false;
         let mut last_errors = None;
+        let mut cache = DirCache::default();
         loop {
-            let errors = match load_dir(&dir) {
+            let errors = match load_dir_cached(&dir, &mut cache) {
                 Ok(snap) => {
                     let changes = changes_between(&versions, &snap);
                     versions = snap.versions.clone();
