@@ -1,0 +1,270 @@
+//! `kill -9` of the agent 20 times in a row at random moments (seeded) during reconciles:
+//! right after start (the first sync) and right after a manifest change. An allowed TCP
+//! connection per family streams throughout and a denied client sprays TCP and UDP at the
+//! same server. Then the last agent converges and every map (ENDPOINTS, IDENTITY_V4/V6,
+//! POLICY) is compared with the maps a clean agent builds from the same manifests.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use palisade::dataplane::{read_counters, Maps};
+use palisade_tests::agent::{AgentDirs, AgentProcess};
+use palisade_tests::sniff::Sniffer;
+use palisade_tests::stream::{EchoServer, Sprayer, Stream};
+use palisade_tests::{manifests, require_root, wait_until, Family, Flavour, Node, Pod, Proto};
+
+const BIN: &str = env!("CARGO_BIN_EXE_palisade");
+const NODE: &str = "n1";
+const KILLS: usize = 20;
+
+const POLICIES: &str = r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: a}}}]
+    ports: [{protocol: TCP, port: 80}, {protocol: UDP, port: 80}]
+"#;
+
+const PROGRAMMED: &[&str] = &["Pod/x/a", "Pod/x/b", "Pod/y/c", "NetworkPolicy/x/b-from-a"];
+
+/// A policy selecting no pod: a change the agent must reconcile, harmless to traffic.
+fn churn(i: usize) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: churn, namespace: y}}\nspec:\n  podSelector: {{matchLabels: {{pod: nobody}}}}\n  ingress:\n  - ports: [{{protocol: TCP, port: {}}}]\n",
+        1000 + i
+    )
+}
+
+/// Every map, with slots replaced by the interface that owns them and identity ids by the
+/// smallest prefix carrying them, so two agents that number things alike compare equal
+/// and two that number differently still compare by meaning.
+type Dump = BTreeMap<String, String>;
+
+fn dump(maps: &Maps) -> Dump {
+    let mut out = Dump::new();
+    let mut slot_if = BTreeMap::new();
+    for r in maps.endpoints.iter() {
+        let (ifindex, ep) = r.unwrap();
+        slot_if.insert(ep.slot, ifindex);
+        out.insert(
+            format!("ENDPOINT if{ifindex}"),
+            format!("flags {:#x}", ep.flags),
+        );
+    }
+    let mut id_name = BTreeMap::<u32, String>::new();
+    let mut ids = Vec::new();
+    for r in maps.identity_v4.iter() {
+        let (k, v) = r.unwrap();
+        let net = format!("{}/{}", std::net::Ipv4Addr::from(k.data()), k.prefix_len());
+        ids.push((net, v));
+    }
+    for r in maps.identity_v6.iter() {
+        let (k, v) = r.unwrap();
+        let net = format!("{}/{}", std::net::Ipv6Addr::from(k.data()), k.prefix_len());
+        ids.push((net, v));
+    }
+    for (net, v) in &ids {
+        let e = id_name.entry(v.id).or_insert_with(|| net.clone());
+        if net < e {
+            *e = net.clone();
+        }
+    }
+    let name = |id: u32| {
+        if id == 0 {
+            "world".to_string()
+        } else {
+            id_name
+                .get(&id)
+                .cloned()
+                .unwrap_or(format!("unknown-id-{id}"))
+        }
+    };
+    for (net, v) in &ids {
+        out.insert(
+            format!("IDENTITY {net}"),
+            format!("{} flags {:#x}", name(v.id), v.flags),
+        );
+    }
+    for r in maps.policy.iter() {
+        let (k, v) = r.unwrap();
+        let key = k.data();
+        let slot = key.slot;
+        let owner = slot_if
+            .get(&slot)
+            .map_or(format!("slot{slot}"), |i| format!("if{i}"));
+        let identity = key.identity;
+        out.insert(
+            format!(
+                "POLICY {owner} {} dir {} proto {} port {} /{}",
+                name(identity),
+                key.dir,
+                key.proto,
+                key.port,
+                k.prefix_len()
+            ),
+            format!("{v:?}"),
+        );
+    }
+    out
+}
+
+fn pairs(from: &Pod, to: &Pod) -> Vec<(IpAddr, IpAddr)> {
+    Family::BOTH
+        .iter()
+        .map(|f| (from.ip(*f), to.ip(*f)))
+        .collect()
+}
+
+fn dropped_egress_a(maps: &Maps, slot: u32) -> u64 {
+    read_counters(maps, Some(&[slot]))
+        .unwrap()
+        .iter()
+        .filter(|r| r.drop)
+        .map(|r| r.packets)
+        .sum()
+}
+
+#[test]
+fn twenty_kill9_during_reconciles_leak_nothing_break_nothing_and_converge() {
+    require_root();
+    let tag = "fk9";
+    let node = Node::new(tag, Flavour::Routed).unwrap();
+    let a = node.add_pod("x/a").unwrap();
+    let b = node.add_pod("x/b").unwrap();
+    let c = node.add_pod("y/c").unwrap();
+    let _echo = EchoServer::start(b.ns(), 80).unwrap();
+    let _udp = palisade_tests::Server::udp(b.ns(), 80, "x/b").unwrap();
+
+    let dirs = AgentDirs::new(tag, None).unwrap();
+    let mut objects = manifests::namespace("x") + &manifests::namespace("y");
+    for p in [&a, &b, &c] {
+        objects += &manifests::pod(p, NODE);
+    }
+    manifests::write(&dirs.manifests, "00-objects.yaml", &objects).unwrap();
+    manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
+    manifests::write(&dirs.manifests, "20-churn.yaml", &churn(0)).unwrap();
+    let t0 = Instant::now();
+    let agent = AgentProcess::spawn(Path::new(BIN), node.ns(), NODE, &dirs, &[]).unwrap();
+    let mut agent = Some(agent);
+    agent
+        .as_mut()
+        .unwrap()
+        .wait_ready(&dirs, PROGRAMMED)
+        .unwrap();
+    // Kill moments are drawn from [0, 400 ms): the startup sync takes this long.
+    let first_sync = t0.elapsed();
+    let maps = Maps::open(&dirs.pins.layout()).unwrap();
+    let slot_a = dirs.slot("x/a").unwrap();
+
+    let streams: Vec<Stream> = Family::BOTH
+        .iter()
+        .map(|f| Stream::start(a.ns(), b.addr(*f, 80), Duration::from_millis(2)).unwrap())
+        .collect();
+    let arrived = Sniffer::start(b.ns(), "eth0", &pairs(&c, &b)).unwrap();
+    let control = Sniffer::start(b.ns(), "eth0", &pairs(&a, &b)).unwrap();
+    let targets: Vec<(Proto, SocketAddr)> = Family::BOTH
+        .iter()
+        .flat_map(|f| [(Proto::Tcp, b.addr(*f, 80)), (Proto::Udp, b.addr(*f, 80))])
+        .collect();
+    let sprayer = Sprayer::start(c.ns(), &targets, Duration::from_millis(10)).unwrap();
+    let a_drops_before = dropped_egress_a(&maps, slot_a);
+
+    // SplitMix64 for the kill moments: reproducible with PALISADE_SEED.
+    let mut seed: u64 = std::env::var("PALISADE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6b11_6b11);
+    let mut below = |n: u64| {
+        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    };
+    let start = Instant::now();
+    let mut delays = Vec::new();
+    for i in 1..=KILLS {
+        // Odd rounds: kill during the startup sync; even ones: during a change's reconcile.
+        if i % 2 == 0 {
+            manifests::write(&dirs.manifests, "20-churn.yaml", &churn(i)).unwrap();
+        }
+        let d = Duration::from_millis(below(400));
+        delays.push(d.as_millis());
+        std::thread::sleep(d); // a random moment is the point here, not a synchronisation
+        agent.take().unwrap().kill9().unwrap();
+        agent = Some(AgentProcess::spawn(Path::new(BIN), node.ns(), NODE, &dirs, &[]).unwrap());
+    }
+    let mut last = agent.take().unwrap();
+    last.wait_ready(&dirs, PROGRAMMED).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            dirs.status()
+                .is_some_and(|v| v["programmed"].get("NetworkPolicy/y/churn").is_some())
+        }),
+        "the churn policy is programmed"
+    );
+    let kill_phase = start.elapsed();
+    let rounds = sprayer.rounds();
+    assert!(wait_until(Duration::from_secs(10), || sprayer.rounds() >= rounds + 5));
+
+    let spray = sprayer.stop();
+    let reports: Vec<_> = streams.into_iter().map(Stream::stop).collect();
+    let arrived_total = arrived.stop().unwrap();
+    let control_total = control.stop().unwrap();
+    let after_kills = dump(&maps);
+    eprintln!(
+        "first sync {first_sync:.2?}; {KILLS} kills in {kill_phase:.2?} (delays ms {delays:?}); denied packets arrived {arrived_total}, \
+         denied attempts answered {:?}; allowed packets seen {control_total}; streams: {}",
+        spray.answered,
+        reports
+            .iter()
+            .map(|r| format!(
+                "{} round trips, longest gap {:?}, error {:?}",
+                r.round_trips, r.longest_gap, r.error
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    assert!(control_total > 0, "the sniffer saw allowed traffic");
+    assert_eq!(arrived_total, 0, "denied packets arrived at x/b");
+    assert_eq!(
+        spray.answered,
+        Vec::<String>::new(),
+        "denied attempts answered"
+    );
+    for r in &reports {
+        assert_eq!(r.error, None, "allowed connection broke: {r:?}");
+    }
+    assert_eq!(
+        dropped_egress_a(&maps, slot_a),
+        a_drops_before,
+        "x/a's allowed traffic was never dropped"
+    );
+    drop(maps);
+    last.kill9().unwrap();
+
+    // A clean agent on the same manifests, with its own fresh pins.
+    let clean_dirs = AgentDirs::new("fk9c", Some(&dirs.manifests)).unwrap();
+    let mut clean = AgentProcess::spawn(Path::new(BIN), node.ns(), NODE, &clean_dirs, &[]).unwrap();
+    clean.wait_ready(&clean_dirs, PROGRAMMED).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        clean_dirs
+            .status()
+            .is_some_and(|v| v["programmed"].get("NetworkPolicy/y/churn").is_some())
+    }));
+    let clean_maps = Maps::open(&clean_dirs.pins.layout()).unwrap();
+    let fresh = dump(&clean_maps);
+    assert!(fresh.keys().any(|k| k.starts_with("POLICY")), "{fresh:?}");
+    assert_eq!(
+        after_kills, fresh,
+        "maps after {KILLS} kills vs a clean agent"
+    );
+    drop(clean_maps);
+    clean.kill9().unwrap();
+}
