@@ -90,6 +90,31 @@ fn not_isolated_or(c: &Ctx, drop_reason: u32) -> u32 {
     }
 }
 
+/// An ICMP error relates to a tracked flow when it quotes a packet of that flow and goes
+/// back to the quoted packet's sender (any router on the path may send it, so the outer
+/// source is free). One addressed elsewhere is judged as a packet of its own, whatever it
+/// quotes. Out of line: its two conntrack keys would push `judge` over the stack limit.
+#[inline(never)]
+fn icmp_error_related(c: &Ctx, p: &Packet, now: u64) -> bool {
+    if p.tuple.daddr != p.inner.saddr {
+        return false;
+    }
+    // The quoted packet travelled the other way. It is either a packet of a flow this pod
+    // opened (tracked by the opposite check) or a reply of a flow this pod accepted
+    // (tracked by this check, in the opening direction).
+    let opened = ct_key(&p.inner, c.slot, opposite(c.dir));
+    let accepted = ct_key(&reversed(&p.inner), c.slot, c.dir);
+    for key in [opened, accepted] {
+        if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
+            // SAFETY: pointer into the map value; plain data.
+            if alive(&c.cfg, p.inner.proto, unsafe { &*v }, now) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 #[inline(always)]
 fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
     let t = &p.tuple;
@@ -110,18 +135,8 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
             };
         }
         Kind::IcmpError => {
-            // The quoted packet travelled the other way. It is either a packet of a flow
-            // this pod opened (tracked by the opposite check) or a reply of a flow this pod
-            // accepted (tracked by this check, in the opening direction).
-            let opened = ct_key(&p.inner, c.slot, opposite(c.dir));
-            let accepted = ct_key(&reversed(&p.inner), c.slot, c.dir);
-            for key in [opened, accepted] {
-                if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
-                    // SAFETY: pointer into the map value; plain data.
-                    if alive(&c.cfg, p.inner.proto, unsafe { &*v }, now) {
-                        return REASON_ALLOWED_TRACKED;
-                    }
-                }
+            if icmp_error_related(c, p, now) {
+                return REASON_ALLOWED_TRACKED;
             }
         }
         Kind::Normal => {}

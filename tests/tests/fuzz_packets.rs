@@ -1007,13 +1007,12 @@ fn fuzz_packets_isolated_pod_leaks_nothing_long() {
     assert!(st.passed > 0 && st.passed < st.execs, "{:?}", st.reasons);
 }
 
-/// Found by the fuzzer: an ICMP error passes as `allowed-tracked` whenever the packet it
-/// quotes belongs to a live flow, whatever its own addresses. An isolated pod with one
-/// allowed connection can so send ICMP errors, with any payload after the quote, to an
-/// address its policy denies (and anyone can send them to it). The outer destination
-/// should be the quoted packet's source (`ebpf/src/check.rs`, `Kind::IcmpError`).
+/// Found by the fuzzer (now fixed): an ICMP error passed as `allowed-tracked` whenever the
+/// packet it quotes belonged to a live flow, whatever its own addresses, so an isolated pod
+/// with one allowed connection could send ICMP errors, with any payload after the quote,
+/// to an address its policy denies. The outer destination must be the quoted packet's
+/// source (`ebpf/src/check.rs`, `Kind::IcmpError`).
 #[test]
-#[ignore = "known bug: ICMP errors are not matched against their quoted flow's addresses"]
 fn icmp_error_passes_to_any_address_quoting_a_tracked_flow() {
     let mut t = Target::new("fuzzicmp");
     let client = Ipv4Addr::new(198, 18, 1, 20);
