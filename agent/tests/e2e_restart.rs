@@ -219,7 +219,13 @@ fn restart_under_traffic(flavour: Flavour, tag: &str) {
     assert_eq!(echo.accepted_from(c.ipv6().into()), 0);
     // Every one of them was dropped and counted by x/b's ingress check, also those sent
     // while no agent ran: the counter was adopted, not reset.
-    assert_eq!(drops(&maps), sent_total, "drop counter vs packets sent");
+    // Every denied packet the client sent was counted; the kernel may still retransmit a
+    // denied SYN after the sniffer stopped, which is counted too, hence >=.
+    let counted = drops(&maps);
+    assert!(
+        counted >= sent_total,
+        "drop counter {counted} < packets sent {sent_total}"
+    );
 
     // The allowed connections never broke and none of their packets was dropped.
     for r in &reports {

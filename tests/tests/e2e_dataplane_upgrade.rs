@@ -362,7 +362,13 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     assert_eq!(spray.answered, Vec::<String>::new());
     assert_eq!(echo.accepted_from(c.ipv4().into()), 0);
     assert_eq!(echo.accepted_from(c.ipv6().into()), 0);
-    assert_eq!(drops(&maps), sent_total, "drop counter vs packets sent");
+    // Every denied packet the client sent was counted; the kernel may still retransmit a
+    // denied SYN after the sniffer stopped, which is counted too, hence >=.
+    let counted = drops(&maps);
+    assert!(
+        counted >= sent_total,
+        "drop counter {counted} < packets sent {sent_total}"
+    );
     for r in &reports {
         assert_eq!(r.error, None, "allowed connection broke: {r:?}");
     }
