@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench`.
 
+mod bench;
 mod demo;
 
 use std::process::Command;
@@ -26,6 +27,9 @@ enum Task {
     },
     /// Build Palisade and walk through enforcement on a local demo node.
     Demo,
+    /// Measure Palisade (and iptables/nftables equivalents) on this machine; writes
+    /// BENCHMARKS.md and BENCHMARKS.json.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             demo::run()
         }
+        Task::Bench(args) => bench::run(args),
     }
 }
 

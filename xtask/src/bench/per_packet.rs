@@ -1,0 +1,561 @@
+//! Part 1: what the tc programs cost per packet, measured by the kernel with
+//! BPF_PROG_TEST_RUN, and how that cost moves with the size of the POLICY and IDENTITY
+//! maps.
+//!
+//! Three paths, each checked against the counter it must move (so a case measures what
+//! its name says):
+//! - allowed new flow: a TCP SYN that misses conntrack, is looked up in both LPM maps and
+//!   inserts a conntrack entry. A repeated frame would hit its own entry from the second
+//!   run on, so every run gets a frame of its own (distinct source port), one
+//!   BPF_PROG_TEST_RUN call per frame, and conntrack is emptied between batches.
+//! - tracked reply: the SYN-ACK of an allowed flow, found by the reverse conntrack lookup;
+//!   the same frame repeated (repeat ≥ 1e6) in one call.
+//! - drop: a SYN to a port no entry allows; repeated in one call.
+//!
+//! Because one-frame-per-call timing carries the kernel's per-call timer overhead and
+//! colder caches, the tracked reply is also measured that way, as the like-for-like
+//! reference for the new flow.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context as _};
+use ipnetwork::IpNetwork;
+use palisade::dataplane::testrun::{TC_ACT_OK, TC_ACT_SHOT, TEST_RUN_IFINDEX};
+use palisade::dataplane::{read_counters, Dataplane, Hook, LoadOptions, Maps};
+use palisade_common::{
+    Config, Endpoint, IdentityValue, PolicyKey, DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS,
+    EP_ISOLATED_INGRESS, MAX_ENDPOINTS, POLICY_PREFIX_FULL, PROTO_TCP, PROTO_UDP,
+};
+use palisade_tests::packets::{frame, L4, TCP_ACK, TCP_SYN};
+use palisade_tests::pins::PinDir;
+use serde_json::json;
+
+use super::interrupt;
+use super::report::{num, times, Section, Table, Target, Verdict};
+use super::stats::{ratio, Summary};
+
+const SLOT: u32 = 3;
+const POD: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
+const PEER_ID: u32 = 20;
+const PORT: u16 = 80;
+const DENIED_PORT: u16 = 81;
+/// Byte offset of the TCP source port in frames built by `packets::frame` (IPv4, no options).
+const SPORT_OFFSET: usize = 14 + 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spread {
+    /// Every entry belongs to the measured pod's slot.
+    PodSlot,
+    /// The measured pod has its one allow entry; the rest belong to other pods' slots.
+    OtherSlots,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct MapConfig {
+    pub policy: usize,
+    pub spread: Spread,
+    pub identities: usize,
+}
+
+impl MapConfig {
+    fn label(&self) -> String {
+        let spread = match (self.policy, self.spread) {
+            (1, _) => "",
+            (_, Spread::PodSlot) => " (pod's slot)",
+            (_, Spread::OtherSlots) => " (other slots)",
+        };
+        format!(
+            "{} policy{spread}, {} identity",
+            num(self.policy as f64),
+            num(self.identities as f64)
+        )
+    }
+
+    fn is_baseline(&self) -> bool {
+        self.policy == 1 && self.identities == 1
+    }
+
+    fn is_100k(&self) -> bool {
+        self.policy >= 100_000 || self.identities >= 100_000
+    }
+}
+
+pub struct Opts {
+    /// BPF_PROG_TEST_RUN repeat for the repeated-frame cases.
+    pub repeat: u32,
+    /// Runs (calls) per repeated-frame case; the median is reported.
+    pub runs: usize,
+    /// Frames per one-frame-per-call batch; a batch's mean is one run.
+    pub batch: usize,
+    /// Batches per one-frame-per-call case.
+    pub batches: usize,
+    pub configs: Vec<MapConfig>,
+}
+
+impl Opts {
+    pub fn new(quick: bool) -> Opts {
+        let c = |policy, spread, identities| MapConfig {
+            policy,
+            spread,
+            identities,
+        };
+        use Spread::*;
+        let mut configs = vec![c(1, PodSlot, 1)];
+        let sizes: &[usize] = if quick { &[100_000] } else { &[1_000, 100_000] };
+        for &ids in &[1, 100_000] {
+            if ids != 1 {
+                configs.push(c(1, PodSlot, ids));
+            }
+            for &n in sizes {
+                configs.push(c(n, PodSlot, ids));
+                if !quick {
+                    configs.push(c(n, OtherSlots, ids));
+                }
+            }
+        }
+        Opts {
+            repeat: 1_000_000,
+            runs: if quick { 3 } else { 5 },
+            batch: 50_000,
+            batches: if quick { 2 } else { 20 },
+            configs,
+        }
+    }
+}
+
+/// Medians (ns per packet) of one map configuration.
+struct Row {
+    cfg: MapConfig,
+    new_flow: Summary,
+    tracked: Summary,
+    drop: Summary,
+    tracked_single: Summary,
+    fill_s: f64,
+}
+
+pub fn run(quick: bool) -> anyhow::Result<Section> {
+    let opts = Opts::new(quick);
+    let mut rows = Vec::new();
+    for cfg in &opts.configs {
+        interrupt::check()?;
+        eprintln!("    per-packet: {}", cfg.label());
+        rows.push(measure(cfg, &opts).with_context(|| cfg.label())?);
+    }
+    Ok(section(&opts, &rows))
+}
+
+struct Fixture {
+    dp: Dataplane,
+    maps: Maps,
+    // Dropped after the dataplane: removes the pins.
+    _pins: PinDir,
+}
+
+fn load(cfg: &MapConfig) -> anyhow::Result<(Fixture, f64)> {
+    let pins = PinDir::new("benchpp");
+    let _ = palisade::dataplane::cleanup(&pins.layout());
+    let dp = Dataplane::load(
+        pins.layout(),
+        &LoadOptions {
+            conntrack_entries: 262_144,
+        },
+    )?;
+    let mut maps = dp.maps()?;
+    // The agent's settings: drop events rate-limited to 1000/s per CPU.
+    maps.set_config(Config {
+        events_per_sec: 1000,
+        ..Default::default()
+    })?;
+    maps.set_endpoint(
+        TEST_RUN_IFINDEX,
+        Endpoint {
+            slot: SLOT,
+            flags: EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS,
+        },
+    )?;
+    let started = Instant::now();
+    fill(&mut maps, cfg)?;
+    let fill_s = started.elapsed().as_secs_f64();
+    Ok((
+        Fixture {
+            dp,
+            maps,
+            _pins: pins,
+        },
+        fill_s,
+    ))
+}
+
+/// The allow entry of the measured flow plus `policy - 1` others, and the peer's identity
+/// plus `identities - 1` others.
+pub fn fill(maps: &mut Maps, cfg: &MapConfig) -> anyhow::Result<()> {
+    maps.insert_policy(
+        POLICY_PREFIX_FULL,
+        PolicyKey::new(SLOT, PEER_ID, DIR_INGRESS, PROTO_TCP, PORT),
+    )?;
+    let others: Vec<u32> = (0..MAX_ENDPOINTS).filter(|&s| s != SLOT).collect();
+    for i in 0..cfg.policy.saturating_sub(1) {
+        let key = match cfg.spread {
+            Spread::PodSlot => filler_key(SLOT, i, 4),
+            Spread::OtherSlots => {
+                let slot = others[i % others.len()];
+                filler_key(slot, i / others.len(), 4)
+            }
+        };
+        maps.insert_policy(POLICY_PREFIX_FULL, key)?;
+    }
+    maps.set_identity(
+        IpNetwork::new(IpAddr::V4(PEER), 32)?,
+        IdentityValue {
+            id: PEER_ID,
+            flags: 0,
+        },
+    )?;
+    for (k, ip) in filler_ips()
+        .take(cfg.identities.saturating_sub(1))
+        .enumerate()
+    {
+        maps.set_identity(
+            IpNetwork::new(IpAddr::V4(ip), 32)?,
+            IdentityValue {
+                id: 1000 + (k as u32 % 5000),
+                flags: 0,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The `i`-th distinct filler entry of a slot: identities from 1000 up, both directions,
+/// TCP and UDP, ports spread over 1024..61024. `per_identity` entries share an identity.
+pub fn filler_key(slot: u32, i: usize, per_identity: usize) -> PolicyKey {
+    let identity = 1000 + (i / per_identity) as u32;
+    let dir = if i % 2 == 0 { DIR_INGRESS } else { DIR_EGRESS };
+    let proto = if (i / 2) % 2 == 0 {
+        PROTO_TCP
+    } else {
+        PROTO_UDP
+    };
+    let port = 1024 + ((i * 7919) % 60_000) as u16;
+    PolicyKey::new(slot, identity, dir, proto, port)
+}
+
+/// Addresses of 198.18.0.0/15 other than the pod and the peer.
+pub fn filler_ips() -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    (0..(1u32 << 17))
+        .map(move |k| Ipv4Addr::from(base + k))
+        .filter(|ip| *ip != POD && *ip != PEER)
+}
+
+fn measure(cfg: &MapConfig, opts: &Opts) -> anyhow::Result<Row> {
+    let (mut fx, fill_s) = load(cfg)?;
+    let syn = |sport| frame(PEER.into(), POD.into(), &L4::tcp(sport, PORT, TCP_SYN));
+
+    // Allowed new flows: one frame per call, distinct source ports.
+    let mut new_flow = Vec::new();
+    let template = syn(1024);
+    for _ in 0..opts.batches {
+        interrupt::check()?;
+        let before = counter(&fx.maps, "ingress", "allowed-by-policy")?;
+        let mut total = 0.0;
+        let mut f = template.clone();
+        for k in 0..opts.batch {
+            let sport = 1024 + k as u16;
+            f[SPORT_OFFSET..SPORT_OFFSET + 2].copy_from_slice(&sport.to_be_bytes());
+            let r = fx.dp.test_run(Hook::ToPod, &f, 1)?;
+            ensure!(r.verdict == TC_ACT_OK, "new flow dropped ({})", r.verdict);
+            total += r.per_run.as_nanos() as f64;
+        }
+        let counted = counter(&fx.maps, "ingress", "allowed-by-policy")? - before;
+        ensure!(
+            counted == opts.batch as u64,
+            "{counted} of {} new-flow frames were judged by policy (the rest hit conntrack)",
+            opts.batch
+        );
+        new_flow.push(total / opts.batch as f64);
+        clear_conntrack(&mut fx.maps)?;
+    }
+
+    // The flow the replies belong to.
+    let r = fx.dp.test_run(Hook::ToPod, &syn(40_000), 1)?;
+    ensure!(r.verdict == TC_ACT_OK, "opening SYN dropped");
+    let reply = frame(
+        POD.into(),
+        PEER.into(),
+        &L4::tcp(PORT, 40_000, TCP_SYN | TCP_ACK),
+    );
+
+    let mut tracked = Vec::new();
+    for _ in 0..opts.runs {
+        interrupt::check()?;
+        tracked.push(repeated(
+            &mut fx,
+            &reply,
+            opts.repeat,
+            TC_ACT_OK,
+            ("egress", "allowed-tracked"),
+        )?);
+    }
+    let mut tracked_single = Vec::new();
+    for _ in 0..opts.batches {
+        interrupt::check()?;
+        let before = counter(&fx.maps, "egress", "allowed-tracked")?;
+        let mut total = 0.0;
+        for _ in 0..opts.batch {
+            let r = fx.dp.test_run(Hook::FromPod, &reply, 1)?;
+            ensure!(r.verdict == TC_ACT_OK, "tracked reply dropped");
+            total += r.per_run.as_nanos() as f64;
+        }
+        let counted = counter(&fx.maps, "egress", "allowed-tracked")? - before;
+        ensure!(
+            counted == opts.batch as u64,
+            "reply not judged by conntrack"
+        );
+        tracked_single.push(total / opts.batch as f64);
+    }
+
+    let denied = frame(
+        PEER.into(),
+        POD.into(),
+        &L4::tcp(40_001, DENIED_PORT, TCP_SYN),
+    );
+    let mut drop = Vec::new();
+    for _ in 0..opts.runs {
+        interrupt::check()?;
+        drop.push(repeated(
+            &mut fx,
+            &denied,
+            opts.repeat,
+            TC_ACT_SHOT,
+            ("ingress", "dropped-no-rule"),
+        )?);
+    }
+
+    Ok(Row {
+        cfg: *cfg,
+        new_flow: Summary::of(&new_flow).context("no new-flow runs")?,
+        tracked: Summary::of(&tracked).context("no tracked runs")?,
+        drop: Summary::of(&drop).context("no drop runs")?,
+        tracked_single: Summary::of(&tracked_single).context("no runs")?,
+        fill_s,
+    })
+}
+
+/// One BPF_PROG_TEST_RUN call repeating `frame`; ns per packet as the kernel measured it.
+fn repeated(
+    fx: &mut Fixture,
+    frame: &[u8],
+    repeat: u32,
+    verdict: u32,
+    counted_as: (&str, &str),
+) -> anyhow::Result<f64> {
+    let hook = if counted_as.0 == "egress" {
+        Hook::FromPod
+    } else {
+        Hook::ToPod
+    };
+    let before = counter(&fx.maps, counted_as.0, counted_as.1)?;
+    let r = fx.dp.test_run(hook, frame, repeat)?;
+    ensure!(
+        r.verdict == verdict,
+        "verdict {} instead of {verdict}",
+        r.verdict
+    );
+    let counted = counter(&fx.maps, counted_as.0, counted_as.1)? - before;
+    if counted != repeat as u64 {
+        bail!("{counted} of {repeat} runs counted as {counted_as:?}");
+    }
+    Ok(r.per_run.as_nanos() as f64)
+}
+
+fn counter(maps: &Maps, dir: &str, reason: &str) -> anyhow::Result<u64> {
+    Ok(read_counters(maps, Some(&[SLOT]))?
+        .into_iter()
+        .filter(|r| r.direction == dir && r.reason == reason)
+        .map(|r| r.packets)
+        .sum())
+}
+
+fn clear_conntrack(maps: &mut Maps) -> anyhow::Result<()> {
+    let keys: Vec<_> = maps.conntrack.keys().collect::<Result<_, _>>()?;
+    for k in keys {
+        maps.conntrack.remove(&k)?;
+    }
+    Ok(())
+}
+
+fn cell(s: &Summary, base: &Summary) -> [String; 2] {
+    [
+        format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)),
+        times(ratio(s.median, base.median)),
+    ]
+}
+
+fn section(opts: &Opts, rows: &[Row]) -> Section {
+    let mut s = Section::new(
+        "per_packet",
+        "1. Per-packet cost of the tc programs (BPF_PROG_TEST_RUN)",
+    );
+    s.method.push(format!(
+        "The real programs, loaded from the agent's embedded object into a private pin \
+         directory, judge crafted IPv4/TCP frames as the ingress check (`palisade_to_pod`) \
+         or egress check (`palisade_from_pod`) of an isolated pod. Times are the kernel's \
+         own per-run average (`duration` of BPF_PROG_TEST_RUN), in ns per packet, median \
+         (min–max) over runs. Every case is verified against the verdict counter it must \
+         move: all new-flow frames are counted `allowed-by-policy`, all replies \
+         `allowed-tracked`, all drops `dropped-no-rule`; a run where any packet took \
+         another path fails the benchmark."
+    ));
+    s.method.push(format!(
+        "- **allowed new flow**: a TCP SYN from an allowed peer, conntrack miss, identity \
+         LPM lookup, policy LPM lookup, conntrack insert. A repeated frame would be \
+         tracked from its second run on, so each run gets its own frame (source ports \
+         1024…{}) in its own BPF_PROG_TEST_RUN call (repeat = 1), {} batches of {} frames \
+         ({} packets per configuration); conntrack is emptied between batches so inserts \
+         always go into a map of under {} entries. One run = one batch's mean.\n\
+         - **tracked reply**: the SYN-ACK of an allowed flow through the pod's egress \
+         check (forward miss, reverse conntrack hit), repeat = {} per call, {} calls.\n\
+         - **drop**: a SYN to a port no entry allows (conntrack miss, both LPM lookups, \
+         counter, rate-limited drop event), repeat = {} per call, {} calls.\n\
+         - **tracked reply, 1 frame per call**: the tracked reply timed like the new flow \
+         (repeat = 1, {} calls), so the two can be compared like for like: one-call timing \
+         includes the kernel's timer reads and colder caches.",
+        1024 + opts.batch - 1,
+        opts.batches,
+        num(opts.batch as f64),
+        num((opts.batch * opts.batches) as f64),
+        num(opts.batch as f64),
+        num(opts.repeat as f64),
+        opts.runs,
+        num(opts.repeat as f64),
+        opts.runs,
+        num((opts.batch * opts.batches) as f64),
+    ));
+    s.method.push(
+        "Map sizes: *policy* entries are exact-port LPM entries `(slot, identity, \
+         direction, protocol, port)`: the one that allows the measured flow plus \
+         distinct others, either all on the measured pod's slot or spread over the other \
+         2,047 slots. *Identity* entries are /32 addresses of 198.18.0.0/15 (the peer's \
+         plus others). Ratios are against the 1-policy/1-identity configuration of the \
+         same case, measured in the same run."
+            .to_string(),
+    );
+    let Some(base) = rows.iter().find(|r| r.cfg.is_baseline()) else {
+        s.notes
+            .push("The 1-entry baseline was not measured.".into());
+        return s;
+    };
+    let mut t = Table::new(
+        "ns per packet, median (min–max), and ratio to the 1-entry configuration:",
+        &[
+            "maps",
+            "allowed new flow",
+            "ratio",
+            "tracked reply",
+            "ratio",
+            "drop",
+            "ratio",
+            "tracked reply, 1 frame/call",
+            "ratio",
+            "map fill (s)",
+        ],
+    );
+    let mut worst: Option<(f64, String)> = None;
+    let mut data = Vec::new();
+    for r in rows {
+        let mut cells = vec![r.cfg.label()];
+        for (case, sm, b) in [
+            ("allowed new flow", &r.new_flow, &base.new_flow),
+            ("tracked reply", &r.tracked, &base.tracked),
+            ("drop", &r.drop, &base.drop),
+            (
+                "tracked reply, 1 frame/call",
+                &r.tracked_single,
+                &base.tracked_single,
+            ),
+        ] {
+            cells.extend(cell(sm, b));
+            let q = ratio(sm.median, b.median);
+            if r.cfg.is_100k() && worst.as_ref().is_none_or(|(w, _)| q > *w) {
+                worst = Some((q, format!("{} with {}", case, r.cfg.label())));
+            }
+        }
+        cells.push(format!("{:.2}", r.fill_s));
+        t.row(cells);
+        data.push(json!({
+            "policy_entries": r.cfg.policy,
+            "policy_spread": format!("{:?}", r.cfg.spread),
+            "identity_entries": r.cfg.identities,
+            "ns_per_packet": {
+                "allowed_new_flow": r.new_flow.json(),
+                "tracked_reply": r.tracked.json(),
+                "drop": r.drop.json(),
+                "tracked_reply_one_frame_per_call": r.tracked_single.json(),
+            },
+            "ratio_to_1_entry": {
+                "allowed_new_flow": ratio(r.new_flow.median, base.new_flow.median),
+                "tracked_reply": ratio(r.tracked.median, base.tracked.median),
+                "drop": ratio(r.drop.median, base.drop.median),
+            },
+            "map_fill_seconds": r.fill_s,
+        }));
+    }
+    s.tables.push(t);
+    match worst {
+        Some((q, what)) => s.targets.push(Target::new(
+            "ns/packet at 100k entries ≤ 1.2× the 1-entry cost (every case)",
+            Verdict::from_bool(q <= 1.2),
+            format!("worst {} ({what})", times(q)),
+        )),
+        None => s.targets.push(Target::new(
+            "ns/packet at 100k entries ≤ 1.2× the 1-entry cost",
+            Verdict::NotMeasured,
+            "no 100k configuration ran",
+        )),
+    }
+    s.data = json!({
+        "repeat": opts.repeat, "runs": opts.runs, "batch": opts.batch,
+        "batches": opts.batches, "configs": data,
+    });
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filler_entries_are_distinct_and_never_the_measured_flow() {
+        let mut keys = std::collections::HashSet::new();
+        for i in 0..100_000 {
+            let k = filler_key(SLOT, i, 4);
+            assert!(keys.insert(k), "duplicate filler key at {i}");
+            assert_ne!(
+                k,
+                PolicyKey::new(SLOT, PEER_ID, DIR_INGRESS, PROTO_TCP, PORT)
+            );
+        }
+    }
+
+    #[test]
+    fn filler_addresses_stay_in_the_benchmark_range() {
+        let ips: Vec<Ipv4Addr> = filler_ips().take(100_000).collect();
+        assert!(!ips.contains(&PEER) && !ips.contains(&POD));
+        let net: ipnetwork::Ipv4Network = "198.18.0.0/15".parse().unwrap();
+        assert!(ips.iter().all(|ip| net.contains(*ip)));
+    }
+
+    #[test]
+    fn quick_mode_still_covers_the_target_configuration() {
+        let o = Opts::new(true);
+        assert!(o.configs.iter().any(|c| c.is_baseline()));
+        assert!(o
+            .configs
+            .iter()
+            .any(|c| c.policy == 100_000 && c.identities == 100_000));
+        assert!(o.repeat >= 1_000_000);
+    }
+}
