@@ -16,7 +16,7 @@ use palisade_tests::pins::PinDir;
 use serde_json::json;
 
 use super::per_packet::{filler_ips, filler_key};
-use super::report::{num, Section, Table};
+use super::report::{int, num, Section, Table};
 
 const LOCAL_PODS: u32 = 100;
 const ENTRIES_PER_POD: usize = 100;
@@ -126,8 +126,8 @@ pub fn run() -> anyhow::Result<Section> {
          their full size from the start; the LPM tries and hash maps grow with entries.",
         LOCAL_PODS,
         ENTRIES_PER_POD,
-        num((LOCAL_PODS as usize * ENTRIES_PER_POD) as f64),
-        num(IDENTITIES as f64)
+        int(LOCAL_PODS as usize * ENTRIES_PER_POD),
+        int(IDENTITIES)
     ));
     let mut t = Table::new(
         "",
@@ -151,7 +151,7 @@ pub fn run() -> anyhow::Result<Section> {
         t.row(vec![
             f.name.clone(),
             f.kind.clone(),
-            num(f.max_entries as f64),
+            int(f.max_entries as usize),
             num(e as f64 / 1024.0),
             num(f.memlock as f64 / 1024.0),
         ]);

@@ -252,6 +252,19 @@ pub fn num(v: f64) -> String {
     }
 }
 
+/// An integer with thousands separators.
+pub fn int(v: usize) -> String {
+    let digits = v.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
 /// A ratio as `0.97×`.
 pub fn times(v: f64) -> String {
     if v.is_finite() {
@@ -272,6 +285,8 @@ mod tests {
         assert_eq!(num(42.25), "42.2");
         assert_eq!(num(3.14159), "3.14");
         assert_eq!(num(f64::NAN), "n/a");
+        assert_eq!(int(1), "1");
+        assert_eq!(int(100_000), "100,000");
         assert_eq!(times(0.9749), "0.97×");
     }
 

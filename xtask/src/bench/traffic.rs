@@ -28,7 +28,7 @@ use serde_json::json;
 use super::firewall::{self, Entry};
 use super::interrupt;
 use super::proc::{in_ns, output, with_stdin, ChildGuard};
-use super::report::{num, times, Section, Table, Target, Verdict};
+use super::report::{int, num, times, Section, Table, Target, Verdict};
 use super::stats::Summary;
 
 const IPERF_PORT: u16 = 5201;
@@ -81,7 +81,7 @@ impl Setup {
     fn label(&self) -> String {
         match self.enforcer {
             Enforcer::None => "no enforcement (baseline)".into(),
-            e => format!("{}, {} rules", e.name(), num(self.rules as f64)),
+            e => format!("{}, {} rules", e.name(), int(self.rules)),
         }
     }
 }
@@ -630,7 +630,7 @@ fn section(
         let worst = pal.iter().map(|(_, r)| *r).fold(f64::INFINITY, f64::min);
         let detail = pal
             .iter()
-            .map(|(n, r)| format!("{}: {}", num(*n as f64), times(*r)))
+            .map(|(n, r)| format!("{}: {}", int(*n), times(*r)))
             .collect::<Vec<_>>()
             .join(", ");
         s.targets
@@ -656,7 +656,7 @@ fn section(
         s.targets.push(Target::new(
             format!(
                 "iptables at {} rules falls well behind (connection rate below 0.8× of Palisade's)",
-                num(max_rules as f64)
+                int(max_rules)
             ),
             Verdict::from_bool(ipt < 0.8 * pal),
             format!(
