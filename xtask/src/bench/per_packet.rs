@@ -264,8 +264,12 @@ pub fn fill(maps: &mut Maps, cfg: &MapConfig) -> anyhow::Result<()> {
 /// TCP and UDP, ports spread over 1024..61024. `per_identity` entries share an identity.
 pub fn filler_key(slot: u32, i: usize, per_identity: usize) -> PolicyKey {
     let identity = 1000 + (i / per_identity) as u32;
-    let dir = if i % 2 == 0 { DIR_INGRESS } else { DIR_EGRESS };
-    let proto = if (i / 2) % 2 == 0 {
+    let dir = if i.is_multiple_of(2) {
+        DIR_INGRESS
+    } else {
+        DIR_EGRESS
+    };
+    let proto = if (i / 2).is_multiple_of(2) {
         PROTO_TCP
     } else {
         PROTO_UDP
@@ -413,7 +417,7 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         "per_packet",
         "1. Per-packet cost of the tc programs (BPF_PROG_TEST_RUN)",
     );
-    s.method.push(format!(
+    s.method.push(
         "The real programs, loaded from the agent's embedded object into a private pin \
          directory, judge crafted IPv4/TCP frames as the ingress check (`palisade_to_pod`) \
          or egress check (`palisade_from_pod`) of an isolated pod. Times are the kernel's \
@@ -422,7 +426,8 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          move: all new-flow frames are counted `allowed-by-policy`, all replies \
          `allowed-tracked`, all drops `dropped-no-rule`; a run where any packet took \
          another path fails the benchmark."
-    ));
+            .to_string(),
+    );
     s.method.push(format!(
         "All configurations are loaded side by side (one dataplane each) and measured \
          in {rounds} interleaved rounds (order rotated per round); each round runs every \

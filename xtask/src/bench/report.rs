@@ -233,18 +233,8 @@ pub fn num(v: f64) -> String {
     }
     if v.abs() >= 100.0 {
         let n = v.round() as i64;
-        let digits = n.abs().to_string();
-        let mut out = String::new();
-        for (i, ch) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(ch);
-        }
-        if n < 0 {
-            out.insert(0, '-');
-        }
-        out
+        let sign = if n < 0 { "-" } else { "" };
+        format!("{sign}{}", int(n.unsigned_abs() as usize))
     } else if v.abs() >= 10.0 {
         format!("{v:.1}")
     } else {
@@ -257,7 +247,7 @@ pub fn int(v: usize) -> String {
     let digits = v.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -283,7 +273,8 @@ mod tests {
         assert_eq!(num(1234567.4), "1,234,567");
         assert_eq!(num(100.0), "100");
         assert_eq!(num(42.25), "42.2");
-        assert_eq!(num(3.14159), "3.14");
+        assert_eq!(num(1.23456), "1.23");
+        assert_eq!(num(-1234.4), "-1,234");
         assert_eq!(num(f64::NAN), "n/a");
         assert_eq!(int(1), "1");
         assert_eq!(int(100_000), "100,000");
