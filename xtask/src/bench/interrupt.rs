@@ -26,7 +26,7 @@ pub fn requested() -> bool {
 /// Fails once a stop was requested.
 pub fn check() -> anyhow::Result<()> {
     if requested() {
-        anyhow::bail!("interrupted: cleaning up");
+        anyhow::bail!("interrupted");
     }
     Ok(())
 }
