@@ -727,6 +727,17 @@ fn section(
         ));
     }
     s.notes.push(
+        "Where each enforcer does its work: Palisade runs on both pods' host veths (the \
+         client is a managed, non-isolated endpoint, as every local pod is), so a round \
+         trip passes four program runs, each with a conntrack lookup (and an update or \
+         insert); iptables and nftables hook once, in the node's forward path, with the \
+         kernel's conntrack. Established traffic therefore costs Palisade a constant amount \
+         per packet at every rule count, and a new connection costs it the same two LPM \
+         lookups whatever the rule count, while kube-router-style iptables walks its rule \
+         list for every new connection."
+            .into(),
+    );
+    s.notes.push(
         "Only one pod of the node has policies here. On a real kube-router node every \
          packet also walks one jump rule per local pod with policies in \
          KUBE-ROUTER-FORWARD before reaching its pod's chain, so these iptables figures \
