@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | test | demo | image`.
+//! Project tasks: `cargo xtask setup | test | demo | image | bench`.
 
+mod bench;
 mod demo;
 mod image;
 
@@ -37,6 +38,9 @@ enum Task {
         #[arg(long)]
         tag: Option<String>,
     },
+    /// Measure Palisade (and iptables/nftables equivalents) on this machine; writes
+    /// BENCHMARKS.md and BENCHMARKS.json.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             demo::run()
         }
         Task::Image { engine, tag } => image::run(engine, tag),
+        Task::Bench(args) => bench::run(args),
     }
 }
 
