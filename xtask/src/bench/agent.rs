@@ -200,18 +200,31 @@ struct Rig {
     create_s: f64,
 }
 
-fn build_node(n: usize) -> anyhow::Result<Rig> {
-    let node = Node::routed("benchag")?;
-    let cidr = node.pod_cidr_v4();
-    let third: u8 = cidr
+/// The third octet of a node's IPv4 pod subnet (198.18.X.0/24).
+fn subnet_of(node: &Node) -> u8 {
+    node.pod_cidr_v4()
         .split('.')
         .nth(2)
         .and_then(|x| x.parse().ok())
-        .unwrap_or(255);
-    ensure!(
-        third < 64,
-        "node subnet {cidr} overlaps the manifest-only address plan"
-    );
+        .unwrap_or(255)
+}
+
+fn build_node(n: usize) -> anyhow::Result<Rig> {
+    // Pod subnets are leased machine-wide; nodes whose lease falls in the manifest-only
+    // plan (X >= 64) are held until a usable one is leased, then released.
+    let mut rejected = Vec::new();
+    let node = loop {
+        let node = Node::routed("benchag")?;
+        if subnet_of(&node) < 64 {
+            break node;
+        }
+        ensure!(
+            rejected.len() < 250,
+            "no pod subnet below 198.18.64.0 is free (leases in /run/palisade-tests/subnets)"
+        );
+        rejected.push(node);
+    };
+    drop(rejected);
     let started = Instant::now();
     let mut pods = Vec::new();
     let mut local = Vec::new();

@@ -1,5 +1,5 @@
 //! Part 4: the policy compiler at 10k pods / 2k policies, through the compiler crate's
-//! own scale example (`agent/policy/examples/scale.rs`), which prints JSON:
+//! own scale example (`agent/policy/examples/scale/`), which prints JSON:
 //! `{"full_ms", "incremental": {"pod_add"|"label_change"|"policy_change": {"p50_ms",
 //! "p99_ms"}}, "peak_heap_bytes", "identities", "map_entries"}`.
 
@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::proc::output;
 use super::report::{num, Section, Table, Target, Verdict};
 
-pub const EXAMPLE: &str = "agent/policy/examples/scale.rs";
+pub const EXAMPLE: &str = "agent/policy/examples/scale";
 const COMMAND: &str = "cargo run --release -p palisade-policy --example scale -- --json";
 
 /// The last line of `out` that is a JSON object.
