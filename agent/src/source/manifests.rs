@@ -363,6 +363,7 @@ impl Loader {
             Ok(value) => value,
             Err(e) => {
                 let (at, reason) = split_location(&e);
+                let reason = shift_lines(&reason, offset);
                 return self.error(file, Some(at.map_or(line, |l| l + offset)), reason);
             }
         };
@@ -455,6 +456,7 @@ impl Loader {
             Err(e) => {
                 let (at, reason) = split_location(&e);
                 let reason = origin.prefix(format!("{} {name}: {reason}", K::KIND));
+                let reason = shift_lines(&reason, origin.offset);
                 let at = at.map_or(origin.line, |l| l + origin.offset);
                 return self.error(origin.file, Some(at), reason);
             }
@@ -537,6 +539,27 @@ fn first_content_line(doc: &str) -> Option<usize> {
 
 /// serde_yaml's message without the `at line L column C` that the report already
 /// carries as its line.
+/// Makes the document-relative `line N` mentions in a serde_yaml message file lines.
+fn shift_lines(message: &str, offset: usize) -> String {
+    if offset == 0 {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find("line ") {
+        let (head, tail) = rest.split_at(i + "line ".len());
+        out.push_str(head);
+        let digits = tail.chars().take_while(char::is_ascii_digit).count();
+        match tail[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&tail[..digits]),
+        }
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn split_location(e: &serde_yaml::Error) -> (Option<usize>, String) {
     let message = e.to_string();
     let Some(loc) = e.location() else {
