@@ -17,10 +17,20 @@ const COMMAND: &str = "cargo run --release -p palisade-policy --example scale --
 
 /// The last line of `out` that is a JSON object.
 pub fn parse_output(out: &str) -> Option<Value> {
-    out.lines()
+    // The example prints one JSON object, on one line or pretty-printed over many: try
+    // every line that opens an object, from the last, with the rest of the output.
+    let starts: Vec<usize> = out
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .chain(std::iter::once(0))
+        .filter(|&i| out[i..].trim_start().starts_with('{'))
+        .collect();
+    let mut starts = starts;
+    starts.sort_unstable();
+    starts
+        .iter()
         .rev()
-        .filter(|l| l.trim_start().starts_with('{'))
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|&i| serde_json::from_str::<Value>(out[i..].trim()).ok())
         .filter(Value::is_object)
 }
 
@@ -116,6 +126,8 @@ mod tests {
 
     #[test]
     fn the_json_line_is_found_after_other_output() {
+        let pretty = "building...\n{\n  \"full_ms\": 1.5,\n  \"incremental\": {}\n}\n";
+        assert_eq!(parse_output(pretty).unwrap()["full_ms"], 1.5);
         let out = "building...\n{\"full_ms\": 420.5, \"incremental\": {\"pod_add\": {\"p50_ms\": 0.3, \"p99_ms\": 1.2}}}\n";
         let v = parse_output(out).unwrap();
         assert_eq!(v["full_ms"], 420.5);
