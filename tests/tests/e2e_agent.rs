@@ -307,6 +307,11 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
         "source not named as a pod: {}",
         ev.src
     );
+    assert_eq!(
+        ev.isolated_by,
+        ["x/deny-ingress"],
+        "isolating policies of x/a"
+    );
 
     // `palisade explain` against the live agent agrees with the wire.
     assert!(!explain_live(&model, &agent, "y/a", "x/a", "80"));

@@ -98,6 +98,19 @@ impl LocalPods {
         flags
     }
 
+    /// The policies that select a known local pod, with the directions each isolates
+    /// (`[ingress, egress]`): what `palisade monitor` shows beside a drop.
+    pub fn isolating_policies(&self, pod: &PodRef) -> Vec<(PolicyRef, [bool; 2])> {
+        let Some(p) = self.pods.get(pod) else {
+            return Vec::new();
+        };
+        self.selectors
+            .range(ObjectRef::namespace_range(&pod.namespace))
+            .filter(|(_, (sel, _))| sel.matches(&p.labels))
+            .map(|(r, (_, iso))| (r.clone(), *iso))
+            .collect()
+    }
+
     /// [`LocalPods::isolation`] of a known local pod (0 for any other).
     pub fn isolation_of(&self, pod: &PodRef) -> u32 {
         self.pods

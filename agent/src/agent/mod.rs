@@ -298,12 +298,17 @@ fn publish(
     status.endpoints = rec
         .endpoints
         .iter()
-        .map(|(p, e)| status::EndpointStatus {
-            pod: p.to_string(),
-            slot: e.slot,
-            ifindex: e.ifindex,
-            isolation: isolation_name(e.flags).to_string(),
-            ips: e.ips.clone(),
+        .map(|(p, e)| {
+            let (isolated_ingress_by, isolated_egress_by) = rec.isolating(p);
+            status::EndpointStatus {
+                pod: p.to_string(),
+                slot: e.slot,
+                ifindex: e.ifindex,
+                isolation: isolation_name(e.flags).to_string(),
+                ips: e.ips.clone(),
+                isolated_ingress_by,
+                isolated_egress_by,
+            }
         })
         .collect();
     status

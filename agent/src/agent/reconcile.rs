@@ -98,6 +98,22 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// The policies isolating a local pod, by direction: (ingress, egress), as
+    /// `namespace/name`.
+    pub fn isolating(&self, pod: &PodRef) -> (Vec<String>, Vec<String>) {
+        let mut out = (Vec::new(), Vec::new());
+        for (r, iso) in self.local.isolating_policies(pod) {
+            let name = format!("{}/{}", r.namespace, r.name);
+            if iso[0] {
+                out.0.push(name.clone());
+            }
+            if iso[1] {
+                out.1.push(name);
+            }
+        }
+        out
+    }
+
     /// `node` is this node's name. Open the netlink [`super::links::Watch`] before this,
     /// which takes the first snapshot of the namespace.
     pub fn new(dp: Dataplane, maps: Maps, node: &str) -> Result<Self, ReconcileError> {

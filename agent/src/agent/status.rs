@@ -47,6 +47,12 @@ pub struct EndpointStatus {
     /// The pod's IPs, so tools can name local pods in packet events.
     #[serde(default)]
     pub ips: Vec<std::net::IpAddr>,
+    /// Policies (`namespace/name`) isolating the pod for ingress.
+    #[serde(default)]
+    pub isolated_ingress_by: Vec<String>,
+    /// Policies (`namespace/name`) isolating the pod for egress.
+    #[serde(default)]
+    pub isolated_egress_by: Vec<String>,
 }
 
 impl Status {

@@ -68,6 +68,8 @@ pub struct Event {
 struct Names {
     slots: BTreeMap<u32, String>,
     ips: BTreeMap<IpAddr, String>,
+    /// slot -> (policies isolating ingress, policies isolating egress).
+    isolated_by: BTreeMap<u32, (Vec<String>, Vec<String>)>,
 }
 
 impl Names {
@@ -80,6 +82,9 @@ impl Names {
             for ip in &e.ips {
                 names.ips.insert(*ip, e.pod.clone());
             }
+            names
+                .isolated_by
+                .insert(e.slot, (e.isolated_ingress_by, e.isolated_egress_by));
             names.slots.insert(e.slot, e.pod);
         }
         names
@@ -285,7 +290,17 @@ fn describe(e: &DropEvent, names: &Names) -> Event {
             .copied()
             .unwrap_or("unknown"),
         bytes: e.len,
-        isolated_by: Vec::new(),
+        isolated_by: names
+            .isolated_by
+            .get(&e.slot)
+            .map(|(ingress, egress)| {
+                if e.dir == DIR_INGRESS {
+                    ingress.clone()
+                } else {
+                    egress.clone()
+                }
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -319,9 +334,14 @@ fn print_line(out: &mut impl std::io::Write, e: &Event) -> std::io::Result<()> {
     } else {
         format!("{}->{}", e.sport, e.dport)
     };
+    let by = if e.isolated_by.is_empty() {
+        String::new()
+    } else {
+        format!(" [isolated by {}]", e.isolated_by.join(", "))
+    };
     writeln!(
         out,
-        "{:<12} {:<8} {:<18} {:<34} {:<34} {:<6} {:<12} {}",
+        "{:<12} {:<8} {:<18} {:<34} {:<34} {:<6} {:<12} {}{by}",
         &e.time[11..23],
         e.direction,
         e.pod,
