@@ -6,7 +6,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
 use aya_log_ebpf::debug;
 use palisade_common::{
-    counter_index, Config, CtKey, CtValue, DropEvent, FragKey, IdentityValue, PolicyKey,
+    counter_index, Config, CtKey, CtValue, DropEvent, Endpoint, FragKey, IdentityValue, PolicyKey,
     CFG_DEBUG_LOG, CFG_REVOKE_UNTRACKED, CT_ADOPTED, CT_CLOSING, CT_SEEN_REPLY, DIR_EGRESS,
     DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, FRAGMENT_TIMEOUT_NS, IDENTITY_FLAG_HOST,
     POLICY_PREFIX_FULL, PROTO_TCP, REASON_ALLOWED_HOST, REASON_ALLOWED_NOT_ISOLATED,
@@ -22,33 +22,44 @@ use crate::{
 
 const SEC: u64 = 1_000_000_000;
 
-struct Ctx<'a> {
-    tc: &'a TcContext,
-    dir: u8,
-    slot: u32,
-    ifindex: u32,
-    isolated: bool,
-    cfg: Config,
+/// Where a check runs: the pod (slot) and direction judged, the interface the packet is
+/// on, and the runtime settings. The deferred service check builds one for the source pod.
+pub(crate) struct Ctx<'a> {
+    pub tc: &'a TcContext,
+    pub dir: u8,
+    pub slot: u32,
+    pub ifindex: u32,
+    pub isolated: bool,
+    pub cfg: Config,
 }
 
-/// Returns true when the packet may pass.
-pub fn check(tc: &TcContext, dir: u8) -> bool {
+/// The runtime settings (defaults until the agent wrote them).
+#[inline(always)]
+pub(crate) fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
+}
+
+/// The interface the packet is on and its endpoint entry; `None` for an interface
+/// Palisade does not manage.
+#[inline(always)]
+pub fn endpoint(tc: &TcContext) -> Option<(u32, Endpoint)> {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let ifindex = unsafe { (*tc.skb.skb).ifindex };
     // SAFETY: the value is copied out at once; the agent only replaces whole entries.
-    let ep = match unsafe { ENDPOINTS.get(&ifindex) } {
-        Some(ep) => *ep,
-        // Not a pod interface Palisade manages.
-        None => return true,
-    };
+    let ep = *unsafe { ENDPOINTS.get(&ifindex) }?;
+    Some((ifindex, ep))
+}
+
+/// Returns true when the packet may pass. `ifindex`/`ep` come from [`endpoint`], looked up
+/// once per packet by the caller.
+pub fn check(tc: &TcContext, dir: u8, ifindex: u32, ep: Endpoint) -> bool {
     let bit = if dir == DIR_INGRESS {
         EP_ISOLATED_INGRESS
     } else {
         EP_ISOLATED_EGRESS
-    };
-    let cfg = match CONFIG.get(0) {
-        Some(c) => *c,
-        None => Config::default(),
     };
     let c = Ctx {
         tc,
@@ -56,7 +67,7 @@ pub fn check(tc: &TcContext, dir: u8) -> bool {
         slot: ep.slot,
         ifindex,
         isolated: ep.flags & bit != 0,
-        cfg,
+        cfg: config(),
     };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return !c.isolated;
@@ -71,14 +82,52 @@ pub fn check(tc: &TcContext, dir: u8) -> bool {
             let p = &*p;
             let now = unsafe { bpf_ktime_get_ns() };
             let reason = judge(&c, p, now);
-            if !palisade_common::reason_is_drop(reason) && c.isolated && p.kind == Kind::Normal {
-                if let Some(id) = p.frag_id {
-                    let _ = FRAGMENTS.insert(&frag_key(&c, &p.tuple, id), &now, 0);
-                }
+            if !palisade_common::reason_is_drop(reason) && c.isolated {
+                remember_first_fragment(&c, p, now);
             }
             finish(&c, Some(p), reason)
         }
     }
+}
+
+/// An allowed first fragment vouches for the later fragments of its datagram.
+#[inline(always)]
+pub(crate) fn remember_first_fragment(c: &Ctx, p: &Packet, now: u64) {
+    if p.kind == Kind::Normal {
+        if let Some(id) = p.frag_id {
+            let _ = FRAGMENTS.insert(&frag_key(c, &p.tuple, id), &now, 0);
+        }
+    }
+}
+
+/// A later fragment follows its first: passed while the first was allowed less than the
+/// kernel's own reassembly timeout ago (the IPv4 id wraps, and the GC may delete it).
+#[inline(always)]
+pub(crate) fn later_fragment(c: &Ctx, p: &Packet, now: u64) -> u32 {
+    let key = frag_key(c, &p.tuple, p.frag_id.unwrap_or(0));
+    // SAFETY: the value is copied out at once.
+    match unsafe { FRAGMENTS.get(&key) } {
+        Some(first) if now.saturating_sub(*first) < FRAGMENT_TIMEOUT_NS => REASON_ALLOWED_TRACKED,
+        _ => REASON_DROPPED_FRAGMENT,
+    }
+}
+
+/// A mid-stream TCP packet with no entry belongs to a connection opened before the pod
+/// was isolated (or before Palisade started): kept (adopted) unless told to revoke.
+/// `None`: not such a packet.
+#[inline(always)]
+pub(crate) fn adopt_mid_stream(c: &Ctx, p: &Packet, key: &CtKey, now: u64) -> Option<u32> {
+    if p.tuple.proto != PROTO_TCP
+        || p.tcp_flags & TCP_SYN != 0
+        || p.tcp_flags & TCP_ACK == 0
+        || c.cfg.flags & CFG_REVOKE_UNTRACKED != 0
+    {
+        return None;
+    }
+    Some(match track(key, now, CT_ADOPTED) {
+        Ok(()) => REASON_ALLOWED_TRACKED,
+        Err(()) => REASON_DROPPED_CT_FULL,
+    })
 }
 
 #[inline(always)]
@@ -123,16 +172,7 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
             if !c.isolated {
                 return REASON_ALLOWED_NOT_ISOLATED;
             }
-            let key = frag_key(c, t, p.frag_id.unwrap_or(0));
-            // SAFETY: the value is copied out at once. A first fragment older than the
-            // kernel's own reassembly timeout no longer vouches for later ones (the IPv4
-            // id wraps), and the garbage collector may delete it.
-            return match unsafe { FRAGMENTS.get(&key) } {
-                Some(first) if now.saturating_sub(*first) < FRAGMENT_TIMEOUT_NS => {
-                    REASON_ALLOWED_TRACKED
-                }
-                _ => REASON_DROPPED_FRAGMENT,
-            };
+            return later_fragment(c, p, now);
         }
         Kind::IcmpError => {
             if icmp_error_related(c, p, now) {
@@ -177,17 +217,8 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
         return REASON_ALLOWED_NOT_ISOLATED;
     }
 
-    // A mid-stream TCP packet with no entry belongs to a connection opened before the pod
-    // was isolated (or before Palisade started): keep it unless told to revoke.
-    if t.proto == PROTO_TCP
-        && p.tcp_flags & TCP_SYN == 0
-        && p.tcp_flags & TCP_ACK != 0
-        && c.cfg.flags & CFG_REVOKE_UNTRACKED == 0
-    {
-        return match track(&key, now, CT_ADOPTED) {
-            Ok(()) => REASON_ALLOWED_TRACKED,
-            Err(()) => REASON_DROPPED_CT_FULL,
-        };
+    if let Some(reason) = adopt_mid_stream(c, p, &key, now) {
+        return reason;
     }
 
     let peer_addr = if c.dir == DIR_INGRESS {
@@ -307,8 +338,9 @@ pub(crate) fn track(key: &CtKey, now: u64, state: u32) -> Result<(), ()> {
     CONNTRACK.insert(key, &v, 0).map_err(|_| ())
 }
 
+/// Counts the verdict under the context's pod and direction, and reports drops.
 #[inline(always)]
-fn finish(c: &Ctx, p: Option<&Packet>, reason: u32) -> bool {
+pub(crate) fn finish(c: &Ctx, p: Option<&Packet>, reason: u32) -> bool {
     let len = c.tc.len() as u64;
     if let Some(cell) = COUNTERS.get_ptr_mut(counter_index(c.slot, c.dir, reason)) {
         // SAFETY: per-CPU cell: no other writer while this program runs on this CPU.

@@ -55,10 +55,14 @@ const TC_ACT_SHOT: i32 = 2;
 
 #[classifier]
 pub fn palisade_from_pod(ctx: TcContext) -> i32 {
-    if let Some(pass) = service::defer_from_pod(&ctx) {
+    let Some((ifindex, ep)) = check::endpoint(&ctx) else {
+        // Not a pod interface Palisade manages.
+        return TC_ACT_OK;
+    };
+    if let Some(pass) = service::defer_from_pod(&ctx, &ep) {
         return verdict(pass);
     }
-    verdict(check::check(&ctx, DIR_EGRESS))
+    verdict(check::check(&ctx, DIR_EGRESS, ifindex, ep))
 }
 
 #[classifier]
@@ -66,7 +70,10 @@ pub fn palisade_to_pod(ctx: TcContext) -> i32 {
     if service::deferred(&ctx) == Some(false) {
         return TC_ACT_SHOT;
     }
-    verdict(check::check(&ctx, DIR_INGRESS))
+    let Some((ifindex, ep)) = check::endpoint(&ctx) else {
+        return TC_ACT_OK;
+    };
+    verdict(check::check(&ctx, DIR_INGRESS, ifindex, ep))
 }
 
 #[inline(always)]

@@ -22,17 +22,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    counter_index, Config, CtKey, DropEvent, FragKey, PolicyKey, SvcConfig, SvcPendingKey,
-    CFG_REVOKE_UNTRACKED, CT_ADOPTED, DIR_EGRESS, EP_ISOLATED_EGRESS, MAX_ENDPOINTS,
-    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_ALLOWED_POLICY,
-    REASON_ALLOWED_TRACKED, REASON_DROPPED_CT_FULL, REASON_DROPPED_FRAGMENT,
-    REASON_DROPPED_NO_RULE,
+    CtKey, Endpoint, PolicyKey, SvcConfig, SvcPendingKey, CT_ADOPTED, DIR_EGRESS,
+    EP_ISOLATED_EGRESS, MAX_ENDPOINTS, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    REASON_ALLOWED_POLICY, REASON_ALLOWED_TRACKED, REASON_DROPPED_CT_FULL, REASON_DROPPED_NO_RULE,
 };
 
 use crate::{
-    check::{alive, ct_key, identity, touch, track},
+    check::{
+        adopt_mid_stream, alive, config, ct_key, finish, identity, later_fragment,
+        remember_first_fragment, touch, track, Ctx,
+    },
     parse::{parse, Kind, Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, POLICY, SCRATCH,
+    CONNTRACK, POLICY, SCRATCH,
 };
 
 #[map]
@@ -47,7 +48,6 @@ static SVC_PENDING: LruHashMap<SvcPendingKey, CtKey> = LruHashMap::pinned(65_536
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-const SEC: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn svc_config() -> Option<SvcConfig> {
@@ -90,12 +90,8 @@ fn scratch() -> Option<&'static mut Packet> {
 /// for a deferred verdict and passes; `None`: not a service packet, judge it here.
 /// Never inlined: its stack frame must not add up with the check's (512 bytes in all).
 #[inline(never)]
-pub fn defer_from_pod(tc: &TcContext) -> Option<bool> {
+pub fn defer_from_pod(tc: &TcContext, ep: &Endpoint) -> Option<bool> {
     let cfg = svc_config()?;
-    // SAFETY: `skb` is the context pointer the kernel passed to this program.
-    let ifindex = unsafe { (*tc.skb.skb).ifindex };
-    // SAFETY: copied out at once.
-    let ep = *unsafe { ENDPOINTS.get(&ifindex) }?;
     if ep.flags & EP_ISOLATED_EGRESS == 0 || ep.slot >= MAX_ENDPOINTS || !to_service_cidr(tc) {
         return None;
     }
@@ -144,46 +140,37 @@ pub fn deferred(tc: &TcContext) -> Option<bool> {
     if slot >= MAX_ENDPOINTS {
         return Some(false);
     }
-    let gcfg = match CONFIG.get(0) {
-        Some(c) => *c,
-        None => Config::default(),
+    // The source pod's egress check, run here on the translated packet.
+    let c = Ctx {
+        tc,
+        dir: DIR_EGRESS,
+        slot,
+        ifindex,
+        isolated: true,
+        cfg: config(),
     };
     let Some(p) = scratch() else {
         return Some(false);
     };
-    let (reason, parsed) = match parse(tc, p) {
+    Some(match parse(tc, p) {
         Parsed::Ip => {
             // SAFETY: reads the monotonic clock.
             let now = unsafe { bpf_ktime_get_ns() };
-            (judge(&gcfg, slot, p, now), true)
+            let reason = judge(&c, p, now);
+            finish(&c, Some(&*p), reason)
         }
-        _ => (REASON_DROPPED_NO_RULE, false),
-    };
-    Some(finish(
-        tc,
-        &gcfg,
-        slot,
-        ifindex,
-        if parsed { Some(&*p) } else { None },
-        reason,
-    ))
+        _ => finish(&c, None, REASON_DROPPED_NO_RULE),
+    })
 }
 
 #[inline(always)]
-fn judge(cfg: &Config, slot: u32, p: &Packet, now: u64) -> u32 {
+fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
+    let (cfg, slot) = (&c.cfg, c.slot);
     let t = &p.tuple;
     match p.kind {
         Kind::Normal => {}
         // A translated datagram refragmented on its way: follows its first fragment.
-        Kind::LaterFragment => {
-            let key = frag_key(slot, p);
-            // SAFETY: read-only presence check.
-            return if unsafe { FRAGMENTS.get(&key) }.is_some() {
-                REASON_ALLOWED_TRACKED
-            } else {
-                REASON_DROPPED_FRAGMENT
-            };
-        }
+        Kind::LaterFragment => return later_fragment(c, p, now),
         Kind::IcmpError => return REASON_DROPPED_NO_RULE,
     }
     let syn_only = t.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -212,21 +199,18 @@ fn judge(cfg: &Config, slot: u32, p: &Packet, now: u64) -> u32 {
         }
         // Mid-stream TCP of a connection opened before the pod was isolated: kept, like
         // the source-side check keeps it, unless told to revoke.
-        if t.proto == PROTO_TCP
-            && p.tcp_flags & TCP_SYN == 0
-            && p.tcp_flags & TCP_ACK != 0
-            && cfg.flags & CFG_REVOKE_UNTRACKED == 0
-        {
-            if track(&key, now, CT_ADOPTED).is_err() {
-                return REASON_DROPPED_CT_FULL;
+        match adopt_mid_stream(c, p, &key, now) {
+            Some(REASON_ALLOWED_TRACKED) => {
+                return record(
+                    orig.as_ref(),
+                    now,
+                    closing,
+                    CT_ADOPTED,
+                    REASON_ALLOWED_TRACKED,
+                )
             }
-            return record(
-                orig.as_ref(),
-                now,
-                closing,
-                CT_ADOPTED,
-                REASON_ALLOWED_TRACKED,
-            );
+            Some(reason) => return reason,
+            None => {}
         }
     }
 
@@ -246,9 +230,7 @@ fn judge(cfg: &Config, slot: u32, p: &Packet, now: u64) -> u32 {
     if track(&key, now, 0).is_err() {
         return REASON_DROPPED_CT_FULL;
     }
-    if let Some(id) = p.frag_id {
-        let _ = FRAGMENTS.insert(&frag_key(slot, p), &now, 0);
-    }
+    remember_first_fragment(c, p, now);
     record(orig.as_ref(), now, closing, 0, REASON_ALLOWED_POLICY)
 }
 
@@ -273,93 +255,6 @@ fn record(orig: Option<&CtKey>, now: u64, closing: bool, state: u32, allowed: u3
         Ok(()) => allowed,
         Err(()) => REASON_DROPPED_CT_FULL,
     }
-}
-
-#[inline(always)]
-fn frag_key(slot: u32, p: &Packet) -> FragKey {
-    let t = &p.tuple;
-    FragKey {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        id: p.frag_id.unwrap_or(0),
-        proto: if t.family == 4 { t.proto } else { 0 },
-        family: t.family,
-        dir: DIR_EGRESS,
-        _pad: 0,
-        slot,
-    }
-}
-
-/// Counts the verdict under the source pod's egress and reports drops.
-#[inline(always)]
-fn finish(
-    tc: &TcContext,
-    cfg: &Config,
-    slot: u32,
-    ifindex: u32,
-    p: Option<&Packet>,
-    reason: u32,
-) -> bool {
-    let len = tc.len();
-    if let Some(cell) = COUNTERS.get_ptr_mut(counter_index(slot, DIR_EGRESS, reason)) {
-        // SAFETY: per-CPU cell: no other writer while this program runs on this CPU.
-        unsafe {
-            (*cell).packets += 1;
-            (*cell).bytes += len as u64;
-        }
-    }
-    let drop = palisade_common::reason_is_drop(reason);
-    if drop {
-        emit_drop(cfg, slot, ifindex, p, reason, len);
-    }
-    !drop
-}
-
-fn emit_drop(cfg: &Config, slot: u32, ifindex: u32, p: Option<&Packet>, reason: u32, len: u32) {
-    // SAFETY: reads the monotonic clock.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU value.
-    let budget = unsafe { &mut *budget };
-    if now.saturating_sub(budget.window_start_ns) >= SEC {
-        budget.window_start_ns = now;
-        budget.sent = 0;
-    }
-    if budget.sent >= cfg.events_per_sec {
-        budget.lost = budget.lost.wrapping_add(1);
-        return;
-    }
-    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
-        budget.lost = budget.lost.wrapping_add(1);
-        return;
-    };
-    budget.sent += 1;
-    // SAFETY: the reserved entry is a DropEvent-sized slot we own until submit.
-    let ev: &mut DropEvent = unsafe { &mut *entry.as_mut_ptr() };
-    ev.ts_ns = now;
-    ev.dir = DIR_EGRESS;
-    ev._pad = 0;
-    ev.reason = reason;
-    ev.slot = slot;
-    ev.ifindex = ifindex;
-    ev.len = len;
-    ev.saddr = [0; 16];
-    ev.daddr = [0; 16];
-    ev.sport = 0;
-    ev.dport = 0;
-    ev.proto = 0;
-    ev.family = 0;
-    if let Some(p) = p {
-        ev.saddr = p.tuple.saddr;
-        ev.daddr = p.tuple.daddr;
-        ev.sport = p.tuple.sport;
-        ev.dport = p.tuple.dport;
-        ev.proto = p.tuple.proto;
-        ev.family = p.tuple.family;
-    }
-    entry.submit(0);
 }
 
 /// tc egress of the node's uplink and tunnel devices: the deferred egress check of service
