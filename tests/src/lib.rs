@@ -29,6 +29,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod inproc;
 pub mod kube_proxy;
 pub mod manifests;
 pub mod matrix;

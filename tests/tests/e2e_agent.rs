@@ -2,12 +2,14 @@
 //! the wire, on the upstream e2e netpol model (namespaces x, y, z; pods a, b, c serving 80
 //! and 81), on a bridged and a routed node made by the CNI plugins.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use palisade::agent::{run_until, AgentConfig};
+use palisade::source::SourceSpec;
+use palisade_tests::agent::TempDir;
+use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
-use palisade_tests::{require_root, wait_until, Flavour, Model, Proto};
+use palisade_tests::{require_root, Flavour, Model, Proto};
 
 const NODE: &str = "n1";
 const HTTP_ADDR: &str = "127.0.0.1:9977";
@@ -47,101 +49,51 @@ fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
 
 /// The agent running in the node's namespace on its own thread; stopped on drop.
 struct AgentGuard {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-    run_dir: PathBuf,
+    agent: InProcessAgent,
     manifests: PathBuf,
     bpffs: PathBuf,
-    // Dropped last: removes the pins after the agent has stopped.
+    run_dir: PathBuf,
+    // Dropped after the agent: removes the pins and directories once it has stopped.
     _pins: PinDir,
+    _tmp: TempDir,
 }
 
 impl AgentGuard {
     fn start(model: &Model, tag: &str) -> AgentGuard {
         let pins = PinDir::new(tag);
-        let base = std::env::temp_dir().join(format!("palisade-e2e-{tag}-{}", std::process::id()));
-        let manifests = base.join("manifests");
-        let run_dir = base.join("run");
+        let tmp = TempDir::new(&format!("e2e-{tag}")).unwrap();
+        let manifests = tmp.path().join("manifests");
+        let run_dir = tmp.path().join("run");
         std::fs::create_dir_all(&manifests).unwrap();
         std::fs::write(manifests.join("00-model.yaml"), model_yaml(model)).unwrap();
-        let cfg = AgentConfig {
-            node_name: NODE.into(),
-            source: palisade::source::SourceSpec::Manifests(manifests.clone()),
-            layout: pins.layout(),
-            run_dir: run_dir.clone(),
-            conntrack_entries: 65_536,
-            // The node namespace has its own loopback, so the port cannot collide.
-            http_addr: Some(HTTP_ADDR.parse().unwrap()),
-            revoke_untracked: false,
-            services: Default::default(),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = model
-            .node()
-            .ns()
-            .spawn(move || {
-                // Threads the runtime starts inherit this thread's network namespace.
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(run_until(cfg, async {
-                    let _ = rx.await;
-                }))
-            })
-            .unwrap();
+        let mut cfg = inproc::config(
+            NODE,
+            SourceSpec::Manifests(manifests.clone()),
+            pins.layout(),
+            &run_dir,
+        );
+        // The node namespace has its own loopback, so the port cannot collide.
+        cfg.http_addr = Some(HTTP_ADDR.parse().unwrap());
         let g = AgentGuard {
-            stop: Some(tx),
-            thread: Some(thread),
-            run_dir,
+            agent: InProcessAgent::spawn(model.node().ns(), cfg),
             manifests,
             bpffs: pins.layout().root().to_owned(),
+            run_dir,
             _pins: pins,
+            _tmp: tmp,
         };
-        g.wait_programmed(&["Pod/x/a", "Pod/z/c"]);
+        g.agent.wait_programmed(&["Pod/x/a", "Pod/z/c"]);
         g
     }
 
     fn apply(&self, file: &str, yaml: &str, keys: &[&str]) {
         std::fs::write(self.manifests.join(file), yaml).unwrap();
-        self.wait_programmed(keys);
+        self.agent.wait_programmed(keys);
     }
 
     fn delete(&self, file: &str, gone: &str) {
         std::fs::remove_file(self.manifests.join(file)).unwrap();
-        let ok = wait_until(Duration::from_secs(10), || {
-            status(&self.run_dir).is_some_and(|v| v["programmed"].get(gone).is_none())
-        });
-        assert!(ok, "{gone} still programmed");
-    }
-
-    /// Waits on the agent's status contract: the keys are in `programmed`.
-    fn wait_programmed(&self, keys: &[&str]) {
-        let ok = wait_until(Duration::from_secs(15), || {
-            status(&self.run_dir).is_some_and(|v| {
-                v["synced"] == true && keys.iter().all(|k| v["programmed"].get(*k).is_some())
-            })
-        });
-        assert!(
-            ok,
-            "agent did not program {keys:?}; status: {:?}",
-            status(&self.run_dir)
-        );
-    }
-}
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
-                _ => {}
-            }
-        }
-        let _ = std::fs::remove_dir_all(self.manifests.parent().unwrap());
+        self.agent.wait_gone(gone);
     }
 }
 
@@ -196,10 +148,6 @@ fn explain_live(model: &Model, agent: &AgentGuard, src: &str, dst: &str, port: &
         .ns()
         .run(|| palisade::cli::explain::run(args))
         .unwrap()
-}
-
-fn status(run_dir: &Path) -> Option<serde_json::Value> {
-    serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).ok()?).ok()
 }
 
 fn model_yaml(model: &Model) -> String {

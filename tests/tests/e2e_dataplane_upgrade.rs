@@ -17,10 +17,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aya::maps::MapInfo;
-use palisade::agent::{run_until, AgentConfig};
 use palisade::dataplane::{link_ids, map_ids, read_counters, Hook, Layout, Maps};
+use palisade::source::SourceSpec;
 use palisade_common::maps as names;
 use palisade_tests::agent::TempDir;
+use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
 use palisade_tests::sniff::Sniffer;
 use palisade_tests::stream::{echo_once, EchoServer, Sprayer, Stream};
@@ -79,10 +80,7 @@ const ALLOWING: &[&str] = &[
 const DENYING: &[&str] = &["Pod/x/a", "Pod/x/b", "Pod/y/c", "NetworkPolicy/x/deny-all"];
 
 /// An agent of one layout version, in-process on a thread in the node namespace.
-struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-}
+struct Agent(InProcessAgent);
 
 impl Agent {
     fn start(
@@ -92,86 +90,44 @@ impl Agent {
         conntrack_entries: u32,
         programmed: &[&str],
     ) -> Agent {
-        // The status of the agent before is not this one's.
-        let _ = std::fs::remove_file(dirs.run.join("status.json"));
-        let cfg = AgentConfig {
-            node_name: NODE.into(),
-            source: palisade::source::SourceSpec::Manifests(dirs.manifests.clone()),
-            http_addr: None,
-            services: Default::default(),
+        let mut cfg = inproc::config(
+            NODE,
+            SourceSpec::Manifests(dirs.manifests.clone()),
             layout,
-            run_dir: dirs.run.clone(),
-            conntrack_entries,
-            revoke_untracked: true,
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = node
-            .ns()
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(run_until(cfg, async {
-                    let _ = rx.await;
-                }))
-            })
-            .unwrap();
-        let mut agent = Agent {
-            stop: Some(tx),
-            thread: Some(thread),
-        };
-        agent.wait(dirs, programmed);
+            &dirs.run,
+        );
+        cfg.conntrack_entries = conntrack_entries;
+        cfg.revoke_untracked = true;
+        let agent = Agent(InProcessAgent::spawn(node.ns(), cfg));
+        agent.wait(programmed);
         agent
     }
 
     /// Waits until the status says exactly `programmed` (pods and policies) is in the kernel.
-    fn wait(&mut self, dirs: &Dirs, programmed: &[&str]) {
-        let ready = wait_until(Duration::from_secs(30), || {
-            self.thread.as_ref().is_some_and(|t| t.is_finished())
-                || dirs.status().is_some_and(|v| {
-                    let keys: Vec<&str> = v["programmed"]
-                        .as_object()
-                        .map(|o| {
-                            o.keys()
-                                .map(String::as_str)
-                                .filter(|k| !k.starts_with("Namespace/"))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let mut want = programmed.to_vec();
-                    want.sort_unstable();
-                    v["synced"] == true && keys == want
-                })
-        });
-        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-            let r = self.thread.take().unwrap().join();
-            panic!("agent exited: {r:?}");
-        }
-        assert!(ready, "agent not ready; status {:?}", dirs.status());
+    fn wait(&self, programmed: &[&str]) {
+        let mut want = programmed.to_vec();
+        want.sort_unstable();
+        self.0.wait_status(
+            &format!("agent not ready with exactly {want:?}"),
+            Duration::from_secs(30),
+            |v| {
+                let keys: Vec<&str> = v["programmed"]
+                    .as_object()
+                    .map(|o| {
+                        o.keys()
+                            .map(String::as_str)
+                            .filter(|k| !k.starts_with("Namespace/"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                v["synced"] == true && keys == want
+            },
+        );
     }
 
     /// Stops the agent the way SIGTERM does; enforcement stays pinned.
-    fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
-                _ => {}
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.halt();
+    fn stop(self) {
+        self.0.stop();
     }
 }
 
@@ -244,7 +200,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     let pins = PinDir::new(tag);
     let root = pins.path();
     let v1 = Layout::with_version(&root, 1);
-    let mut agent = Agent::start(&node, v1.clone(), &dirs, 65_536, ALLOWING);
+    let agent = Agent::start(&node, v1.clone(), &dirs, 65_536, ALLOWING);
     let (slot_a, slot_b) = (dirs.slot("x/a"), dirs.slot("x/b"));
     let maps_v1 = map_ids(&v1);
     assert_eq!(maps_v1.len(), names::PINNED.len());
@@ -289,7 +245,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
 
     // From here on no policy allows the connections: they live on conntrack alone.
     manifests::write(&dirs.manifests, "10-policies.yaml", DENY_ALL).unwrap();
-    agent.wait(&dirs, DENYING);
+    agent.wait(DENYING);
     for f in Family::BOTH {
         let short = Duration::from_millis(300);
         assert!(a.ns().run(|| echo_once(b.addr(f, 80), short)).is_err());
@@ -315,7 +271,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     // v2 -> v3 with a larger conntrack: that map is copied into a new one, the rest shared.
     agent.stop();
     let v3 = Layout::with_version(&root, 3);
-    let mut agent = Agent::start(&node, v3.clone(), &dirs, 131_072, DENYING);
+    let agent = Agent::start(&node, v3.clone(), &dirs, 131_072, DENYING);
     assert!(!v2.versioned().exists(), "v2 pins left behind");
     let maps_v3 = map_ids(&v3);
     for (name, id) in &maps_v1 {
@@ -333,7 +289,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
 
     // Allowed again: new connections work.
     manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
-    agent.wait(&dirs, ALLOWING);
+    agent.wait(ALLOWING);
     for f in Family::BOTH {
         a.ns().run(|| echo_once(b.addr(f, 80), T)).unwrap();
         assert_eq!(udp_probe(a.ns(), b.ip(f), 80, T).as_deref(), Ok("x/b"));

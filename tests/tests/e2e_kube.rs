@@ -7,90 +7,47 @@
 #[path = "../../agent/tests/kube_source/apiserver.rs"]
 mod apiserver;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use apiserver::{ApiServer, WatchStream, NAMESPACES, NETWORK_POLICIES, PODS};
-use palisade::agent::{run_until, AgentConfig};
 use palisade::source::{KubeConnection, SourceSpec};
+use palisade_tests::agent::TempDir;
+use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
-use palisade_tests::{assert_matrix, require_root, wait_until, Flavour, Model, Proto};
+use palisade_tests::{assert_matrix, require_root, Flavour, Model, Proto};
 use serde_json::{json, Value};
 
 const NODE: &str = "n1";
 
 /// The agent in the node's namespace on its own thread; stopped on drop.
 struct AgentGuard {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-    run_dir: PathBuf,
-    // Dropped last: removes the pins after the agent has stopped.
+    agent: InProcessAgent,
+    // Dropped after the agent: removes the pins and run dir once it has stopped.
     _pins: PinDir,
+    _tmp: TempDir,
 }
 
 impl AgentGuard {
     fn start(model: &Model, tag: &str, client: kube::Client) -> AgentGuard {
         let pins = PinDir::new(tag);
-        let run_dir =
-            std::env::temp_dir().join(format!("palisade-e2e-{tag}-{}", std::process::id()));
-        let cfg = AgentConfig {
-            node_name: NODE.into(),
-            source: SourceSpec::Kubernetes(KubeConnection::Client(client)),
-            layout: pins.layout(),
-            run_dir: run_dir.clone(),
-            conntrack_entries: 65_536,
-            revoke_untracked: false,
-            http_addr: None,
-            services: Default::default(),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = model
-            .node()
-            .ns()
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(run_until(cfg, async {
-                    let _ = rx.await;
-                }))
-            })
-            .unwrap();
+        let tmp = TempDir::new(&format!("e2e-{tag}")).unwrap();
+        let cfg = inproc::config(
+            NODE,
+            SourceSpec::Kubernetes(KubeConnection::Client(client)),
+            pins.layout(),
+            &tmp.path().join("run"),
+        );
         AgentGuard {
-            stop: Some(tx),
-            thread: Some(thread),
-            run_dir,
+            agent: InProcessAgent::spawn(model.node().ns(), cfg),
             _pins: pins,
+            _tmp: tmp,
         }
     }
 
     /// Waits on the status contract until `check` holds.
     fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) {
-        let ok = wait_until(Duration::from_secs(15), || {
-            status(&self.run_dir).is_some_and(|v| check(&v))
-        });
-        assert!(ok, "{what}; status: {:?}", status(&self.run_dir));
+        self.agent.wait_status(what, Duration::from_secs(15), check);
     }
-}
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
-                _ => {}
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-    }
-}
-
-fn status(run_dir: &Path) -> Option<Value> {
-    serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).ok()?).ok()
 }
 
 fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
@@ -202,7 +159,7 @@ fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
             && programmed(v, "Pod/z/c").is_some()
             && programmed(v, "Namespace/z").as_deref() == Some("12")
     });
-    let st = status(&agent.run_dir).unwrap();
+    let st = agent.agent.status().unwrap();
     let endpoints: Vec<&str> = st["endpoints"]
         .as_array()
         .unwrap()

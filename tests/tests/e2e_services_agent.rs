@@ -11,15 +11,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use palisade::agent::{run_until, AgentConfig};
 use palisade::dataplane::ServiceOptions;
+use palisade::source::SourceSpec;
 use palisade_common::SVC_DEFAULT_MARK_MASK;
 use palisade_tests::agent::TempDir;
+use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::kube_proxy::{install_iptables, Service};
 use palisade_tests::pins::PinDir;
-use palisade_tests::{
-    manifests, require_root, tcp_connect, wait_until, Node, Pod, ProbeError, Server,
-};
+use palisade_tests::{manifests, require_root, tcp_connect, Node, Pod, ProbeError, Server};
 
 const T: Duration = Duration::from_millis(700);
 const NODE_A: &str = "n1";
@@ -74,13 +73,11 @@ fn allow_egress(name: &str, app: &str, port: &str) -> String {
 
 /// The agent running in-process in a node's namespace on its own thread; stopped on drop.
 struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    agent: InProcessAgent,
     manifests: PathBuf,
-    run_dir: PathBuf,
-    _tmp: TempDir,
-    // Dropped last: removes the pins after the agent has stopped.
+    // Dropped after the agent: removes the pins and directories once it has stopped.
     _pins: PinDir,
+    _tmp: TempDir,
 }
 
 impl Agent {
@@ -91,92 +88,37 @@ impl Agent {
         let pins = PinDir::new(&tag);
         let tmp = TempDir::new(&tag).unwrap();
         let manifests = tmp.path().join("manifests");
-        let run_dir = tmp.path().join("run");
         std::fs::create_dir_all(&manifests).unwrap();
         manifests::write(&manifests, "00-objects.yaml", yaml).unwrap();
-        let cfg = AgentConfig {
-            node_name: node_name.into(),
-            source: palisade::source::SourceSpec::Manifests(manifests.clone()),
-            layout: pins.layout(),
-            run_dir: run_dir.clone(),
-            conntrack_entries: 65_536,
-            http_addr: None,
-            revoke_untracked: false,
-            services: ServiceOptions {
-                cidrs: vec![SERVICE_CIDR.parse().unwrap()],
-                mark_mask: SVC_DEFAULT_MARK_MASK,
-                uplinks: vec![uplink.to_string()],
-            },
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = node
-            .ns()
-            .spawn(move || {
-                // Threads the runtime starts inherit this thread's network namespace.
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(run_until(cfg, async {
-                    let _ = rx.await;
-                }))
-            })
-            .unwrap();
-        let agent = Agent {
-            stop: Some(tx),
-            thread: Some(thread),
-            manifests,
-            run_dir,
-            _tmp: tmp,
-            _pins: pins,
-        };
-        agent.wait_until_programmed(keys);
-        agent
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        serde_json::from_slice(&std::fs::read(self.run_dir.join("status.json")).ok()?).ok()
-    }
-
-    fn wait_until_programmed(&self, keys: &[&str]) {
-        let ok = wait_until(Duration::from_secs(15), || {
-            self.status().is_some_and(|v| {
-                v["synced"] == true && keys.iter().all(|k| v["programmed"].get(*k).is_some())
-            })
-        });
-        assert!(
-            ok,
-            "agent did not program {keys:?}; status: {:?}",
-            self.status()
+        let mut cfg = inproc::config(
+            node_name,
+            SourceSpec::Manifests(manifests.clone()),
+            pins.layout(),
+            &tmp.path().join("run"),
         );
+        cfg.services = ServiceOptions {
+            cidrs: vec![SERVICE_CIDR.parse().unwrap()],
+            mark_mask: SVC_DEFAULT_MARK_MASK,
+            uplinks: vec![uplink.to_string()],
+        };
+        let agent = Agent {
+            agent: InProcessAgent::spawn(node.ns(), cfg),
+            manifests,
+            _pins: pins,
+            _tmp: tmp,
+        };
+        agent.agent.wait_programmed(keys);
+        agent
     }
 
     fn apply(&self, file: &str, yaml: &str, key: &str) {
         manifests::write(&self.manifests, file, yaml).unwrap();
-        self.wait_until_programmed(&[key]);
+        self.agent.wait_programmed(&[key]);
     }
 
     fn delete(&self, file: &str, key: &str) {
         std::fs::remove_file(self.manifests.join(file)).unwrap();
-        let ok = wait_until(Duration::from_secs(15), || {
-            self.status()
-                .is_some_and(|v| v["programmed"].get(key).is_none())
-        });
-        assert!(ok, "{key} still programmed; status: {:?}", self.status());
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
-                _ => {}
-            }
-        }
+        self.agent.wait_gone(key);
     }
 }
 

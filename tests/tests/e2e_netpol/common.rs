@@ -8,18 +8,18 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use palisade::agent::{run_until, AgentConfig};
 use palisade::dataplane::Layout;
+use palisade::source::SourceSpec;
+use palisade_tests::agent::TempDir;
+use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
-use palisade_tests::{wait_until, NetNs};
+use palisade_tests::NetNs;
 use serde_json::{json, Value};
 
 pub const NODE: &str = "n1";
 
-/// How long an agent may take to program a change before a test gives up.
-pub const PROGRAM_TIMEOUT: Duration = Duration::from_secs(15);
+pub use palisade_tests::inproc::PROGRAM_TIMEOUT;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -32,65 +32,43 @@ pub fn labels(kv: &[(&str, &str)]) -> Labels {
 /// The agent on its own thread inside the node's namespace; stopped on drop, then its
 /// pins and directories are removed.
 pub struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-    base: PathBuf,
+    agent: InProcessAgent,
     pub run_dir: PathBuf,
     pub manifests: PathBuf,
-    // Dropped last: removes the pins after the agent has stopped.
+    // Dropped after the agent: removes the pins and directories once it has stopped.
     pins: PinDir,
+    _tmp: TempDir,
 }
 
 impl Agent {
     /// Starts an agent on `files` (name -> objects) and waits for its first sync.
     pub fn start(node: &NetNs, tag: &str, files: &[(String, Vec<Value>)]) -> Agent {
         let pins = PinDir::new(tag);
-        let base = std::env::temp_dir().join(format!(
-            "palisade-{tag}-{}-{}",
-            std::process::id(),
-            pins.path().file_name().unwrap().to_string_lossy()
-        ));
-        let manifests = base.join("manifests");
-        let run_dir = base.join("run");
+        let tmp = TempDir::new(tag).unwrap();
+        let manifests = tmp.path().join("manifests");
+        let run_dir = tmp.path().join("run");
         std::fs::create_dir_all(&manifests).unwrap();
         for (name, objs) in files {
             write_objects(&manifests.join(name), objs);
         }
-        let cfg = AgentConfig {
-            node_name: NODE.into(),
-            source: palisade::source::SourceSpec::Manifests(manifests.clone()),
-            layout: pins.layout(),
-            run_dir: run_dir.clone(),
-            conntrack_entries: 65_536,
-            revoke_untracked: false,
-            http_addr: None,
-            services: Default::default(),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = node
-            .spawn(move || {
-                // Threads the runtime starts inherit this thread's network namespace.
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(run_until(cfg, async {
-                    let _ = rx.await;
-                }))
-            })
-            .unwrap();
+        let cfg = inproc::config(
+            NODE,
+            SourceSpec::Manifests(manifests.clone()),
+            pins.layout(),
+            &run_dir,
+        );
         let agent = Agent {
-            stop: Some(tx),
-            thread: Some(thread),
-            base,
+            agent: InProcessAgent::spawn(node, cfg),
             run_dir,
             manifests,
             pins,
+            _tmp: tmp,
         };
-        let ok = wait_until(PROGRAM_TIMEOUT, || {
-            agent.status().is_some_and(|s| s["synced"] == true)
-        });
-        assert!(ok, "agent did not sync; status: {:?}", agent.status());
+        agent
+            .agent
+            .wait_status("agent did not sync", PROGRAM_TIMEOUT, |s| {
+                s["synced"] == true
+            });
         agent
     }
 
@@ -108,42 +86,22 @@ impl Agent {
     }
 
     pub fn status(&self) -> Option<Value> {
-        serde_json::from_slice(&std::fs::read(self.run_dir.join("status.json")).ok()?).ok()
+        self.agent.status()
     }
 
     /// Waits until `programmed` holds every `(key, Some(version))` and none of the
     /// `(key, None)`.
     pub fn wait(&self, want: &[(String, Option<String>)]) {
-        let ok = wait_until(PROGRAM_TIMEOUT, || {
-            self.status().is_some_and(|s| {
+        self.agent.wait_status(
+            &format!("agent did not program {want:?}"),
+            PROGRAM_TIMEOUT,
+            |s| {
                 want.iter().all(|(k, v)| match v {
                     Some(v) => s["programmed"][k.as_str()].as_str() == Some(v.as_str()),
                     None => s["programmed"].get(k.as_str()).is_none(),
                 })
-            })
-        });
-        assert!(
-            ok,
-            "agent did not program {want:?}; status: {}",
-            self.status()
-                .map(|s| serde_json::to_string_pretty(&s).unwrap())
-                .unwrap_or_default()
+            },
         );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
-                _ => {}
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.base);
     }
 }
 

@@ -1,0 +1,137 @@
+//! The agent in-process: `palisade::agent::run_until` on its own thread inside a node's
+//! network namespace, stopped (as by SIGTERM) on drop. Faster to start than the binary and
+//! lets a test hand it a mocked Kubernetes client; `crate::agent` runs the real binary.
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use palisade::agent::{run_until, AgentConfig};
+use palisade::dataplane::Layout;
+use palisade::source::SourceSpec;
+use serde_json::Value;
+
+use crate::netns::NetNs;
+use crate::util::wait_until;
+
+/// How long a change may take to show as programmed in the status.
+pub const PROGRAM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The settings tests start from: the given source, node and directories; no HTTP port,
+/// no service CIDRs, connections kept when a pod becomes isolated.
+pub fn config(node: &str, source: SourceSpec, layout: Layout, run_dir: &Path) -> AgentConfig {
+    AgentConfig {
+        node_name: node.into(),
+        source,
+        layout,
+        run_dir: run_dir.to_owned(),
+        conntrack_entries: 65_536,
+        revoke_untracked: false,
+        http_addr: None,
+        services: Default::default(),
+    }
+}
+
+/// A running in-process agent. Declare it before the `PinDir` of its layout in a struct,
+/// so the agent stops before its pins are removed.
+pub struct InProcessAgent {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+    run_dir: PathBuf,
+}
+
+impl InProcessAgent {
+    /// Starts the agent in `node`; returns at once (wait on the status for what you need).
+    pub fn spawn(node: &NetNs, cfg: AgentConfig) -> InProcessAgent {
+        let run_dir = cfg.run_dir.clone();
+        // The status of an earlier agent on the same run dir is not this one's.
+        let _ = std::fs::remove_file(run_dir.join("status.json"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = node
+            .spawn(move || {
+                // Threads the runtime starts inherit this thread's network namespace.
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(run_until(cfg, async {
+                    let _ = rx.await;
+                }))
+            })
+            .expect("spawning the agent thread in the node namespace");
+        InProcessAgent {
+            stop: Some(tx),
+            thread: Some(thread),
+            run_dir,
+        }
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The agent's `status.json`, if it wrote one.
+    pub fn status(&self) -> Option<Value> {
+        serde_json::from_slice(&std::fs::read(self.run_dir.join("status.json")).ok()?).ok()
+    }
+
+    /// Waits (at most `timeout`) until `check` holds on the status; panics naming `what`
+    /// with the last status otherwise, or at once if the agent exited.
+    pub fn wait_status(&self, what: &str, timeout: Duration, check: impl Fn(&Value) -> bool) {
+        let ok = wait_until(timeout, || {
+            self.exited() || self.status().is_some_and(|v| check(&v))
+        });
+        assert!(
+            ok && !self.exited(),
+            "{what}; agent {}; status: {}",
+            if self.exited() { "exited" } else { "running" },
+            self.status()
+                .map(|s| serde_json::to_string_pretty(&s).unwrap_or_default())
+                .unwrap_or_default()
+        );
+    }
+
+    /// Waits until the first sync is done and every key is in `programmed`.
+    pub fn wait_programmed(&self, keys: &[&str]) {
+        self.wait_status(
+            &format!("agent did not program {keys:?}"),
+            PROGRAM_TIMEOUT,
+            |v| v["synced"] == true && keys.iter().all(|k| v["programmed"].get(*k).is_some()),
+        );
+    }
+
+    /// Waits until `key` is no longer in `programmed`.
+    pub fn wait_gone(&self, key: &str) {
+        self.wait_status(&format!("{key} still programmed"), PROGRAM_TIMEOUT, |v| {
+            v["programmed"].get(key).is_none()
+        });
+    }
+
+    fn exited(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| t.is_finished())
+    }
+
+    /// Stops the agent as SIGTERM does (enforcement stays pinned) and surfaces its error.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Err(e)) if !std::thread::panicking() => panic!("agent failed: {e:#}"),
+                Err(_) if !std::thread::panicking() => panic!("agent thread panicked"),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for InProcessAgent {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
