@@ -5,33 +5,19 @@
 //! POLICY) is compared with the maps a clean agent builds from the same manifests.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use palisade::dataplane::{read_counters, Maps};
+use palisade::dataplane::Maps;
 use palisade_tests::agent::{AgentDirs, AgentProcess};
-use palisade_tests::sniff::Sniffer;
-use palisade_tests::stream::{EchoServer, Sprayer, Stream};
-use palisade_tests::{manifests, require_root, wait_until, Family, Flavour, Node, Pod, Proto};
+use palisade_tests::traffic::{dropped, Traffic, Trio, POLICIES};
+use palisade_tests::{manifests, require_root, wait_until, Flavour, Node};
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 const NODE: &str = "n1";
 const KILLS: usize = 20;
 
-const POLICIES: &str = r#"---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-from-a, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {pod: a}}}]
-    ports: [{protocol: TCP, port: 80}, {protocol: UDP, port: 80}]
-"#;
-
-const PROGRAMMED: &[&str] = &["Pod/x/a", "Pod/x/b", "Pod/y/c", "NetworkPolicy/x/b-from-a"];
+const PROGRAMMED: &[&str] = palisade_tests::traffic::PROGRAMMED;
 
 /// A policy selecting no pod: a change the agent must reconcile, harmless to traffic.
 fn churn(i: usize) -> String {
@@ -114,39 +100,15 @@ fn dump(maps: &Maps) -> Dump {
     out
 }
 
-fn pairs(from: &Pod, to: &Pod) -> Vec<(IpAddr, IpAddr)> {
-    Family::BOTH
-        .iter()
-        .map(|f| (from.ip(*f), to.ip(*f)))
-        .collect()
-}
-
-fn dropped_egress_a(maps: &Maps, slot: u32) -> u64 {
-    read_counters(maps, Some(&[slot]))
-        .unwrap()
-        .iter()
-        .filter(|r| r.drop)
-        .map(|r| r.packets)
-        .sum()
-}
-
 #[test]
 fn twenty_kill9_during_reconciles_leak_nothing_break_nothing_and_converge() {
     require_root();
     let tag = "fk9";
     let node = Node::new(tag, Flavour::Routed).unwrap();
-    let a = node.add_pod("x/a").unwrap();
-    let b = node.add_pod("x/b").unwrap();
-    let c = node.add_pod("y/c").unwrap();
-    let _echo = EchoServer::start(b.ns(), 80).unwrap();
-    let _udp = palisade_tests::Server::udp(b.ns(), 80, "x/b").unwrap();
+    let trio = Trio::new(&node).unwrap();
 
     let dirs = AgentDirs::new(tag, None).unwrap();
-    let mut objects = manifests::namespace("x") + &manifests::namespace("y");
-    for p in [&a, &b, &c] {
-        objects += &manifests::pod(p, NODE);
-    }
-    manifests::write(&dirs.manifests, "00-objects.yaml", &objects).unwrap();
+    manifests::write(&dirs.manifests, "00-objects.yaml", &trio.objects(NODE)).unwrap();
     manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
     manifests::write(&dirs.manifests, "20-churn.yaml", &churn(0)).unwrap();
     let t0 = Instant::now();
@@ -162,18 +124,9 @@ fn twenty_kill9_during_reconciles_leak_nothing_break_nothing_and_converge() {
     let maps = Maps::open(&dirs.pins.layout()).unwrap();
     let slot_a = dirs.slot("x/a").unwrap();
 
-    let streams: Vec<Stream> = Family::BOTH
-        .iter()
-        .map(|f| Stream::start(a.ns(), b.addr(*f, 80), Duration::from_millis(2)).unwrap())
-        .collect();
-    let arrived = Sniffer::start(b.ns(), "eth0", &pairs(&c, &b)).unwrap();
-    let control = Sniffer::start(b.ns(), "eth0", &pairs(&a, &b)).unwrap();
-    let targets: Vec<(Proto, SocketAddr)> = Family::BOTH
-        .iter()
-        .flat_map(|f| [(Proto::Tcp, b.addr(*f, 80)), (Proto::Udp, b.addr(*f, 80))])
-        .collect();
-    let sprayer = Sprayer::start(c.ns(), &targets, Duration::from_millis(10)).unwrap();
-    let a_drops_before = dropped_egress_a(&maps, slot_a);
+    let traffic = Traffic::start(&trio, Duration::from_millis(10)).unwrap();
+    // Every drop of x/a, either direction: its traffic is all allowed.
+    let a_drops_before = dropped(&maps, slot_a, None);
 
     // SplitMix64 for the kill moments: reproducible with PALISADE_SEED.
     let mut seed: u64 = std::env::var("PALISADE_SEED")
@@ -210,39 +163,17 @@ fn twenty_kill9_during_reconciles_leak_nothing_break_nothing_and_converge() {
         "the churn policy is programmed"
     );
     let kill_phase = start.elapsed();
-    let rounds = sprayer.rounds();
-    assert!(wait_until(Duration::from_secs(10), || sprayer.rounds() >= rounds + 5));
+    traffic.progress("after the kills", 5);
 
-    let spray = sprayer.stop();
-    let reports: Vec<_> = streams.into_iter().map(Stream::stop).collect();
-    let arrived_total = arrived.stop().unwrap();
-    let control_total = control.stop().unwrap();
+    let report = traffic.stop();
     let after_kills = dump(&maps);
     eprintln!(
-        "first sync {first_sync:.2?}; {KILLS} kills in {kill_phase:.2?} (delays ms {delays:?}); denied packets arrived {arrived_total}, \
-         denied attempts answered {:?}; allowed packets seen {control_total}; streams: {}",
-        spray.answered,
-        reports
-            .iter()
-            .map(|r| format!(
-                "{} round trips, longest gap {:?}, error {:?}",
-                r.round_trips, r.longest_gap, r.error
-            ))
-            .collect::<Vec<_>>()
-            .join("; ")
+        "first sync {first_sync:.2?}; {KILLS} kills in {kill_phase:.2?} (delays ms {delays:?}); {}",
+        report.summary()
     );
-    assert!(control_total > 0, "the sniffer saw allowed traffic");
-    assert_eq!(arrived_total, 0, "denied packets arrived at x/b");
+    report.assert_no_leak_no_break(&trio);
     assert_eq!(
-        spray.answered,
-        Vec::<String>::new(),
-        "denied attempts answered"
-    );
-    for r in &reports {
-        assert_eq!(r.error, None, "allowed connection broke: {r:?}");
-    }
-    assert_eq!(
-        dropped_egress_a(&maps, slot_a),
+        dropped(&maps, slot_a, None),
         a_drops_before,
         "x/a's allowed traffic was never dropped"
     );

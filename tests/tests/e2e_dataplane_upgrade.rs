@@ -12,52 +12,22 @@
 //! packet to a drop, every denied packet is counted (the counters carry over), and each
 //! step shares or copies exactly the maps it should.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use aya::maps::MapInfo;
-use palisade::dataplane::{link_ids, map_ids, read_counters, Hook, Layout, Maps};
+use palisade::dataplane::{link_ids, map_ids, Hook, Layout, Maps};
 use palisade::source::SourceSpec;
 use palisade_common::maps as names;
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
-use palisade_tests::sniff::Sniffer;
-use palisade_tests::stream::{echo_once, EchoServer, Sprayer, Stream};
-use palisade_tests::{manifests, require_root, udp_probe, wait_until, Family, Flavour, Node};
-use palisade_tests::{Pod, Proto, Server};
+use palisade_tests::stream::echo_once;
+use palisade_tests::traffic::{dropped, Traffic, Trio, POLICIES, PROGRAMMED};
+use palisade_tests::{manifests, require_root, udp_probe, Family, Flavour, Node};
 
 const NODE: &str = "n1";
 const T: Duration = Duration::from_secs(2);
-
-const POLICIES: &str = r#"---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-from-a, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from:
-    - podSelector: {matchLabels: {pod: a}}
-    ports:
-    - {protocol: TCP, port: 80}
-    - {protocol: UDP, port: 80}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-to-b, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  policyTypes: [Ingress, Egress]
-  egress:
-  - to:
-    - podSelector: {matchLabels: {pod: b}}
-    ports:
-    - {protocol: TCP, port: 80}
-    - {protocol: UDP, port: 80}
-"#;
 
 /// Replaces the allow policies: nothing in x may talk to anything.
 const DENY_ALL: &str = r#"---
@@ -69,13 +39,7 @@ spec:
   policyTypes: [Ingress, Egress]
 "#;
 
-const ALLOWING: &[&str] = &[
-    "Pod/x/a",
-    "Pod/x/b",
-    "Pod/y/c",
-    "NetworkPolicy/x/b-from-a",
-    "NetworkPolicy/x/a-to-b",
-];
+const ALLOWING: &[&str] = PROGRAMMED;
 
 const DENYING: &[&str] = &["Pod/x/a", "Pod/x/b", "Pod/y/c", "NetworkPolicy/x/deny-all"];
 
@@ -153,22 +117,6 @@ impl Dirs {
     }
 }
 
-fn dropped(maps: &Maps, slot: u32, direction: &str) -> u64 {
-    read_counters(maps, Some(&[slot]))
-        .unwrap()
-        .iter()
-        .filter(|r| r.drop && r.direction == direction)
-        .map(|r| r.packets)
-        .sum()
-}
-
-fn pairs(from: &Pod, to: &Pod) -> Vec<(IpAddr, IpAddr)> {
-    Family::BOTH
-        .iter()
-        .map(|f| (from.ip(*f), to.ip(*f)))
-        .collect()
-}
-
 fn conntrack_size(layout: &Layout) -> u32 {
     MapInfo::from_pin(layout.map(names::CONNTRACK))
         .unwrap()
@@ -178,11 +126,8 @@ fn conntrack_size(layout: &Layout) -> u32 {
 fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     require_root();
     let node = Node::new(tag, flavour).unwrap();
-    let a = node.add_pod("x/a").unwrap();
-    let b = node.add_pod("x/b").unwrap();
-    let c = node.add_pod("y/c").unwrap();
-    let echo = EchoServer::start(b.ns(), 80).unwrap();
-    let _udp = Server::udp(b.ns(), 80, "x/b").unwrap();
+    let trio = Trio::new(&node).unwrap();
+    let (a, b) = (&trio.a, &trio.b);
     let tmp = TempDir::new(tag).unwrap();
     let dirs = Dirs {
         manifests: tmp.path().join("manifests"),
@@ -190,11 +135,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
         _tmp: tmp,
     };
     std::fs::create_dir_all(&dirs.manifests).unwrap();
-    let mut objects = manifests::namespace("x") + &manifests::namespace("y");
-    for p in [&a, &b, &c] {
-        objects += &manifests::pod(p, NODE);
-    }
-    manifests::write(&dirs.manifests, "00-objects.yaml", &objects).unwrap();
+    manifests::write(&dirs.manifests, "00-objects.yaml", &trio.objects(NODE)).unwrap();
     manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
 
     let pins = PinDir::new(tag);
@@ -210,38 +151,17 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
         .collect();
     let maps = Maps::open(&v1).unwrap();
 
-    let streams: Vec<Stream> = Family::BOTH
-        .iter()
-        .map(|f| Stream::start(a.ns(), b.addr(*f, 80), Duration::from_millis(2)).unwrap())
-        .collect();
-    let arrived = Sniffer::start(b.ns(), "eth0", &pairs(&c, &b)).unwrap();
-    let sent = Sniffer::start(c.ns(), "eth0", &pairs(&c, &b)).unwrap();
-    let drops_before = dropped(&maps, slot_b, "ingress");
+    let denied_in_b = |m: &Maps| dropped(m, slot_b, Some("ingress"));
     let quiet = |m: &Maps| {
         [
-            dropped(m, slot_a, "ingress"),
-            dropped(m, slot_a, "egress"),
-            dropped(m, slot_b, "egress"),
+            dropped(m, slot_a, Some("ingress")),
+            dropped(m, slot_a, Some("egress")),
+            dropped(m, slot_b, Some("egress")),
         ]
     };
-    let targets: Vec<(Proto, SocketAddr)> = Family::BOTH
-        .iter()
-        .flat_map(|f| [(Proto::Tcp, b.addr(*f, 80)), (Proto::Udp, b.addr(*f, 80))])
-        .collect();
-    let sprayer = Sprayer::start(c.ns(), &targets, Duration::from_millis(20)).unwrap();
-    let progress = |what: &str| {
-        let base: Vec<u64> = streams.iter().map(Stream::round_trips).collect();
-        let rounds = sprayer.rounds();
-        let ok = wait_until(Duration::from_secs(20), || {
-            streams
-                .iter()
-                .zip(&base)
-                .all(|(s, b)| s.round_trips() >= b + 100)
-                && sprayer.rounds() >= rounds + 10
-        });
-        assert!(ok, "traffic stalled {what}");
-    };
-    progress("under v1");
+    let drops_before = denied_in_b(&maps);
+    let traffic = Traffic::start(&trio, Duration::from_millis(20)).unwrap();
+    traffic.progress("under v1", 10);
 
     // From here on no policy allows the connections: they live on conntrack alone.
     manifests::write(&dirs.manifests, "10-policies.yaml", DENY_ALL).unwrap();
@@ -252,11 +172,11 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     }
     // Those attempts were dropped on x/a's egress; from here on nothing may be.
     let quiet_before = quiet(&maps);
-    progress("under v1, with deny-all");
+    traffic.progress("under v1, with deny-all", 10);
 
     // v1 -> v2, same map definitions: every map shared, links moved, v1's pins gone.
     agent.stop();
-    progress("with no agent");
+    traffic.progress("with no agent", 10);
     let v2 = Layout::with_version(&root, 2);
     let agent = Agent::start(&node, v2.clone(), &dirs, 65_536, DENYING);
     assert!(!v1.versioned().exists(), "v1 pins left behind");
@@ -266,7 +186,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
         assert_eq!(after.link, before.link, "{h:?}: the link was recreated");
         assert_ne!(after.program, before.program, "{h:?}: program not swapped");
     }
-    progress("under v2");
+    traffic.progress("under v2", 10);
 
     // v2 -> v3 with a larger conntrack: that map is copied into a new one, the rest shared.
     agent.stop();
@@ -285,7 +205,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
         }
     }
     assert_eq!(conntrack_size(&v3), 131_072);
-    progress("under v3");
+    traffic.progress("under v3", 10);
 
     // Allowed again: new connections work.
     manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
@@ -294,40 +214,16 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
         a.ns().run(|| echo_once(b.addr(f, 80), T)).unwrap();
         assert_eq!(udp_probe(a.ns(), b.ip(f), 80, T).as_deref(), Ok("x/b"));
     }
-    let spray = sprayer.stop();
-    let reports: Vec<_> = streams.into_iter().map(Stream::stop).collect();
-    let sent_total = sent.stop().unwrap();
+    let report = traffic.stop();
     let maps = Maps::open(&v3).unwrap();
-    let drops = |m: &Maps| dropped(m, slot_b, "ingress") - drops_before;
-    wait_until(Duration::from_secs(2), || drops(&maps) >= sent_total);
-    let arrived_total = arrived.stop().unwrap();
+    let counted = || denied_in_b(&maps) - drops_before;
     eprintln!(
-        "{tag}: denied packets sent {sent_total}, arrived {arrived_total}, counted {}; streams: {}",
-        drops(&maps),
-        reports
-            .iter()
-            .map(|r| format!(
-                "{} round trips / {} bytes, longest gap {:?}, {} retransmits",
-                r.round_trips, r.bytes, r.longest_gap, r.retransmits
-            ))
-            .collect::<Vec<_>>()
-            .join("; ")
+        "{tag}: {}; counted as dropped {}",
+        report.summary(),
+        counted()
     );
-    assert!(sent_total > 0);
-    assert_eq!(arrived_total, 0, "denied packets arrived at x/b");
-    assert_eq!(spray.answered, Vec::<String>::new());
-    assert_eq!(echo.accepted_from(c.ipv4().into()), 0);
-    assert_eq!(echo.accepted_from(c.ipv6().into()), 0);
-    // Every denied packet the client sent was counted; the kernel may still retransmit a
-    // denied SYN after the sniffer stopped, which is counted too, hence >=.
-    let counted = drops(&maps);
-    assert!(
-        counted >= sent_total,
-        "drop counter {counted} < packets sent {sent_total}"
-    );
-    for r in &reports {
-        assert_eq!(r.error, None, "allowed connection broke: {r:?}");
-    }
+    report.assert_no_leak_no_break(&trio);
+    report.assert_all_counted(counted);
     assert_eq!(quiet(&maps), quiet_before, "drops on the allowed path");
     assert_eq!((dirs.slot("x/a"), dirs.slot("x/b")), (slot_a, slot_b));
     agent.stop();
