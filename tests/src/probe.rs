@@ -192,8 +192,9 @@ fn serve(sock: Sock, wake: UnixStream, reply: &[u8], hits: &AtomicU64) {
     }
 }
 
-/// Blocks until `fd` is readable (true) or `wake` is closed (false).
-fn wait_readable(fd: RawFd, wake: RawFd) -> bool {
+/// Blocks until `fd` is readable (true) or `wake` is closed (false): how the harness's
+/// server and sniffer threads sleep until there is work or they are told to stop.
+pub(crate) fn wait_readable(fd: RawFd, wake: RawFd) -> bool {
     loop {
         let mut fds = [
             libc::pollfd {

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cni::ifindex_in;
 use crate::netns::NetNs;
+use crate::probe::wait_readable;
 
 const ETH_P_ALL: u16 = 0x0003;
 const ETH_P_IP: u16 = 0x0800;
@@ -141,7 +142,7 @@ fn sniff(
 ) {
     let mut buf = vec![0u8; 65536];
     loop {
-        let woken = wait(sock.as_raw_fd(), wake.as_raw_fd());
+        let woken = !wait_readable(sock.as_raw_fd(), wake.as_raw_fd());
         // Drain what is queued, also after the stop signal: frames that crossed the
         // interface before the caller stopped us are counted.
         loop {
@@ -212,39 +213,6 @@ fn take_drops(fd: i32) -> u64 {
         0
     }
 }
-
-/// Blocks until `fd` is readable (false) or `wake` is closed (true).
-fn wait(fd: i32, wake: i32) -> bool {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: a valid array of two pollfds for the call's duration.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return true;
-        }
-        if fds[1].revents != 0 {
-            return true;
-        }
-        if fds[0].revents != 0 {
-            return false;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::netns::NetNs;
+use crate::probe::wait_readable;
 use crate::probe::Proto;
 
 /// A TCP echo server on `[::]:port` (both families) that records every peer it accepted.
@@ -84,7 +85,7 @@ fn accept_loop(
     stop: &Arc<AtomicBool>,
 ) {
     let mut conns = Vec::new();
-    while !wait_readable(listener.as_raw_fd(), wake.as_raw_fd()) {
+    while wait_readable(listener.as_raw_fd(), wake.as_raw_fd()) {
         while let Ok((s, peer)) = listener.accept() {
             peers.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
             let stop = stop.clone();
@@ -124,39 +125,6 @@ fn echo(mut s: TcpStream, stop: &AtomicBool) {
         }
     }
 }
-
-/// Blocks until `fd` is readable (false) or `wake` is closed (true).
-fn wait_readable(fd: i32, wake: i32) -> bool {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: a valid array of two pollfds for the call's duration.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return true;
-        }
-        if fds[1].revents != 0 {
-            return true;
-        }
-        if fds[0].revents != 0 {
-            return false;
-        }
-    }
-}
-
 /// One connect + echo round trip from the calling thread's netns: a fresh allowed
 /// connection works end to end.
 pub fn echo_once(to: SocketAddr, timeout: Duration) -> io::Result<()> {
