@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use palisade::dataplane::Maps;
 use palisade_tests::agent::{AgentDirs, AgentProcess};
 use palisade_tests::traffic::{dropped, Traffic, Trio, POLICIES};
+use palisade_tests::util::Rng;
 use palisade_tests::{manifests, require_root, wait_until, Flavour, Node};
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade");
@@ -128,18 +129,11 @@ fn twenty_kill9_during_reconciles_leak_nothing_break_nothing_and_converge() {
     // Every drop of x/a, either direction: its traffic is all allowed.
     let a_drops_before = dropped(&maps, slot_a, None);
 
-    // SplitMix64 for the kill moments: reproducible with PALISADE_SEED.
-    let mut seed: u64 = std::env::var("PALISADE_SEED")
+    // The kill moments are reproducible with PALISADE_SEED.
+    let mut rng = Rng(std::env::var("PALISADE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x6b11_6b11);
-    let mut below = |n: u64| {
-        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % n
-    };
+        .unwrap_or(0x6b11_6b11));
     let start = Instant::now();
     let mut delays = Vec::new();
     for i in 1..=KILLS {
@@ -147,7 +141,7 @@ fn twenty_kill9_during_reconciles_leak_nothing_break_nothing_and_converge() {
         if i % 2 == 0 {
             manifests::write(&dirs.manifests, "20-churn.yaml", &churn(i)).unwrap();
         }
-        let d = Duration::from_millis(below(400));
+        let d = Duration::from_millis(rng.below(400) as u64);
         delays.push(d.as_millis());
         std::thread::sleep(d); // a random moment is the point here, not a synchronisation
         agent.take().unwrap().kill9().unwrap();

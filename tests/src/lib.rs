@@ -40,6 +40,7 @@ pub mod privilege;
 pub mod probe;
 pub mod sniff;
 pub mod stream;
+pub mod strict;
 pub mod traffic;
 pub mod util;
 

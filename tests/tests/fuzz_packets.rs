@@ -21,11 +21,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 use std::time::Instant;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, TcpHeaderSlice};
 use ipnetwork::IpNetwork;
 use palisade::dataplane::testrun::{TC_ACT_OK, TC_ACT_SHOT, TEST_RUN_IFINDEX};
 use palisade::dataplane::{cleanup, read_counters, Dataplane, Hook, LoadOptions, Maps};
@@ -33,9 +31,12 @@ use palisade::source::load_dir;
 use palisade_common::{Config, Endpoint, FragKey, CFG_REVOKE_UNTRACKED};
 use palisade_policy::reference::Cluster;
 use palisade_policy::{Change, Compiler};
+use palisade_tests::agent::TempDir;
 use palisade_tests::packets::*;
 use palisade_tests::pins::PinDir;
 use palisade_tests::require_root;
+use palisade_tests::strict::{be16, parse, test_run_accepts, Parse};
+use palisade_tests::util::Rng;
 
 const SLOT: u32 = 5;
 
@@ -115,52 +116,6 @@ spec:
   - ports: [{protocol: TCP, port: 443}]
 "#;
 
-/// SplitMix64: small, seedable, and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())].clone()
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
-}
-
-/// A scratch manifest directory, removed on drop.
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new(tag: &str) -> TmpDir {
-        let p = std::env::temp_dir().join(format!("palisade-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The programs, with maps filled from the compiler's plan for pod `app/me`.
 struct Target {
     dp: Dataplane,
@@ -173,9 +128,9 @@ struct Target {
 impl Target {
     fn new(tag: &str) -> Target {
         require_root();
-        let dir = TmpDir::new(tag);
-        std::fs::write(dir.0.join("world.yaml"), MANIFESTS).unwrap();
-        let snap = load_dir(&dir.0).unwrap();
+        let dir = TempDir::new(tag).unwrap();
+        std::fs::write(dir.path().join("world.yaml"), MANIFESTS).unwrap();
+        let snap = load_dir(dir.path()).unwrap();
         assert!(snap.errors.is_empty(), "{:?}", snap.errors);
         let node_ips = [IpAddr::V4(NODE4), IpAddr::V6(NODE6)];
         let mut compiler = Compiler::new("n1", node_ips);
@@ -308,201 +263,9 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-// --- the strict, independent reading -------------------------------------------------
-
-struct Pkt {
-    src: IpAddr,
-    dst: IpAddr,
-    proto: u8,
-    port: u16,
-    later_fragment: bool,
-    /// For ICMP errors: the quoted packet's (src, dst).
-    quoted: Option<(IpAddr, IpAddr)>,
-}
-
-enum Parse {
-    Pkt(Pkt),
-    Control,
-    Malformed,
-}
-
-fn quote_ports_ok(proto: u8, avail: usize) -> bool {
-    match proto {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => avail >= 4,
-        PROTO_ICMP | PROTO_ICMPV6 => avail >= 6,
-        _ => true,
-    }
-}
-
-fn quote4_ok(q: &[u8]) -> bool {
-    if q.len() < 20 || q[0] >> 4 != 4 || (q[0] & 0xf) < 5 {
-        return false;
-    }
-    let ihl = (q[0] & 0xf) as usize * 4;
-    (be16(&q[2..4]) as usize) >= ihl && quote_ports_ok(q[9], q.len().saturating_sub(ihl))
-}
-
-fn quote6_ok(q: &[u8]) -> bool {
-    q.len() >= 40 && q[0] >> 4 == 6 && quote_ports_ok(q[6], q.len() - 40)
-}
-
-/// The upper layer of a whole packet or first fragment, bounded by the IP datagram.
-fn upper(v6: bool, proto: u8, b: &[u8], src: IpAddr, dst: IpAddr) -> Parse {
-    let mut port = 0;
-    let mut quoted = None;
-    match proto {
-        PROTO_TCP => match TcpHeaderSlice::from_slice(b) {
-            Ok(t) => port = t.destination_port(),
-            Err(_) => return Parse::Malformed,
-        },
-        PROTO_UDP | PROTO_SCTP => {
-            if b.len() < if proto == PROTO_UDP { 8 } else { 12 } {
-                return Parse::Malformed;
-            }
-            port = be16(&b[2..4]);
-        }
-        PROTO_ICMP if !v6 => {
-            let error = b.first().is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
-            if b.len() < 8 || (error && !quote4_ok(&b[8..])) {
-                return Parse::Malformed;
-            }
-            if error {
-                let a = |i: usize| IpAddr::from(<[u8; 4]>::try_from(&b[i..i + 4]).unwrap());
-                quoted = Some((a(8 + 12), a(8 + 16)));
-            }
-        }
-        PROTO_ICMPV6 if v6 => {
-            if b.len() < 8 {
-                return Parse::Malformed;
-            }
-            if matches!(b[0], 130..=137 | 143) {
-                return Parse::Control;
-            }
-            if matches!(b[0], 1..=4) && !quote6_ok(&b[8..]) {
-                return Parse::Malformed;
-            }
-            if matches!(b[0], 1..=4) {
-                let a = |i: usize| IpAddr::from(<[u8; 16]>::try_from(&b[i..i + 16]).unwrap());
-                quoted = Some((a(8 + 8), a(8 + 24)));
-            }
-        }
-        _ => {}
-    }
-    Parse::Pkt(Pkt {
-        src,
-        dst,
-        proto,
-        port,
-        later_fragment: false,
-        quoted,
-    })
-}
-
-fn parse4(ip: &[u8]) -> Parse {
-    let Ok(h) = Ipv4HeaderSlice::from_slice(ip) else {
-        return Parse::Malformed;
-    };
-    let hl = h.slice().len();
-    let total = h.total_len() as usize;
-    if total < hl || total > ip.len() {
-        return Parse::Malformed;
-    }
-    let (src, dst) = (
-        IpAddr::V4(h.source_addr()),
-        IpAddr::V4(h.destination_addr()),
-    );
-    let proto = h.protocol().0;
-    if h.fragments_offset().value() != 0 {
-        return Parse::Pkt(Pkt {
-            src,
-            dst,
-            proto,
-            port: 0,
-            later_fragment: true,
-            quoted: None,
-        });
-    }
-    upper(false, proto, &ip[hl..total], src, dst)
-}
-
-fn parse6(ip: &[u8]) -> Parse {
-    let Ok(h) = Ipv6HeaderSlice::from_slice(ip) else {
-        return Parse::Malformed;
-    };
-    let plen = h.payload_length() as usize;
-    if 40 + plen > ip.len() {
-        return Parse::Malformed;
-    }
-    let (src, dst) = (
-        IpAddr::V6(h.source_addr()),
-        IpAddr::V6(h.destination_addr()),
-    );
-    let d = &ip[40..40 + plen];
-    let mut next = h.next_header().0;
-    let mut off = 0usize;
-    let mut later = false;
-    for _ in 0..6 {
-        match next {
-            0 | 43 | 60 | 51 => {
-                if off + 2 > d.len() {
-                    return Parse::Malformed;
-                }
-                let unit = if next == 51 {
-                    (d[off + 1] as usize + 2) * 4
-                } else {
-                    (d[off + 1] as usize + 1) * 8
-                };
-                next = d[off];
-                off += unit;
-            }
-            44 => {
-                if off + 8 > d.len() {
-                    return Parse::Malformed;
-                }
-                next = d[off];
-                if be16(&d[off + 2..off + 4]) >> 3 != 0 {
-                    later = true;
-                    break;
-                }
-                off += 8;
-            }
-            _ => break,
-        }
-    }
-    if later {
-        return Parse::Pkt(Pkt {
-            src,
-            dst,
-            proto: next,
-            port: 0,
-            later_fragment: true,
-            quoted: None,
-        });
-    }
-    if matches!(next, 0 | 43 | 60 | 51 | 44) || off > d.len() {
-        return Parse::Malformed;
-    }
-    upper(true, next, &d[off..], src, dst)
-}
-
-fn parse(f: &[u8]) -> Parse {
-    match be16(&f[12..14]) {
-        ETH_P_ARP => Parse::Control,
-        ETH_P_IP => parse4(&f[L3..]),
-        ETH_P_IPV6 => parse6(&f[L3..]),
-        _ => Parse::Malformed,
-    }
-}
-
-// --- seeds and mutations --------------------------------------------------------------
-
 fn port(rng: &mut Rng) -> u16 {
     if rng.below(4) == 0 {
-        rng.next() as u16
+        rng.next_u64() as u16
     } else {
         rng.pick(&PORTS)
     }
@@ -523,7 +286,7 @@ fn l4(rng: &mut Rng, v6: bool, depth: u32) -> L4 {
         }
         3 => L4::udp(port(rng), port(rng)),
         4 => L4::sctp(port(rng), port(rng)),
-        5 => L4::echo(v6, rng.coin(), rng.next() as u16, 1),
+        5 => L4::echo(v6, rng.coin(), rng.next_u64() as u16, 1),
         6 if depth == 0 => {
             let (a, b) = if v6 {
                 (IpAddr::V6(POD6), IpAddr::V6(rng.pick(&PEERS6)))
@@ -571,7 +334,7 @@ fn seed(rng: &mut Rng, hook: Hook) -> Vec<u8> {
                         kind: IPV6_AUTH,
                         body: vec![0; 10],
                     },
-                    _ => Ext::fragment(rng.pick(&[0, 0, 3]), rng.coin(), rng.next() as u32),
+                    _ => Ext::fragment(rng.pick(&[0, 0, 3]), rng.coin(), rng.next_u64() as u32),
                 });
             }
         }
@@ -588,7 +351,7 @@ fn seed(rng: &mut Rng, hook: Hook) -> Vec<u8> {
             o.options = vec![1; 4 * rng.below(11)];
         }
         if rng.below(5) == 0 {
-            o.id = rng.next() as u16;
+            o.id = rng.next_u64() as u16;
             o.more_fragments = rng.coin();
             o.frag_offset = rng.pick(&[0, 0, 1, 185]);
         }
@@ -725,15 +488,6 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>, other: &[u8]) {
     }
 }
 
-/// BPF_PROG_TEST_RUN refuses IP frames shorter than the fixed IP header.
-fn test_run_accepts(f: &[u8]) -> bool {
-    match be16(&f[12..14]) {
-        ETH_P_IP => f.len() >= L3 + 20,
-        ETH_P_IPV6 => f.len() >= L3 + 40,
-        _ => true,
-    }
-}
-
 /// The coarse coverage signal of one execution.
 fn signature(f: &[u8], hook: Hook, verdict: u32, reason: Option<&str>) -> String {
     let et = match be16(&f[12..14]) {
@@ -754,7 +508,7 @@ fn signature(f: &[u8], hook: Hook, verdict: u32, reason: Option<&str>) -> String
             )
         }
         Parse::Control => (-1, 0),
-        Parse::Malformed => (-2, 0),
+        Parse::Malformed | Parse::OtherEtherType => (-2, 0),
     };
     format!("{hook:?}/{et:04x}/{proto}/{ty}/{reason:?}/{verdict}")
 }
@@ -917,7 +671,7 @@ fn judge_strict(
         Parse::Control => {
             return (reason.is_some()).then(|| "control frames pass uncounted".into())
         }
-        Parse::Malformed => return Some("it is malformed".into()),
+        Parse::Malformed | Parse::OtherEtherType => return Some("it is malformed".into()),
         // A later fragment passes only as the rest of a first fragment that passed.
         Parse::Pkt(p) if p.later_fragment => {
             return (reason != Some("allowed-tracked") || !passed_pairs.contains(&(p.src, p.dst)))

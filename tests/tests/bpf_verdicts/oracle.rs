@@ -5,37 +5,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, TcpHeaderSlice};
+use palisade_tests::strict::{self, be16, test_run_accepts, Parse};
+use palisade_tests::util::Rng;
 
 use super::*;
-
-/// SplitMix64: small, seedable, and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())].clone()
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
-}
 
 const HOLE_ID: u32 = 21;
 
@@ -112,237 +85,11 @@ enum Want {
     Reason(&'static str),
 }
 
-struct Pkt {
-    src: IpAddr,
-    dst: IpAddr,
-    proto: u8,
-    port: u16,
-    later_fragment: bool,
-}
-
-enum Parse {
-    Pkt(Pkt),
-    Control,
-    Malformed,
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-/// ICMP error quote: an IPv4 header and the ports (or echo id) after it.
-fn quote4_ok(q: &[u8]) -> bool {
-    if q.len() < 20 || q[0] >> 4 != 4 || (q[0] & 0xf) < 5 {
-        return false;
-    }
-    let ihl = (q[0] & 0xf) as usize * 4;
-    if (be16(&q[2..4]) as usize) < ihl {
-        return false;
-    }
-    quote_ports_ok(q[9], q.len().saturating_sub(ihl))
-}
-
-fn quote6_ok(q: &[u8]) -> bool {
-    q.len() >= 40 && q[0] >> 4 == 6 && quote_ports_ok(q[6], q.len() - 40)
-}
-
-fn quote_ports_ok(proto: u8, avail: usize) -> bool {
-    match proto {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => avail >= 4,
-        PROTO_ICMP | PROTO_ICMPV6 => avail >= 6,
-        _ => true,
-    }
-}
-
-/// The upper layer of a whole packet or first fragment.
-fn upper(m: Mode, v6: bool, proto: u8, b: &[u8], src: IpAddr, dst: IpAddr) -> Parse {
-    let mut port = 0;
-    // The programs pick ICMP semantics by protocol number alone, whatever the family.
-    let v6 = if m.cross_family_icmp && matches!(proto, PROTO_ICMP | PROTO_ICMPV6) {
-        proto == PROTO_ICMPV6
-    } else {
-        v6
-    };
-    match proto {
-        PROTO_TCP if m.tcp_14 => {
-            if b.len() < 14 || b[12] >> 4 < 5 {
-                return Parse::Malformed;
-            }
-            port = be16(&b[2..4]);
-        }
-        PROTO_TCP => match TcpHeaderSlice::from_slice(b) {
-            Ok(t) => port = t.destination_port(),
-            Err(_) => return Parse::Malformed,
-        },
-        PROTO_UDP | PROTO_SCTP => {
-            let need = if proto == PROTO_UDP { 8 } else { 12 };
-            if b.len() < need {
-                return Parse::Malformed;
-            }
-            port = be16(&b[2..4]);
-        }
-        PROTO_ICMP if !v6 => {
-            if b.len() < 8 {
-                return Parse::Malformed;
-            }
-            if matches!(b[0], 3 | 4 | 5 | 11 | 12) && !quote4_ok(&b[8..]) {
-                return Parse::Malformed;
-            }
-        }
-        PROTO_ICMPV6 if v6 => {
-            if b.len() < 8 {
-                return Parse::Malformed;
-            }
-            if matches!(b[0], 130..=137 | 143) {
-                return Parse::Control;
-            }
-            if matches!(b[0], 1..=4) && !quote6_ok(&b[8..]) {
-                return Parse::Malformed;
-            }
-        }
-        _ => {}
-    }
-    Parse::Pkt(Pkt {
-        src,
-        dst,
-        proto,
-        port,
-        later_fragment: false,
-    })
-}
-
-fn parse4(m: Mode, ip: &[u8]) -> Parse {
-    let Ok(h) = Ipv4HeaderSlice::from_slice(ip) else {
-        return Parse::Malformed;
-    };
-    let hl = h.slice().len();
-    let total = h.total_len() as usize;
-    if total < hl || total > ip.len() {
-        return Parse::Malformed;
-    }
-    let (src, dst) = (
-        IpAddr::V4(h.source_addr()),
-        IpAddr::V4(h.destination_addr()),
-    );
-    let proto = h.protocol().0;
-    if h.fragments_offset().value() != 0 {
-        return Parse::Pkt(Pkt {
-            src,
-            dst,
-            proto,
-            port: 0,
-            later_fragment: true,
-        });
-    }
-    let end = if m.frame { ip.len() } else { total };
-    upper(m, false, proto, &ip[hl..end], src, dst)
-}
-
-fn parse6(m: Mode, ip: &[u8]) -> Parse {
-    let Ok(h) = Ipv6HeaderSlice::from_slice(ip) else {
-        return Parse::Malformed;
-    };
-    let plen = h.payload_length() as usize;
-    if 40 + plen > ip.len() {
-        return Parse::Malformed;
-    }
-    let (src, dst) = (
-        IpAddr::V6(h.source_addr()),
-        IpAddr::V6(h.destination_addr()),
-    );
-    let d = if m.frame {
-        &ip[40..]
-    } else {
-        &ip[40..40 + plen]
-    };
-    let mut frag_off = 0u16;
-    let mut next = h.next_header().0;
-    let mut off = 0usize;
-    for _ in 0..6 {
-        match next {
-            0 | 43 | 60 | 51 => {
-                if off + 2 > d.len() {
-                    return Parse::Malformed;
-                }
-                let unit = if next == 51 {
-                    (d[off + 1] as usize + 2) * 4
-                } else {
-                    (d[off + 1] as usize + 1) * 8
-                };
-                next = d[off];
-                off += unit;
-            }
-            44 => {
-                if off + 8 > d.len() {
-                    return Parse::Malformed;
-                }
-                next = d[off];
-                frag_off = be16(&d[off + 2..off + 4]) >> 3;
-                if frag_off != 0 && !m.later_frag_walk {
-                    // What follows a later fragment's header is data.
-                    return Parse::Pkt(Pkt {
-                        src,
-                        dst,
-                        proto: next,
-                        port: 0,
-                        later_fragment: true,
-                    });
-                }
-                off += 8;
-            }
-            _ => break,
-        }
-    }
-    if matches!(next, 0 | 43 | 60 | 51 | 44) || (off > d.len() && !m.frame) {
-        return Parse::Malformed;
-    }
-    if frag_off != 0 {
-        return Parse::Pkt(Pkt {
-            src,
-            dst,
-            proto: next,
-            port: 0,
-            later_fragment: true,
-        });
-    }
-    upper(m, true, next, d.get(off..).unwrap_or(&[]), src, dst)
-}
-
-/// How the reading deviates from the strict one: each flag is a known bug of the programs
-/// (see the ignored tests), so a mismatch they explain is told apart from a new one.
-#[derive(Clone, Copy, Debug, Default)]
-struct Mode {
-    /// Upper-layer headers bounded by the frame instead of the IP datagram.
-    frame: bool,
-    /// TCP needs 14 bytes and a data offset >= 5, not the data-offset header.
-    tcp_14: bool,
-    /// IPv6 headers are followed past a later fragment's fragment header.
-    later_frag_walk: bool,
-    /// ICMPv6 in IPv4 (and ICMPv4 in IPv6) read as ICMP.
-    cross_family_icmp: bool,
-}
-
-const STRICT: Mode = Mode {
-    frame: false,
-    tcp_14: false,
-    later_frag_walk: false,
-    cross_family_icmp: false,
-};
-
-/// The known deviations, alone and together, named for the report.
-// Deviations explained by known program bugs: none left; every frame must match.
-const KNOWN: [(&str, Mode); 0] = [];
-
-fn expect(m: Mode, table: &[(IpNetwork, u32, u32)], f: &[u8], hook: Hook) -> Want {
-    let parsed = match be16(&f[12..14]) {
-        ETH_P_ARP => Parse::Control,
-        ETH_P_IP => parse4(m, &f[L3..]),
-        ETH_P_IPV6 => parse6(m, &f[L3..]),
-        _ => return Want::Reason(DROPPED_NO_RULE),
-    };
-    let p = match parsed {
+fn expect(table: &[(IpNetwork, u32, u32)], f: &[u8], hook: Hook) -> Want {
+    let p = match strict::parse(f) {
         Parse::Control => return Want::Control,
         Parse::Malformed => return Want::Reason(DROPPED_MALFORMED),
+        Parse::OtherEtherType => return Want::Reason(DROPPED_NO_RULE),
         Parse::Pkt(p) => p,
     };
     if p.later_fragment {
@@ -384,7 +131,7 @@ const PORTS: [u16; 12] = [80, 81, 79, 95, 96, 443, 53, 8191, 8192, 8447, 8448, 0
 
 fn port(rng: &mut Rng) -> u16 {
     if rng.below(4) == 0 {
-        rng.next() as u16
+        rng.next_u64() as u16
     } else {
         rng.pick(&PORTS)
     }
@@ -408,7 +155,7 @@ fn l4(rng: &mut Rng, v6: bool) -> L4 {
         }
         2 => L4::udp(port(rng), port(rng)),
         3 => L4::sctp(port(rng), port(rng)),
-        4 => L4::echo(v6, rng.coin(), rng.next() as u16, 1),
+        4 => L4::echo(v6, rng.coin(), rng.next_u64() as u16, 1),
         5 => {
             let (a, b) = if v6 {
                 (v6_any(rng), v6_any(rng))
@@ -471,7 +218,7 @@ fn valid(rng: &mut Rng, hook: Hook) -> Vec<u8> {
                         kind: IPV6_AUTH,
                         body: vec![0; 10],
                     },
-                    _ => Ext::fragment(rng.pick(&[0, 0, 3]), rng.coin(), rng.next() as u32),
+                    _ => Ext::fragment(rng.pick(&[0, 0, 3]), rng.coin(), rng.next_u64() as u32),
                 });
             }
         }
@@ -488,7 +235,7 @@ fn valid(rng: &mut Rng, hook: Hook) -> Vec<u8> {
             o.options = vec![1; 4 * rng.below(11)];
         }
         if rng.below(5) == 0 {
-            o.id = rng.next() as u16;
+            o.id = rng.next_u64() as u16;
             o.more_fragments = rng.coin();
             o.frag_offset = rng.pick(&[0, 0, 1, 185]);
         }
@@ -544,7 +291,7 @@ fn gen(rng: &mut Rng, hook: Hook) -> Vec<u8> {
     if rng.below(10) == 0 {
         let n = L3 + rng.below(120);
         let mut f = rng.bytes(n);
-        let any = rng.next() as u16;
+        let any = rng.next_u64() as u16;
         let et = rng.pick(&[ETH_P_IP, ETH_P_IPV6, ETH_P_ARP, any]);
         f[12..14].copy_from_slice(&et.to_be_bytes());
         return f;
@@ -554,15 +301,6 @@ fn gen(rng: &mut Rng, hook: Hook) -> Vec<u8> {
         f
     } else {
         mutate(rng, f)
-    }
-}
-
-/// BPF_PROG_TEST_RUN refuses IP frames shorter than the fixed IP header.
-fn test_run_accepts(f: &[u8]) -> bool {
-    match be16(&f[12..14]) {
-        ETH_P_IP => f.len() >= L3 + 20,
-        ETH_P_IPV6 => f.len() >= L3 + 40,
-        _ => true,
     }
 }
 
@@ -594,7 +332,6 @@ pub fn run() {
     let mut rng = Rng(seed);
     let mut wrong = Vec::new();
     let mut skipped = 0usize;
-    let mut known = std::collections::BTreeMap::<&str, usize>::new();
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..frames {
         let hook = if rng.coin() {
@@ -607,7 +344,7 @@ pub fn run() {
             skipped += 1;
             continue;
         }
-        let want = expect(STRICT, &table, &f, hook);
+        let want = expect(&table, &f, hook);
         let (verdict, counted) = fx.run(hook, &f);
         let got = match counted {
             None => Want::Control,
@@ -624,23 +361,16 @@ pub fn run() {
                 hex(&f)
             ));
         } else if got != want {
-            match KNOWN
-                .iter()
-                .find(|(_, m)| expect(*m, &table, &f, hook) == got)
-            {
-                Some((name, _)) => *known.entry(*name).or_default() += 1,
-                None => wrong.push(format!(
-                    "#{i} {hook:?}: want {want:?}, got verdict {verdict} {got:?}: {}",
-                    hex(&f)
-                )),
-            }
+            wrong.push(format!(
+                "#{i} {hook:?}: want {want:?}, got verdict {verdict} {got:?}: {}",
+                hex(&f)
+            ));
         }
         if verdict == TC_ACT_OK {
             fx.forget_flows();
         }
     }
-    eprintln!("seed {seed:#x}, {frames} frames ({skipped} too short for BPF_PROG_TEST_RUN), expected outcomes: {seen:?}; \
-         deviations explained by known bugs (ignored tests): {known:?}");
+    eprintln!("seed {seed:#x}, {frames} frames ({skipped} too short for BPF_PROG_TEST_RUN), expected outcomes: {seen:?}");
     assert!(
         wrong.is_empty(),
         "{} of {frames} frames judged differently (seed {seed:#x}):\n{}",
