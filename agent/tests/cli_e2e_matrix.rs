@@ -4,8 +4,8 @@
 //! tests/tests/e2e_agent.rs and some more (named ports, endPort, ipBlock except, namespace
 //! AND pod selectors). For every pair, `explain` reaches the verdict of the matrix cell.
 //!
-//! The e2e cases are restated here (same manifests, same expectations as in e2e_agent.rs)
-//! because that file builds them inline next to its kernel probes.
+//! The e2e cases' policies come from `palisade_tests::cases`, which e2e_agent.rs applies
+//! on the wire; the expectations are restated here.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use std::process::Command;
 use palisade::cli::explain::load_manifests;
 use palisade_policy::explain::{explain, Subject, Traffic};
 use palisade_policy::ObjectRef;
+use palisade_tests::cases::{ALLOW_A_FROM_Y_ON_NAMED_80, DENY_EGRESS_Z_C, DENY_INGRESS_X};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
@@ -191,34 +192,6 @@ fn check(case: &str, dir: &Dir, port: &str, want: &Expect) {
         }
     }
 }
-
-// The manifests of tests/tests/e2e_agent.rs.
-const DENY_INGRESS_X: &str = r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-ingress, namespace: x}
-spec:
-  podSelector: {}
-"#;
-
-const ALLOW_A_FROM_Y_ON_NAMED_80: &str = r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-a-from-y, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-  - from:
-    - namespaceSelector: {matchLabels: {ns: y}}
-    ports:
-    - port: serve-80-tcp
-"#;
-
-const DENY_EGRESS_Z_C: &str = r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-egress-c, namespace: z}
-spec:
-  podSelector: {matchLabels: {pod: c}}
-  policyTypes: [Egress]
-"#;
 
 /// The sequence of e2e_agent.rs's `policies_change_the_matrix`, state by state.
 #[test]

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod agent;
+pub mod cases;
 pub mod cni;
 pub mod inproc;
 pub mod kube_proxy;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use palisade::source::SourceSpec;
 use palisade_tests::agent::TempDir;
+use palisade_tests::cases::{ALLOW_A_FROM_Y_ON_NAMED_80, DENY_EGRESS_Z_C, DENY_INGRESS_X};
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
 use palisade_tests::{require_root, Flavour, Model, Proto};
@@ -166,33 +167,6 @@ fn model_yaml(model: &Model) -> String {
     }
     s
 }
-
-const DENY_INGRESS_X: &str = r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-ingress, namespace: x}
-spec:
-  podSelector: {}
-"#;
-
-const ALLOW_A_FROM_Y_ON_NAMED_80: &str = r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-a-from-y, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-  - from:
-    - namespaceSelector: {matchLabels: {ns: y}}
-    ports:
-    - port: serve-80-tcp
-"#;
-
-const DENY_EGRESS_Z_C: &str = r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-egress-c, namespace: z}
-spec:
-  podSelector: {matchLabels: {pod: c}}
-  policyTypes: [Egress]
-"#;
 
 fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     require_root();
