@@ -6,7 +6,7 @@
 //! The client may egress only to app=db on TCP 5432 (the Services' targetPort; their port
 //! is 80): a connection to a ClusterIP succeeds exactly when kube-proxy picked a db backend.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
@@ -15,6 +15,7 @@ use palisade_common::{
     Config, Endpoint, IdentityValue, PolicyKey, SvcConfig, DIR_EGRESS, DIR_INGRESS,
     EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, POLICY_PREFIX_FULL, PROTO_TCP, SVC_DEFAULT_MARK_MASK,
 };
+use palisade_tests::kube_proxy::{install_iptables, Service};
 use palisade_tests::netns::NetNs;
 use palisade_tests::pins::PinDir;
 use palisade_tests::{require_root, tcp_connect, Family, Node, ProbeError, Server};
@@ -40,99 +41,21 @@ fn cip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 128, n)
 }
 
-fn run(ns: &NetNs, argv: &[&str]) {
-    ns.exec(argv)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", argv.join(" ")));
-}
-
-/// kube-proxy (iptables mode) rules for `services` (ClusterIP, backends), as
-/// `iptables-save` shows them, minus comments and masquerade marks.
+/// kube-proxy (iptables mode) rules for `services` (ClusterIP, backends), every backend
+/// on [`TARGET_PORT`].
 fn iptables_rules(ns: &NetNs, services: &[(Ipv4Addr, Vec<Ipv4Addr>)]) {
-    run(ns, &["iptables", "-t", "nat", "-N", "KUBE-SERVICES"]);
-    run(
-        ns,
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    );
-    for (i, (vip, eps)) in services.iter().enumerate() {
-        let svc = format!("KUBE-SVC-{i}");
-        run(ns, &["iptables", "-t", "nat", "-N", &svc]);
-        let (d, p) = (format!("{vip}/32"), SVC_PORT.to_string());
-        run(
-            ns,
-            &[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "KUBE-SERVICES",
-                "-d",
-                &d,
-                "-p",
-                "tcp",
-                "-m",
-                "tcp",
-                "--dport",
-                &p,
-                "-j",
-                &svc,
-            ],
-        );
-        for (j, ep) in eps.iter().enumerate() {
-            let sep = format!("KUBE-SEP-{i}-{j}");
-            run(ns, &["iptables", "-t", "nat", "-N", &sep]);
-            let to = format!("{ep}:{TARGET_PORT}");
-            run(
-                ns,
-                &[
-                    "iptables",
-                    "-t",
-                    "nat",
-                    "-A",
-                    &sep,
-                    "-p",
-                    "tcp",
-                    "-m",
-                    "tcp",
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    &to,
-                ],
-            );
-            let left = eps.len() - j;
-            if left > 1 {
-                let prob = format!("{:.11}", 1.0 / left as f64);
-                run(
-                    ns,
-                    &[
-                        "iptables",
-                        "-t",
-                        "nat",
-                        "-A",
-                        &svc,
-                        "-m",
-                        "statistic",
-                        "--mode",
-                        "random",
-                        "--probability",
-                        &prob,
-                        "-j",
-                        &sep,
-                    ],
-                );
-            } else {
-                run(ns, &["iptables", "-t", "nat", "-A", &svc, "-j", &sep]);
-            }
-        }
-    }
+    let services: Vec<Service> = services
+        .iter()
+        .map(|(vip, eps)| Service {
+            cluster_ip: *vip,
+            port: SVC_PORT,
+            endpoints: eps
+                .iter()
+                .map(|ep| SocketAddrV4::new(*ep, TARGET_PORT))
+                .collect(),
+        })
+        .collect();
+    install_iptables(ns, &services).unwrap();
 }
 
 /// kube-proxy (nftables mode) rules: a `service-ips` verdict map and per-service chains
