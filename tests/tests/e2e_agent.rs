@@ -102,9 +102,11 @@ impl AgentGuard {
 fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Event {
     use palisade::cli::monitor::{stream, MonitorArgs};
     let args = MonitorArgs {
-        namespace: None,
-        pod: Some(pod.into()),
-        reason: Some("dropped-no-rule".into()),
+        filters: palisade::cli::Filters {
+            namespace: None,
+            pod: Some(pod.into()),
+            reason: Some("dropped-no-rule".into()),
+        },
         json: false,
         count: Some(1),
         duration: Some(10.0),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::Dirs;
+use super::{Dirs, Filters};
 use crate::agent::status::Status;
 use crate::dataplane::{read_counters, Maps};
 
@@ -13,15 +13,8 @@ pub struct DropsArgs {
     /// Also show allow counters.
     #[arg(long)]
     pub all: bool,
-    /// Only pods of this namespace.
-    #[arg(long)]
-    pub namespace: Option<String>,
-    /// Only this pod (name, or namespace/name).
-    #[arg(long)]
-    pub pod: Option<String>,
-    /// Only this reason (e.g. dropped-no-rule).
-    #[arg(long)]
-    pub reason: Option<String>,
+    #[command(flatten)]
+    pub filters: Filters,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -105,7 +98,7 @@ fn collect(args: &DropsArgs, maps: &Maps) -> anyhow::Result<Vec<Row>> {
             packets: c.packets,
             bytes: c.bytes,
         })
-        .filter(|r| matches_filters(args, r))
+        .filter(|r| args.filters.matches(&r.pod, r.reason))
         .collect();
     rows.sort_by(|a, b| b.packets.cmp(&a.packets).then_with(|| a.pod.cmp(&b.pod)));
     Ok(rows)
@@ -131,11 +124,4 @@ fn print_table(args: &DropsArgs, rows: &[Row], rates: Option<&[f64]>) {
             if args.all { "packets" } else { "drops" }
         );
     }
-}
-
-fn matches_filters(args: &DropsArgs, r: &Row) -> bool {
-    let (ns, name) = r.pod.split_once('/').unwrap_or(("", &r.pod));
-    args.namespace.as_deref().is_none_or(|n| n == ns)
-        && args.pod.as_deref().is_none_or(|p| p == name || p == r.pod)
-        && args.reason.as_deref().is_none_or(|x| x == r.reason)
 }

@@ -4,6 +4,7 @@
 mod attach;
 mod drops;
 pub mod explain;
+mod filters;
 pub mod matrix;
 pub mod monitor;
 mod status;
@@ -16,6 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::agent::AgentConfig;
 use crate::dataplane::{Layout, DEFAULT_BPFFS_DIR};
 use crate::source::{KubeConnection, SourceSpec};
+pub use filters::Filters;
 
 pub const DEFAULT_RUN_DIR: &str = "/run/palisade";
 

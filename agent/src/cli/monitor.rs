@@ -15,21 +15,14 @@ use palisade_common::{maps as names, DropEvent, EventBudget, DIR_INGRESS, REASON
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-use super::Dirs;
+use super::{Dirs, Filters};
 use crate::agent::status::Status;
 use crate::dataplane::{open_pinned, DataplaneError};
 
 #[derive(clap::Args, Debug)]
 pub struct MonitorArgs {
-    /// Only events of pods in this namespace.
-    #[arg(long)]
-    pub namespace: Option<String>,
-    /// Only events of this pod (name, or namespace/name).
-    #[arg(long)]
-    pub pod: Option<String>,
-    /// Only this reason (e.g. dropped-no-rule).
-    #[arg(long)]
-    pub reason: Option<String>,
+    #[command(flatten)]
+    pub filters: Filters,
     /// One JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -190,7 +183,7 @@ pub async fn stream(
                         refreshed = true;
                     }
                     let ev = describe(&raw, &names);
-                    if !matches_filters(args, &ev) {
+                    if !args.filters.matches(&ev.pod, ev.reason) {
                         continue;
                     }
                     seen += 1;
@@ -351,13 +344,6 @@ fn print_line(out: &mut impl std::io::Write, e: &Event) -> std::io::Result<()> {
         ports,
         e.reason
     )
-}
-
-fn matches_filters(args: &MonitorArgs, e: &Event) -> bool {
-    let (ns, name) = e.pod.split_once('/').unwrap_or(("", &e.pod));
-    args.namespace.as_deref().is_none_or(|n| n == ns)
-        && args.pod.as_deref().is_none_or(|p| p == name || p == e.pod)
-        && args.reason.as_deref().is_none_or(|x| x == e.reason)
 }
 
 #[cfg(test)]
