@@ -29,7 +29,7 @@ pub struct KindLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
-    pub map: &'static str,
+    pub map: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,28 +37,30 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
-/// Handles the agent loop updates; the HTTP server encodes them.
+/// The maps whose fill levels are reported: the ones the agent writes, and conntrack.
+const REPORTED_MAPS: [&str; 5] = [
+    map_names::ENDPOINTS,
+    map_names::IDENTITY_V4,
+    map_names::IDENTITY_V6,
+    map_names::POLICY,
+    map_names::CONNTRACK,
+];
+
 /// Each map's maximum entries, read from the pins (the object file is the only place the
 /// sizes are written down, and `--conntrack-entries` changes one at load time).
 pub fn map_capacities(layout: &Layout) -> BTreeMap<&'static str, u32> {
-    [
-        map_names::ENDPOINTS,
-        map_names::IDENTITY_V4,
-        map_names::IDENTITY_V6,
-        map_names::POLICY,
-        map_names::CONNTRACK,
-    ]
-    .into_iter()
-    .filter_map(
-        |name| match aya::maps::MapInfo::from_pin(layout.map(name)) {
-            Ok(info) => Some((name, info.max_entries())),
-            Err(e) => {
-                tracing::warn!(map = name, error = %e, "reading map size");
-                None
-            }
-        },
-    )
-    .collect()
+    REPORTED_MAPS
+        .into_iter()
+        .filter_map(
+            |name| match aya::maps::MapInfo::from_pin(layout.map(name)) {
+                Ok(info) => Some((name, info.max_entries())),
+                Err(e) => {
+                    tracing::warn!(map = name, error = %e, "reading map size");
+                    None
+                }
+            },
+        )
+        .collect()
 }
 
 /// The fill level of the maps the agent writes: (entries, capacity) by map name.
@@ -92,6 +94,7 @@ pub fn map_fill(
     .collect()
 }
 
+/// Handles the agent loop updates; the HTTP server encodes them.
 pub struct Metrics {
     registry: Registry,
     pub programming_latency: Histogram,
@@ -243,7 +246,7 @@ impl Metrics {
     pub fn set_conntrack_entries(&self, n: u64) {
         self.map_entries
             .get_or_create(&MapLabel {
-                map: map_names::CONNTRACK,
+                map: map_names::CONNTRACK.to_string(),
             })
             .set(n as i64);
     }
@@ -257,7 +260,9 @@ impl Metrics {
     pub fn capacities(&self, caps: &BTreeMap<&'static str, u32>) {
         for (&map, &n) in caps {
             self.map_capacity
-                .get_or_create(&MapLabel { map })
+                .get_or_create(&MapLabel {
+                    map: map.to_string(),
+                })
                 .set(i64::from(n));
         }
     }
@@ -293,9 +298,7 @@ impl Metrics {
         }
         for (map, fill) in &status.maps {
             self.map_entries
-                .get_or_create(&MapLabel {
-                    map: map_label(map),
-                })
+                .get_or_create(&MapLabel { map: map.clone() })
                 .set(fill.entries as i64);
         }
         self.set_pods(
@@ -311,20 +314,6 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
-}
-
-/// Map names as static label values (the status holds owned strings).
-fn map_label(name: &str) -> &'static str {
-    [
-        map_names::ENDPOINTS,
-        map_names::IDENTITY_V4,
-        map_names::IDENTITY_V6,
-        map_names::POLICY,
-        map_names::CONNTRACK,
-    ]
-    .into_iter()
-    .find(|n| *n == name)
-    .unwrap_or("other")
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
