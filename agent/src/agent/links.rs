@@ -21,7 +21,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use super::netdev::{Event, HostAddr, Link, Peer};
+use super::netdev::{Event, HostAddr, HostNet, Link, Peer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -374,8 +374,17 @@ impl Query {
         }
     }
 
+    /// The model of our namespace (links, host routes, addresses) from fresh dumps.
+    pub fn host_net(&mut self) -> Result<HostNet, NetlinkError> {
+        let mut net = HostNet::default();
+        for ev in self.events()? {
+            net.apply(ev);
+        }
+        Ok(net)
+    }
+
     /// Links, host routes and addresses of our namespace, as events.
-    pub fn snapshot(&mut self) -> Result<Vec<Event>, NetlinkError> {
+    fn events(&mut self) -> Result<Vec<Event>, NetlinkError> {
         let mut out = Vec::new();
         let links = self.dump(
             "link dump",

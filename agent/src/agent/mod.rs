@@ -39,11 +39,7 @@ pub struct AgentConfig {
 /// This namespace's addresses (the node's IPs), read once over netlink: what the agent
 /// treats as node traffic.
 pub fn node_ips() -> anyhow::Result<Vec<std::net::IpAddr>> {
-    let mut net = netdev::HostNet::default();
-    for ev in links::Query::open()?.snapshot()? {
-        net.apply(ev);
-    }
-    Ok(net.node_ips())
+    Ok(links::Query::open()?.host_net()?.node_ips())
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(1);

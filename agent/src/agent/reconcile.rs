@@ -138,11 +138,7 @@ impl Reconciler {
 
     /// Rebuilds the model of the namespace from dumps.
     fn resync(&mut self) -> Result<(), NetlinkError> {
-        let mut net = HostNet::default();
-        for ev in self.query.snapshot()? {
-            net.apply(ev);
-        }
-        self.net = net;
+        self.net = self.query.host_net()?;
         let peers: Vec<_> = self.net.peers().collect();
         for p in peers {
             self.query_peer(p);
