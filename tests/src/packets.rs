@@ -365,3 +365,32 @@ pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
 
 /// Offset of the IP header in every frame built here.
 pub const L3: usize = 14;
+
+/// A random IPv6 extension header for the randomized packet tests: options, routing,
+/// authentication, or a fragment header (first or later, more or last).
+pub fn random_ext(rng: &mut crate::util::Rng) -> Ext {
+    match rng.below(5) {
+        0 => Ext::options(IPV6_HOP_BY_HOP, rng.below(2) as u8),
+        1 => Ext::options(IPV6_DEST_OPTS, rng.below(3) as u8),
+        2 => Ext::options(IPV6_ROUTING, 0),
+        3 => Ext {
+            kind: IPV6_AUTH,
+            body: vec![0; 10],
+        },
+        _ => Ext::fragment(rng.pick(&[0, 0, 3]), rng.coin(), rng.next_u64() as u32),
+    }
+}
+
+/// Random IPv4 header options and fragmentation for the randomized packet tests.
+pub fn random_v4_opts(rng: &mut crate::util::Rng) -> V4Opts {
+    let mut o = V4Opts::default();
+    if rng.below(4) == 0 {
+        o.options = vec![1; 4 * rng.below(11)];
+    }
+    if rng.below(5) == 0 {
+        o.id = rng.next_u64() as u16;
+        o.more_fragments = rng.coin();
+        o.frag_offset = rng.pick(&[0, 0, 1, 185]);
+    }
+    o
+}

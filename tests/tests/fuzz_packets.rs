@@ -326,16 +326,7 @@ fn seed(rng: &mut Rng, hook: Hook) -> Vec<u8> {
         let mut exts = Vec::new();
         if rng.below(3) == 0 {
             for _ in 0..1 + rng.below(3) {
-                exts.push(match rng.below(5) {
-                    0 => Ext::options(IPV6_HOP_BY_HOP, rng.below(2) as u8),
-                    1 => Ext::options(IPV6_DEST_OPTS, rng.below(3) as u8),
-                    2 => Ext::options(IPV6_ROUTING, 0),
-                    3 => Ext {
-                        kind: IPV6_AUTH,
-                        body: vec![0; 10],
-                    },
-                    _ => Ext::fragment(rng.pick(&[0, 0, 3]), rng.coin(), rng.next_u64() as u32),
-                });
+                exts.push(random_ext(rng));
             }
         }
         frame_v6(s, d, &exts, &l4)
@@ -346,16 +337,7 @@ fn seed(rng: &mut Rng, hook: Hook) -> Vec<u8> {
         } else {
             (peer, POD4)
         };
-        let mut o = V4Opts::default();
-        if rng.below(4) == 0 {
-            o.options = vec![1; 4 * rng.below(11)];
-        }
-        if rng.below(5) == 0 {
-            o.id = rng.next_u64() as u16;
-            o.more_fragments = rng.coin();
-            o.frag_offset = rng.pick(&[0, 0, 1, 185]);
-        }
-        frame_v4(s, d, &l4, &o)
+        frame_v4(s, d, &l4, &random_v4_opts(rng))
     }
 }
 
