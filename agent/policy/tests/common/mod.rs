@@ -608,3 +608,21 @@ pub fn long_cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Ports the generated policies and packets favour, so rules and packets meet.
+pub const PORTS: &[u16] = &[0, 53, 79, 80, 443, 999, 1000, 1001, 1030, 8080, 9090, 65535];
+
+/// `n` random packets: (source pod index, destination pod index, protocol, port); the
+/// indexes are taken modulo the cluster's pods by the test.
+pub fn packets(n: usize) -> impl Strategy<Value = Vec<(usize, usize, u8, u16)>> {
+    use palisade_common::{PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+    proptest::collection::vec(
+        (
+            any::<usize>(),
+            any::<usize>(),
+            select(&[PROTO_TCP, PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP][..]),
+            prop_oneof![4 => select(PORTS), 1 => any::<u16>()],
+        ),
+        n,
+    )
+}
