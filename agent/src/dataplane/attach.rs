@@ -32,25 +32,38 @@ pub(super) fn attach(
     {
         return swap(prog, &old, Some(&pin));
     }
-    let link_err = |e: &dyn std::fmt::Display| DataplaneError::Link {
-        path: pin.clone(),
-        reason: e.to_string(),
-    };
-    let ifname = ifname_of(ifindex)?;
     let attach_type = match hook {
         Hook::FromPod => TcAttachType::Ingress,
         Hook::ToPod => TcAttachType::Egress,
     };
+    attach_pinned(prog, &ifname_of(ifindex)?, attach_type, &pin)
+}
+
+/// Puts `prog` on `ifname`'s hook through the TCX link pinned at `pin`: swapped into the
+/// link if one is pinned there (atomic), else attached and the new link pinned.
+pub(super) fn attach_pinned(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+    pin: &Path,
+) -> Result<(), DataplaneError> {
+    if pin.exists() {
+        return swap(prog, pin, None);
+    }
+    let link_err = |e: &dyn std::fmt::Display| DataplaneError::Link {
+        path: pin.to_path_buf(),
+        reason: e.to_string(),
+    };
     let id = prog
         .attach_with_options(
-            &ifname,
+            ifname,
             attach_type,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .map_err(|e| link_err(&e))?;
     let link = prog.take_link(id).map_err(|e| link_err(&e))?;
     let fd = FdLink::try_from(link).map_err(|e| link_err(&e))?;
-    fd.pin(&pin).map_err(|e| link_err(&e))?;
+    fd.pin(pin).map_err(|e| link_err(&e))?;
     Ok(())
 }
 

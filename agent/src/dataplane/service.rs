@@ -10,11 +10,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, MapData,
     },
-    programs::{
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-    },
+    programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions},
 };
 use ipnetwork::IpNetwork;
 use palisade_common::{svc_maps as names, SvcConfig, PROGRAM_UPLINK, SVC_CIDR_PRESENT};
@@ -97,34 +93,35 @@ pub fn program_services(
                 .map_err(|e| map_err(names::SVC_CIDR_V6, e))?,
         }
     }
-    let stale4: Vec<Key<[u8; 4]>> = v4
-        .keys()
-        .flatten()
-        .filter(|k| {
-            !cidrs.iter().any(|n| {
-                n.prefix() as u32 == k.prefix_len() && n.network() == IpAddr::from(k.data())
-            })
-        })
-        .collect();
-    for k in stale4 {
-        v4.remove(&k).map_err(|e| map_err(names::SVC_CIDR_V4, e))?;
-    }
-    let stale6: Vec<Key<[u8; 16]>> = v6
-        .keys()
-        .flatten()
-        .filter(|k| {
-            !cidrs.iter().any(|n| {
-                n.prefix() as u32 == k.prefix_len() && n.network() == IpAddr::from(k.data())
-            })
-        })
-        .collect();
-    for k in stale6 {
-        v6.remove(&k).map_err(|e| map_err(names::SVC_CIDR_V6, e))?;
-    }
+    remove_stale(&mut v4, cidrs).map_err(|e| map_err(names::SVC_CIDR_V4, e))?;
+    remove_stale(&mut v6, cidrs).map_err(|e| map_err(names::SVC_CIDR_V6, e))?;
     let mut config: Array<MapData, SvcConfig> = open(layout, names::SVC_CONFIG)?;
     config
         .set(0, cfg, 0)
         .map_err(|e| map_err(names::SVC_CONFIG, e))
+}
+
+/// Removes the prefixes of `trie` that are not in `cidrs` (a CIDR dropped from the flags).
+fn remove_stale<K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, u32>,
+    cidrs: &[IpNetwork],
+) -> Result<(), aya::maps::MapError>
+where
+    IpAddr: From<K>,
+{
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .flatten()
+        .filter(|k| {
+            !cidrs.iter().any(|n| {
+                n.prefix() as u32 == k.prefix_len() && n.network() == IpAddr::from(k.data())
+            })
+        })
+        .collect();
+    for k in stale {
+        trie.remove(&k)?;
+    }
+    Ok(())
 }
 
 /// The devices of the node's default routes (IPv4 and IPv6), where traffic to other nodes
@@ -192,29 +189,8 @@ impl Dataplane {
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), DataplaneError> {
         let ifindex = super::ifindex_of(ifname)?;
         let pin = self.layout.links_dir().join(format!("uplink-{ifindex}"));
-        let link_err = |e: &dyn std::fmt::Display| DataplaneError::Link {
-            path: pin.clone(),
-            reason: e.to_string(),
-        };
         let prog = self.uplink_program()?;
-        if let Ok(old) = PinnedLink::from_pin(&pin) {
-            let link =
-                SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| link_err(&e))?;
-            let id = prog.attach_to_link(link).map_err(|e| link_err(&e))?;
-            drop(prog.take_link(id).map_err(|e| link_err(&e))?);
-            return Ok(());
-        }
-        let id = prog
-            .attach_with_options(
-                ifname,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|e| link_err(&e))?;
-        let link = prog.take_link(id).map_err(|e| link_err(&e))?;
-        let fd = FdLink::try_from(link).map_err(|e| link_err(&e))?;
-        fd.pin(&pin).map_err(|e| link_err(&e))?;
-        Ok(())
+        super::attach::attach_pinned(prog, ifname, TcAttachType::Egress, &pin)
     }
 
     /// Runs a pod hook (`Some(hook)`) or the uplink program (`None`) once on `frame` with
