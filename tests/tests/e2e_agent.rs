@@ -52,10 +52,8 @@ fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
 struct AgentGuard {
     agent: InProcessAgent,
     manifests: PathBuf,
-    bpffs: PathBuf,
-    run_dir: PathBuf,
     // Dropped after the agent: removes the pins and directories once it has stopped.
-    _pins: PinDir,
+    pins: PinDir,
     _tmp: TempDir,
 }
 
@@ -78,9 +76,7 @@ impl AgentGuard {
         let g = AgentGuard {
             agent: InProcessAgent::spawn(model.node().ns(), cfg),
             manifests,
-            bpffs: pins.layout().root().to_owned(),
-            run_dir,
-            _pins: pins,
+            pins,
             _tmp: tmp,
         };
         g.agent.wait_programmed(&["Pod/x/a", "Pod/z/c"]);
@@ -111,8 +107,8 @@ fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Ev
         count: Some(1),
         duration: Some(10.0),
         dirs: palisade::cli::Dirs {
-            bpffs_dir: agent.bpffs.clone(),
-            run_dir: agent.run_dir.clone(),
+            bpffs_dir: agent.pins.layout().root().to_owned(),
+            run_dir: agent.agent.run_dir().to_owned(),
         },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -132,7 +128,7 @@ fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Ev
 /// on the node runs it: the verdict it prints.
 fn explain_live(model: &Model, agent: &AgentGuard, src: &str, dst: &str, port: &str) -> bool {
     use clap::Parser as _;
-    let run_dir = agent.run_dir.to_str().unwrap();
+    let run_dir = agent.agent.run_dir().to_str().unwrap();
     let cli = palisade::cli::Cli::try_parse_from([
         "palisade",
         "explain",

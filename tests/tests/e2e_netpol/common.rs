@@ -33,7 +33,6 @@ pub fn labels(kv: &[(&str, &str)]) -> Labels {
 /// pins and directories are removed.
 pub struct Agent {
     agent: InProcessAgent,
-    pub run_dir: PathBuf,
     pub manifests: PathBuf,
     // Dropped after the agent: removes the pins and directories once it has stopped.
     pins: PinDir,
@@ -59,7 +58,6 @@ impl Agent {
         );
         let agent = Agent {
             agent: InProcessAgent::spawn(node, cfg),
-            run_dir,
             manifests,
             pins,
             _tmp: tmp,
