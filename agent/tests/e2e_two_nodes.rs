@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use palisade::dataplane::{read_counters, Maps};
 use palisade_tests::agent::{AgentDirs, AgentProcess, TempDir};
-use palisade_tests::probe::{probe, ProbeError};
+use palisade_tests::probe::{exchange, exchange_expecting_reply, ProbeError};
 use palisade_tests::{manifests, require_root, Family, Node, Pod, Proto, Server};
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade");
@@ -88,14 +88,24 @@ impl Site {
 }
 
 /// TCP and UDP on 80 to `to`, in both families, in parallel; the replies (or errors).
-fn probe_all(from: &Pod, to: &Pod) -> Vec<(String, Result<String, ProbeError>)> {
+/// Probes that should get through (`allowed`) retry timeouts.
+fn probe_all(from: &Pod, to: &Pod, allowed: bool) -> Vec<(String, Result<String, ProbeError>)> {
     std::thread::scope(|s| {
         let handles: Vec<_> = Family::BOTH
             .iter()
             .flat_map(|f| [(Proto::Tcp, *f), (Proto::Udp, *f)])
             .map(|(proto, f)| {
                 let to: SocketAddr = to.addr(f, 80);
-                s.spawn(move || (format!("{proto:?} {to}"), probe(from.ns(), proto, to, T)))
+                s.spawn(move || {
+                    let r = from.ns().run(|| {
+                        if allowed {
+                            exchange_expecting_reply(proto, to, T)
+                        } else {
+                            exchange(proto, to, T)
+                        }
+                    });
+                    (format!("{proto:?} {to}"), r)
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -104,17 +114,7 @@ fn probe_all(from: &Pod, to: &Pod) -> Vec<(String, Result<String, ProbeError>)> 
 
 #[track_caller]
 fn assert_reaches(from: &Pod, to: &Pod) {
-    // An allowed probe that timed out is tried again (twice): on a loaded machine a probe
-    // can lose to the scheduler or to IPv6 address setup, while retrying never lets a
-    // denied packet through, so retries only forgive slowness.
-    let mut results = probe_all(from, to);
-    for _ in 0..2 {
-        if results.iter().all(|(_, r)| r.as_deref() == Ok(to.name())) {
-            break;
-        }
-        results = probe_all(from, to);
-    }
-    for (what, r) in results {
+    for (what, r) in probe_all(from, to, true) {
         assert_eq!(
             r.as_deref(),
             Ok(to.name()),
@@ -127,7 +127,7 @@ fn assert_reaches(from: &Pod, to: &Pod) {
 
 #[track_caller]
 fn assert_blocked(from: &Pod, to: &Pod) {
-    for (what, r) in probe_all(from, to) {
+    for (what, r) in probe_all(from, to, false) {
         assert_eq!(
             r,
             Err(ProbeError::Timeout),

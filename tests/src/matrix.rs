@@ -113,29 +113,23 @@ impl Model {
             .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
             .collect();
         let mut out = Matrix::new(self.names(), false);
-        self.probe_pairs(&mut out, &jobs, family, port, proto);
+        self.probe_pairs(&mut out, &jobs, family, port, proto, None);
         out
     }
 
-    /// Probes `port`/`proto` and asserts the matrix is `want`. A probe that should pass
-    /// but timed out is tried twice more: on a loaded machine a 1 s probe can lose to the
-    /// scheduler, while a denied packet never gets through by retrying — so retries can
-    /// only forgive slowness, never a leak.
+    /// Probes `port`/`proto` and asserts the matrix is `want`. Pairs `want` allows are
+    /// probed with [`probe::exchange_expecting_reply`] (timeouts retried), the others once.
     pub fn assert_reach(&self, want: &Matrix, port: u16, proto: Proto) {
-        let mut got = self.probe_matrix(port, proto);
-        for _ in 0..2 {
-            let retry: Vec<(usize, usize)> = (0..self.pods.len())
-                .flat_map(|i| (0..self.pods.len()).map(move |j| (i, j)))
-                .filter(|&(i, j)| want.cells[i][j] == Some(true) && got.cells[i][j] == Some(false))
-                .collect();
-            if retry.is_empty() {
-                break;
-            }
-            self.probe_pairs(&mut got, &retry, Family::V4, port, proto);
-        }
+        let n = self.pods.len();
+        let jobs: Vec<(usize, usize)> = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .collect();
+        let mut got = Matrix::new(self.names(), false);
+        self.probe_pairs(&mut got, &jobs, Family::V4, port, proto, Some(want));
         assert_matrix(want, &got);
     }
 
+    /// Probes `jobs` (source, destination) in parallel; pairs `want` allows expect a reply.
     fn probe_pairs(
         &self,
         out: &mut Matrix,
@@ -143,6 +137,7 @@ impl Model {
         family: Family,
         port: u16,
         proto: Proto,
+        want: Option<&Matrix>,
     ) {
         let fds: Vec<File> = self
             .pods
@@ -159,7 +154,11 @@ impl Model {
                     // Workers hop between source namespaces; setns is per thread.
                     netns::enter(&fds[i]).expect("setns into model pod");
                     let to = self.pods[j].pod.addr(family, port);
-                    let r = probe::exchange(proto, to, PROBE_TIMEOUT);
+                    let r = if want.is_some_and(|w| w.cells[i][j] == Some(true)) {
+                        probe::exchange_expecting_reply(proto, to, PROBE_TIMEOUT)
+                    } else {
+                        probe::exchange(proto, to, PROBE_TIMEOUT)
+                    };
                     results
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -255,6 +255,28 @@ pub fn probe(
     ns.run(|| exchange(proto, to, timeout))
 }
 
+/// Attempts a probe that should get through makes before it counts as failed.
+pub const ALLOWED_ATTEMPTS: usize = 3;
+
+/// [`exchange`] for a probe the test expects to get through: a timeout is tried again,
+/// up to [`ALLOWED_ATTEMPTS`] in all. On a loaded machine a probe can lose to the scheduler
+/// (or to IPv6 address setup), while retrying never lets a denied packet through — so
+/// retries forgive slowness only, and probes expected to fail are never retried.
+pub fn exchange_expecting_reply(
+    proto: Proto,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<String, ProbeError> {
+    let mut r = exchange(proto, to, timeout);
+    for _ in 1..ALLOWED_ATTEMPTS {
+        if r != Err(ProbeError::Timeout) {
+            break;
+        }
+        r = exchange(proto, to, timeout);
+    }
+    r
+}
+
 /// Probe from the calling thread's current netns (for threads that already
 /// entered one, e.g. matrix workers).
 pub fn exchange(proto: Proto, to: SocketAddr, timeout: Duration) -> Result<String, ProbeError> {
