@@ -208,13 +208,15 @@ impl Model {
     /// Several matrices at once, `(port, proto)` each, every probe of every matrix in
     /// one parallel pool of `workers` threads with a per-probe `timeout`. Much faster
     /// than one matrix after the other when many pairs are blocked (each blocked pair
-    /// costs a whole timeout).
+    /// costs a whole timeout). Pairs `want[c]` allows expect a reply
+    /// ([`probe::expecting_reply`]).
     pub fn probe_many(
         &self,
         family: Family,
         combos: &[(u16, Proto)],
         timeout: Duration,
         workers: usize,
+        want: &[Matrix],
     ) -> Vec<Matrix> {
         let n = self.pods.len();
         let fds: Vec<File> = self
@@ -239,9 +241,14 @@ impl Model {
                     netns::enter(&fds[i]).expect("setns into model pod");
                     let (port, proto) = combos[c];
                     let to = self.pods[j].pod.addr(family, port);
-                    let r = match proto {
-                        Proto::Tcp => probe::exchange(proto, to, timeout),
-                        Proto::Udp => udp_fresh(to, timeout),
+                    let attempt = |t| match proto {
+                        Proto::Tcp => probe::exchange(proto, to, t),
+                        Proto::Udp => udp_fresh(to, t),
+                    };
+                    let r = if want.get(c).is_some_and(|w| w.cells[i][j] == Some(true)) {
+                        probe::expecting_reply(timeout, attempt)
+                    } else {
+                        attempt(timeout)
                     };
                     results
                         .lock()
@@ -366,16 +373,6 @@ impl Matrix {
             self.set(&from, to, value);
         }
         self
-    }
-
-    /// Records an observed outcome for one cell (e.g. a probe repeated with a longer
-    /// timeout), with the note shown by [`truth_table`].
-    pub fn record(&mut self, from: &str, to: &str, value: bool, note: impl Into<String>) {
-        let (i, j) = (self.idx(from), self.idx(to));
-        if i != j {
-            self.cells[i][j] = Some(value);
-            self.notes[i][j] = Some(note.into());
-        }
     }
 
     /// Cells where `self` (expected) and `observed` disagree:

@@ -258,23 +258,35 @@ pub fn probe(
 /// Attempts a probe that should get through makes before it counts as failed.
 pub const ALLOWED_ATTEMPTS: usize = 3;
 
-/// [`exchange`] for a probe the test expects to get through: a timeout is tried again,
-/// up to [`ALLOWED_ATTEMPTS`] in all. On a loaded machine a probe can lose to the scheduler
-/// (or to IPv6 address setup), while retrying never lets a denied packet through — so
-/// retries forgive slowness only, and probes expected to fail are never retried.
+/// A timeout long enough for a busy machine, for the retries of [`expecting_reply`].
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs `attempt` (a probe with the given timeout) for a probe the test expects to get
+/// through: a timeout is tried again with [`RETRY_TIMEOUT`], up to [`ALLOWED_ATTEMPTS`] in
+/// all. On a loaded machine a probe can lose to the scheduler (or to IPv6 address setup),
+/// while retrying never lets a denied packet through — so retries forgive slowness only,
+/// and probes expected to fail are never retried.
+pub fn expecting_reply(
+    timeout: Duration,
+    mut attempt: impl FnMut(Duration) -> Result<String, ProbeError>,
+) -> Result<String, ProbeError> {
+    let mut r = attempt(timeout);
+    for _ in 1..ALLOWED_ATTEMPTS {
+        if r != Err(ProbeError::Timeout) {
+            break;
+        }
+        r = attempt(timeout.max(RETRY_TIMEOUT));
+    }
+    r
+}
+
+/// [`exchange`] for a probe expected to get through (see [`expecting_reply`]).
 pub fn exchange_expecting_reply(
     proto: Proto,
     to: SocketAddr,
     timeout: Duration,
 ) -> Result<String, ProbeError> {
-    let mut r = exchange(proto, to, timeout);
-    for _ in 1..ALLOWED_ATTEMPTS {
-        if r != Err(ProbeError::Timeout) {
-            break;
-        }
-        r = exchange(proto, to, timeout);
-    }
-    r
+    expecting_reply(timeout, |t| exchange(proto, to, t))
 }
 
 /// Probe from the calling thread's current netns (for threads that already

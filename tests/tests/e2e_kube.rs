@@ -14,7 +14,7 @@ use palisade::source::{KubeConnection, SourceSpec};
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
-use palisade_tests::{assert_matrix, require_root, Flavour, Model, Proto};
+use palisade_tests::{require_root, Flavour, Model, Proto};
 use serde_json::{json, Value};
 
 const NODE: &str = "n1";
@@ -168,7 +168,7 @@ fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
         .collect();
     assert_eq!(endpoints.len(), 9, "only this node's pods: {endpoints:?}");
     assert!(!endpoints.contains(&"y/remote"));
-    assert_matrix(&model.expect(true), &model.probe_matrix(80, Proto::Tcp));
+    model.assert_reach(&model.expect(true), 80, Proto::Tcp);
 
     // A policy arrives on the watch: x is closed to everyone.
     policies.send(&policy_event("ADDED", DENY_INGRESS_X));
@@ -179,7 +179,7 @@ fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
     for p in ["x/a", "x/b", "x/c"] {
         want.set_to(p, false);
     }
-    assert_matrix(&want, &model.probe_matrix(80, Proto::Tcp));
+    model.assert_reach(&want, 80, Proto::Tcp);
 
     // It is deleted: x opens again.
     policies.send(&policy_event("DELETED", DENY_INGRESS_X));
@@ -188,7 +188,7 @@ fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
             .get("NetworkPolicy/x/deny-ingress")
             .is_none()
     });
-    assert_matrix(&model.expect(true), &model.probe_matrix(80, Proto::Tcp));
+    model.assert_reach(&model.expect(true), 80, Proto::Tcp);
     drop(agent);
     drop(api_rt);
 }

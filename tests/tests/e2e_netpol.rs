@@ -19,15 +19,14 @@ use std::time::{Duration, Instant};
 
 use common::{labels, namespace, pod, policy, programmed, Agent, Labels};
 use palisade_tests::matrix::{truth_table, Matrix, NAMESPACES, PODS};
-use palisade_tests::probe::{self, Family, Proto};
+use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model};
 use serde_json::{json, Value};
 
 /// A blocked pair costs one timeout; a reachable one answers in well under a
 /// millisecond, so this is short. Pairs expected reachable that time out are probed
-/// again with [`SLOW_TIMEOUT`] before being judged (a busy machine).
+/// again with a long timeout before being judged (`probe::expecting_reply`).
 const FAST_TIMEOUT: Duration = Duration::from_millis(300);
-const SLOW_TIMEOUT: Duration = Duration::from_secs(2);
 const WORKERS: usize = 64;
 const COMBOS: [(u16, Proto); 4] = [
     (80, Proto::Tcp),
@@ -209,43 +208,9 @@ impl Suite {
                 m
             })
             .collect();
-        let mut seen = self
+        let seen = self
             .model
-            .probe_many(family, &COMBOS, FAST_TIMEOUT, WORKERS);
-        // Second chance, with a long timeout, for pairs that should pass and did not.
-        let mut again = Vec::new();
-        for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
-            for (from, to, e, _) in want.diff(got) {
-                if e {
-                    again.push((c, from, to));
-                }
-            }
-        }
-        let model = &self.model;
-        let retried: Vec<(usize, String, String, Result<String, probe::ProbeError>)> =
-            std::thread::scope(|s| {
-                let handles: Vec<_> = again
-                    .into_iter()
-                    .map(|(c, from, to)| {
-                        s.spawn(move || {
-                            let (port, proto) = COMBOS[c];
-                            let dst = model.pod(&to).addr(family, port);
-                            let r = probe::probe(model.pod(&from).ns(), proto, dst, SLOW_TIMEOUT);
-                            (c, from, to, r)
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-        for (c, from, to, r) in retried {
-            let ok = r.as_deref() == Ok(to.as_str());
-            let note = match r {
-                Ok(_) if ok => "ok on retry".to_string(),
-                Ok(reply) => format!("wrong pod replied: {reply:?}"),
-                Err(e) => format!("{e} (also with {SLOW_TIMEOUT:?})"),
-            };
-            seen[c].record(&from, &to, ok, note);
-        }
+            .probe_many(family, &COMBOS, FAST_TIMEOUT, WORKERS, &wanted);
         let mut failures = String::new();
         for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
             if !want.diff(got).is_empty() {
