@@ -106,7 +106,15 @@ pub async fn run_until(
         pid: std::process::id(),
         ..Default::default()
     };
-    publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
+    publish(
+        &cfg,
+        &rec,
+        &compiler,
+        &versions,
+        &caps,
+        &metrics,
+        &mut status,
+    )?;
 
     tokio::pin!(stop);
     // Liveness for /healthz: the loop turns at least this often.
@@ -124,28 +132,7 @@ pub async fn run_until(
                     batch.push(more);
                 }
                 let started = std::time::Instant::now();
-                let mut changes = Vec::new();
-                let mut synced_now = false;
-                for update in batch {
-                    match update {
-                        Update::Changes(objs) => {
-                            for obj in objs {
-                                match obj.version {
-                                    Some(v) => versions.insert(obj.key, v),
-                                    None => versions.remove(&obj.key),
-                                };
-                                changes.push(obj.change);
-                            }
-                        }
-                        Update::Synced => synced_now = true,
-                        Update::Errors(errors) => {
-                            for e in &errors {
-                                tracing::warn!(error = %e, "source problem");
-                            }
-                            status.source_errors = errors;
-                        }
-                    }
-                }
+                let (changes, synced_now) = absorb(batch, &mut versions, &mut status);
                 let n = changes.len();
                 rec.observe(&changes);
                 let diff = compiler.apply_batch(changes);
@@ -163,13 +150,11 @@ pub async fn run_until(
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "reconciled"
                 );
-                publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
-                metrics.record(&status, &rec);
+                publish(&cfg, &rec, &compiler, &versions, &caps, &metrics, &mut status)?;
             }
             events = watch.next() => {
                 if rec.on_netlink(events?)? {
-                    publish(&cfg, &rec, &compiler, &versions, &caps, &mut status)?;
-                    metrics.record(&status, &rec);
+                    publish(&cfg, &rec, &compiler, &versions, &caps, &metrics, &mut status)?;
                 }
             }
             _ = heartbeat.tick() => health.beat(),
@@ -179,6 +164,36 @@ pub async fn run_until(
     // Programs, links and maps stay pinned: enforcement continues while no agent runs.
     tracing::info!("agent stopping; enforcement stays in place");
     Ok(())
+}
+
+/// Folds a batch of source updates into the compiler changes it carries, keeping each
+/// object's version and the source's problems; true when the source has now synced.
+fn absorb(
+    batch: Vec<Update>,
+    versions: &mut BTreeMap<String, String>,
+    status: &mut Status,
+) -> (Vec<palisade_policy::Change>, bool) {
+    let mut changes = Vec::new();
+    let mut synced = false;
+    for update in batch {
+        match update {
+            Update::Changes(objs) => changes.extend(objs.into_iter().map(|obj| {
+                match obj.version {
+                    Some(v) => versions.insert(obj.key, v),
+                    None => versions.remove(&obj.key),
+                };
+                obj.change
+            })),
+            Update::Synced => synced = true,
+            Update::Errors(errors) => {
+                for e in &errors {
+                    tracing::warn!(error = %e, "source problem");
+                }
+                status.source_errors = errors;
+            }
+        }
+    }
+    (changes, synced)
 }
 
 /// Programs the service CIDRs and mark range, and puts `palisade_uplink` on the uplinks.
@@ -262,6 +277,7 @@ fn publish(
     compiler: &Compiler,
     versions: &BTreeMap<String, String>,
     caps: &BTreeMap<&'static str, u32>,
+    metrics: &Metrics,
     status: &mut Status,
 ) -> anyhow::Result<()> {
     status.maps = metrics::map_fill(compiler.plan(), rec, caps);
@@ -307,6 +323,7 @@ fn publish(
             }
         })
         .collect();
+    metrics.record(status, rec);
     status
         .write(&cfg.run_dir)
         .with_context(|| format!("writing status to {}", cfg.run_dir.display()))
