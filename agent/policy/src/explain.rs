@@ -658,13 +658,18 @@ fn match_peers(
             why: format!("no `{field}`: every peer"),
         };
     };
-    let mut misses = Vec::new();
-    for (i, p) in peers.iter().enumerate() {
+    first_match(peers, |i, p| {
         let matched = cluster.peer_matches(np, p, ip, pod);
-        let why = format!(
-            "{field}[{i}] {}",
-            peer_why(cluster, np, p, ip, pod, matched)
-        );
+        let why = peer_why(cluster, np, p, ip, pod, matched);
+        (matched, format!("{field}[{i}] {why}"))
+    })
+}
+
+/// The first item that matches, with why; otherwise why none did (each item's reason).
+fn first_match<T>(items: &[T], mut judge: impl FnMut(usize, &T) -> (bool, String)) -> Match {
+    let mut misses = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let (matched, why) = judge(i, item);
         if matched {
             return Match {
                 matched,
@@ -795,24 +800,11 @@ fn match_ports(
             why: "no `ports`: every port and protocol".to_string(),
         };
     };
-    let mut misses = Vec::new();
-    for (i, p) in ports.iter().enumerate() {
+    first_match(ports, |i, p| {
         let matched = Cluster::port_matches(p, dst_pod, proto, port);
-        let why = format!("ports[{i}] {}", port_why(p, dst_pod, proto, port, matched));
-        if matched {
-            return Match {
-                matched,
-                index: Some(i),
-                why,
-            };
-        }
-        misses.push(why);
-    }
-    Match {
-        matched: false,
-        index: None,
-        why: misses.join("; "),
-    }
+        let why = port_why(p, dst_pod, proto, port, matched);
+        (matched, format!("ports[{i}] {why}"))
+    })
 }
 
 fn port_why(
