@@ -1,14 +1,18 @@
-//! The manifest directory as a stream of [`Update`]s: read it, diff against the previous
-//! read by object version, send what changed, wait for the directory to change.
+//! The manifest directory as a stream of [`Update`]s: read what the watcher says changed,
+//! send the objects whose versions moved, wait for the next change.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use palisade_policy::Change;
 use tokio::sync::mpsc;
 
-use super::manifests::{load_dir_cached, DirCache};
-use super::{object_key, DirWatcher, ObjectChange, Snapshot, SourceError, Update};
+use super::dir_index::DirIndex;
+use super::manifests::Changed;
+use super::{DirWatcher, SourceError, Update};
+
+/// Files per update during the first read: the compiler absorbs a large directory in
+/// slices instead of holding every parsed object at once. Only the first read is sliced:
+/// nothing has been sent yet, so no slice can carry a deletion that a later one undoes.
+const FIRST_READ_FILES_PER_UPDATE: usize = 8;
 
 /// Starts following `dir`. The watch is set up before the first read, so no change is
 /// missed between the two. The task ends when the receiver is dropped.
@@ -16,17 +20,23 @@ pub fn spawn_directory(dir: PathBuf) -> Result<mpsc::Receiver<Update>, SourceErr
     let mut watcher = DirWatcher::new(&dir)?;
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let mut versions = BTreeMap::new();
+        let mut index = DirIndex::default();
         let mut synced = false;
         let mut last_errors = None;
-        let mut cache = DirCache::default();
+        let mut changed = Changed::All;
         loop {
-            let errors = match load_dir_cached(&dir, &mut cache) {
-                Ok(snap) => {
-                    let changes = changes_between(&versions, &snap);
-                    versions = snap.versions.clone();
-                    if !changes.is_empty() && tx.send(Update::Changes(changes)).await.is_err() {
-                        return;
+            let errors = match index.candidates(&dir, &changed) {
+                Ok(files) => {
+                    let slice = if synced {
+                        files.len().max(1)
+                    } else {
+                        FIRST_READ_FILES_PER_UPDATE
+                    };
+                    for files in files.chunks(slice) {
+                        let changes = index.refresh(files);
+                        if !changes.is_empty() && tx.send(Update::Changes(changes)).await.is_err() {
+                            return;
+                        }
                     }
                     if !synced {
                         synced = true;
@@ -34,7 +44,7 @@ pub fn spawn_directory(dir: PathBuf) -> Result<mpsc::Receiver<Update>, SourceErr
                             return;
                         }
                     }
-                    snap.errors.iter().map(|e| e.to_string()).collect()
+                    index.errors().iter().map(|e| e.to_string()).collect()
                 }
                 // Nothing is removed on a failed read: a directory that vanished for a
                 // moment (a ConfigMap volume swap, an unmount) must not open every pod.
@@ -46,60 +56,13 @@ pub fn spawn_directory(dir: PathBuf) -> Result<mpsc::Receiver<Update>, SourceErr
                     return;
                 }
             }
-            tokio::select! {
-                _ = watcher.changed() => {}
+            changed = tokio::select! {
+                changed = watcher.changed() => changed,
                 _ = tx.closed() => return,
-            }
+            };
         }
     });
     Ok(rx)
-}
-
-/// The changes that take the objects of `prev` (key -> version) to `snap`'s.
-pub(crate) fn changes_between(
-    prev: &BTreeMap<String, String>,
-    snap: &Snapshot,
-) -> Vec<ObjectChange> {
-    let mut out = Vec::new();
-    let mut push = |key: String, change: Change| {
-        let version = snap.versions.get(&key);
-        if prev.get(&key) != version {
-            out.push(ObjectChange {
-                version: version.cloned(),
-                key,
-                change,
-            });
-        }
-    };
-    // Namespaces first so pods and policies see their labels.
-    for ns in &snap.namespaces {
-        let key = object_key("Namespace", None, ns.metadata.name.as_deref().unwrap_or(""));
-        push(key, Change::UpsertNamespace(Box::new(ns.clone())));
-    }
-    for pod in &snap.pods {
-        let m = &pod.metadata;
-        let key = object_key(
-            "Pod",
-            m.namespace.as_deref(),
-            m.name.as_deref().unwrap_or(""),
-        );
-        push(key, Change::UpsertPod(Box::new(pod.clone())));
-    }
-    for np in &snap.policies {
-        let m = &np.metadata;
-        let key = object_key(
-            "NetworkPolicy",
-            m.namespace.as_deref(),
-            m.name.as_deref().unwrap_or(""),
-        );
-        push(key, Change::UpsertPolicy(Box::new(np.clone())));
-    }
-    out.extend(
-        prev.keys()
-            .filter(|k| !snap.versions.contains_key(*k))
-            .filter_map(|k| ObjectChange::deleted(k)),
-    );
-    out
 }
 
 #[cfg(test)]

@@ -6,12 +6,11 @@
 //! the whole file instead would not fail safer (a missing policy opens traffic either
 //! way) and would turn one typo into many missing objects.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -34,9 +33,14 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// name through it, so manifests written without it must still match.
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// Quiet time that ends a burst: an editor's save or `kubectl`-style rewrite is several
-/// events within a millisecond or two, and one reload per burst is enough.
+/// Quiet time that ends a burst while a file may still be being written (modified, not
+/// yet closed): reading it mid-write would see half a file.
 const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Quiet time that ends a burst once every written file is closed or renamed into place:
+/// just enough to take a multi-file save in one read. It is most of the latency from a
+/// saved file to programmed maps, so it is short.
+const SETTLE: Duration = Duration::from_millis(2);
 
 /// A burst never holds a reload back longer than this, so a file rewritten in a tight
 /// loop cannot starve the agent.
@@ -97,45 +101,31 @@ pub fn object_key(kind: &str, ns: Option<&str>, name: &str) -> String {
     }
 }
 
-/// Reads every manifest file directly in `dir`. Only failing to list `dir` is an error;
-/// problems inside files end up in [`Snapshot::errors`].
-pub fn load_dir(dir: &Path) -> Result<Snapshot, SourceError> {
-    load_dir_cached(dir, &mut DirCache::default())
-}
-
 /// What one file held, as parsed, and where each object was defined.
 #[derive(Default)]
-struct FileLoad {
-    snapshot: Snapshot,
-    lines: HashMap<String, usize>,
+pub(super) struct FileLoad {
+    pub snapshot: Snapshot,
+    /// Object key -> line of its definition.
+    pub lines: HashMap<String, usize>,
+    /// The file exists but could not be read (permissions, I/O): its objects are unknown,
+    /// not gone.
+    pub unreadable: bool,
 }
 
-/// Parsed files by path, reused while a file's inode, size and mtime are unchanged: a
-/// change to one file of a 10,000-pod directory re-parses that file only.
-#[derive(Default)]
-pub struct DirCache {
-    files: HashMap<PathBuf, (Stamp, Arc<FileLoad>)>,
+/// Parses one manifest file; a file that vanished reads as empty.
+pub(super) fn parse_file(file: &Path) -> FileLoad {
+    let mut loader = Loader::default();
+    loader.load_file(file);
+    FileLoad {
+        lines: loader.seen.into_iter().map(|(k, (_, l))| (k, l)).collect(),
+        snapshot: loader.snapshot,
+        unreadable: loader.unreadable,
+    }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-fn stamp(file: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = fs::metadata(file).ok()?;
-    Some(Stamp {
-        ino: m.ino(),
-        len: m.len(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-    })
-}
-
-/// [`load_dir`], re-parsing only the files that changed since `cache` last saw them.
-pub fn load_dir_cached(dir: &Path, cache: &mut DirCache) -> Result<Snapshot, SourceError> {
+/// The manifest files directly in `dir`, sorted: read_dir order is whatever the filesystem
+/// keeps, and duplicates must resolve the same way on every node and every reload.
+pub(super) fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let read_err = |source| SourceError::ReadDir {
         dir: dir.to_owned(),
         source,
@@ -149,32 +139,18 @@ pub fn load_dir_cached(dir: &Path, cache: &mut DirCache) -> Result<Snapshot, Sou
             _ => debug!(file = %entry.path().display(), "skipping non-manifest file"),
         }
     }
-    // read_dir order is whatever the filesystem keeps; duplicates must resolve the same
-    // way on every node and every reload.
     files.sort();
-    let mut fresh = HashMap::with_capacity(files.len());
+    Ok(files)
+}
+
+/// Reads every manifest file directly in `dir`. Only failing to list `dir` is an error;
+/// problems inside files end up in [`Snapshot::errors`].
+pub fn load_dir(dir: &Path) -> Result<Snapshot, SourceError> {
     let mut out = Snapshot::default();
     let mut first: HashMap<String, (PathBuf, usize)> = HashMap::new();
-    for file in &files {
-        let st = stamp(file);
-        let load = match (st, cache.files.get(file)) {
-            (Some(st), Some((old, load))) if *old == st => Arc::clone(load),
-            _ => {
-                let mut loader = Loader::default();
-                loader.load_file(file);
-                let lines = loader.seen.into_iter().map(|(k, (_, l))| (k, l)).collect();
-                Arc::new(FileLoad {
-                    snapshot: loader.snapshot,
-                    lines,
-                })
-            }
-        };
-        merge(&mut out, &mut first, file, &load);
-        if let Some(st) = st {
-            fresh.insert(file.clone(), (st, load));
-        }
+    for file in manifest_files(dir)? {
+        merge(&mut out, &mut first, &file, &parse_file(&file));
     }
-    cache.files = fresh;
     Ok(out)
 }
 
@@ -237,7 +213,7 @@ fn merge(
 /// Editors leave swap, backup and probe files next to the real ones (vim: `.x.swp`,
 /// `x~`, `4913`; emacs: `.#x`, `#x#`); none of them ends in a manifest extension or all
 /// of them are hidden. ConfigMap volumes keep their real data under hidden `..data`.
-fn is_manifest_name(name: &str) -> bool {
+pub(super) fn is_manifest_name(name: &str) -> bool {
     !name.starts_with('.')
         && [".yaml", ".yml", ".json"]
             .iter()
@@ -247,6 +223,7 @@ fn is_manifest_name(name: &str) -> bool {
 #[derive(Default)]
 struct Loader {
     snapshot: Snapshot,
+    unreadable: bool,
     /// key -> where it was first defined, for the duplicate report.
     seen: HashMap<String, (PathBuf, usize)>,
 }
@@ -343,7 +320,10 @@ impl Loader {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 return self.error(file, None, "not valid UTF-8".to_owned())
             }
-            Err(e) => return self.error(file, None, format!("cannot read: {e}")),
+            Err(e) => {
+                self.unreadable = true;
+                return self.error(file, None, format!("cannot read: {e}"));
+            }
         };
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         for (start, doc) in split_documents(text) {
@@ -581,12 +561,12 @@ fn content_hash<T: Serialize>(obj: &T) -> String {
     format!("{hash:016x}")
 }
 
-/// Follows a manifest directory and says when it is worth reading again.
+/// Follows a manifest directory and says which files are worth reading again.
 ///
 /// The directory itself is watched (not its files), so files created later, atomic
 /// saves (write a temp file, rename it over) and ConfigMap volume updates (a swap of the
-/// hidden `..data` symlink) are all seen. Any event but a read counts; spurious wake-ups
-/// only cost a reload that finds the same versions.
+/// hidden `..data` symlink) are all seen. An event on a manifest file names that file; any
+/// other event (the `..data` swap, a watch overflow) asks for every file to be checked.
 pub struct DirWatcher {
     dir: PathBuf,
     shared: Arc<Shared>,
@@ -596,13 +576,93 @@ pub struct DirWatcher {
     _watcher: RecommendedWatcher,
 }
 
-struct Shared {
+/// Which files a burst of events touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Check every file (stamps tell which really changed).
+    All,
+    /// These manifest files (created, written, renamed or removed).
+    Files(BTreeSet<PathBuf>),
+}
+
+#[derive(Default)]
+struct Pending {
     /// Bumped for every relevant event. A counter, not a flag: `changed()` compares it
     /// with what it saw, so an event racing with the end of a burst, or one arriving
     /// while `changed()` is not being polled, is still reported next time.
-    generation: AtomicU64,
+    generation: u64,
+    files: BTreeSet<PathBuf>,
+    all: bool,
+    /// Files written since their last close: a writer may still be mid-file.
+    writing: BTreeSet<PathBuf>,
+}
+
+struct Shared {
+    pending: std::sync::Mutex<Pending>,
     /// Stores a permit when nobody waits, so a wake-up is never lost.
     notify: Notify,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // The inotify callback cannot panic while holding it; recover the data anyway.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        self.pending().generation
+    }
+
+    fn record(&self, res: notify::Result<notify::Event>) {
+        let mut p = self.pending();
+        match res {
+            Ok(event) if is_read(&event.kind) => return,
+            Ok(event) => {
+                let manifests: Vec<&PathBuf> = event
+                    .paths
+                    .iter()
+                    .filter(|path| {
+                        path.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(is_manifest_name)
+                    })
+                    .collect();
+                // Editors' swap and temp files are skipped: their rename into place is an
+                // event on the manifest itself. Anything else (the `..data` swap of a
+                // ConfigMap volume, the directory itself) may change every file.
+                let other = event.paths.iter().any(|path| {
+                    path.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_none_or(|n| !is_manifest_name(n) && !is_editor_temp(n))
+                });
+                if other || event.paths.is_empty() || event.need_rescan() {
+                    p.all = true;
+                }
+                for path in manifests {
+                    match event.kind {
+                        EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_)) => {
+                            p.writing.insert(path.clone());
+                        }
+                        EventKind::Access(AccessKind::Close(AccessMode::Write))
+                        | EventKind::Remove(_)
+                        | EventKind::Modify(ModifyKind::Name(_)) => {
+                            p.writing.remove(path);
+                        }
+                        _ => {}
+                    }
+                    p.files.insert(path.clone());
+                }
+            }
+            // Queue overflow and the like: the only safe answer is a full check.
+            Err(e) => {
+                warn!(error = %e, "manifest directory watch error");
+                p.all = true;
+            }
+        }
+        p.generation += 1;
+        drop(p);
+        self.notify.notify_one();
+    }
 }
 
 impl fmt::Debug for DirWatcher {
@@ -623,19 +683,12 @@ impl DirWatcher {
             source,
         };
         let shared = Arc::new(Shared {
-            generation: AtomicU64::new(0),
+            pending: Default::default(),
             notify: Notify::new(),
         });
         let events = Arc::clone(&shared);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            match res {
-                Ok(event) if is_read(&event.kind) => return,
-                Ok(_) => {}
-                // Queue overflow and the like: the only safe answer is a full reload.
-                Err(e) => warn!(error = %e, "manifest directory watch error"),
-            }
-            events.generation.fetch_add(1, Ordering::Release);
-            events.notify.notify_one();
+            events.record(res)
         })
         .map_err(watch_err)?;
         watcher
@@ -650,27 +703,46 @@ impl DirWatcher {
     }
 
     /// Resolves once the directory has changed since the previous call returned (or since
-    /// `new`) and then stayed quiet for [`DEBOUNCE`]. Cancel-safe: dropping the future
-    /// mid-burst leaves the change pending for the next call.
-    pub async fn changed(&mut self) {
+    /// `new`) and the burst is over: quiet for [`SETTLE`] when every written file has been
+    /// closed or renamed into place, for [`DEBOUNCE`] while a writer may still be mid-file.
+    /// Cancel-safe: dropping the future mid-burst leaves the change pending for the next
+    /// call.
+    pub async fn changed(&mut self) -> Changed {
         let shared = &*self.shared;
-        while shared.generation.load(Ordering::Acquire) == self.seen {
+        while shared.generation() == self.seen {
             shared.notify.notified().await;
         }
         let deadline = tokio::time::Instant::now() + MAX_BURST;
         loop {
-            let generation = shared.generation.load(Ordering::Acquire);
-            let quiet_until = (tokio::time::Instant::now() + DEBOUNCE).min(deadline);
+            let (generation, writing) = {
+                let p = shared.pending();
+                (p.generation, !p.writing.is_empty())
+            };
+            let quiet = if writing { DEBOUNCE } else { SETTLE };
+            let quiet_until = (tokio::time::Instant::now() + quiet).min(deadline);
             let woke = tokio::time::timeout_at(quiet_until, shared.notify.notified()).await;
-            let now = shared.generation.load(Ordering::Acquire);
+            let mut p = shared.pending();
             // A permit can be left over from an event already counted, so quiet means
             // "no new generation", not "no wake-up".
-            if (woke.is_err() && now == generation) || tokio::time::Instant::now() >= deadline {
-                self.seen = now;
-                return;
+            if (woke.is_err() && p.generation == generation)
+                || tokio::time::Instant::now() >= deadline
+            {
+                self.seen = p.generation;
+                let files = std::mem::take(&mut p.files);
+                return if std::mem::take(&mut p.all) {
+                    Changed::All
+                } else {
+                    Changed::Files(files)
+                };
             }
         }
     }
+}
+
+/// Swap, backup and temp files of editors and atomic writers (`.x.yaml.swp`, `.x.tmp`,
+/// `x.yaml~`); not the `..data` links of a ConfigMap volume.
+fn is_editor_temp(name: &str) -> bool {
+    (name.starts_with('.') && !name.starts_with("..")) || name.ends_with('~')
 }
 
 /// Our own reads of the manifests show up as open/close-nowrite events; counting them
@@ -687,7 +759,7 @@ fn is_read(kind: &EventKind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::time::timeout;
 
     /// A fresh directory under the system temp dir, removed on drop.
@@ -719,49 +791,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
-    }
-
-    fn named_pod_yaml(name: &str, label: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {label}}}}}\n\
-             spec: {{containers: [{{name: c, image: i}}]}}\n"
-        )
-    }
-
-    fn labels_of(snap: &Snapshot, name: &str) -> String {
-        let pod = snap
-            .pods
-            .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(name))
-            .unwrap_or_else(|| panic!("pod {name} missing"));
-        pod.metadata.labels.as_ref().unwrap()["app"].clone()
-    }
-
-    #[test]
-    fn cached_reload_sees_edits_renames_and_cross_file_duplicates() {
-        let dir = TempDir::new();
-        dir.write("a.yaml", &named_pod_yaml("a", "one"));
-        dir.write("b.yaml", &named_pod_yaml("b", "one"));
-        let mut cache = DirCache::default();
-        let first = load_dir_cached(dir.path(), &mut cache).unwrap();
-        assert_eq!(first.pods.len(), 2);
-
-        // Same length, new content, in place: the stamp (mtime/size/inode) still differs
-        // or the size does; an atomic rename gives a new inode.
-        dir.write("a.yaml", &named_pod_yaml("a", "two"));
-        let tmp = dir.path().join(".b.tmp");
-        fs::write(&tmp, named_pod_yaml("b", "three")).unwrap();
-        fs::rename(&tmp, dir.path().join("b.yaml")).unwrap();
-        // A later file redefining a: a duplicate, reported where it is redefined.
-        dir.write("c.yaml", &named_pod_yaml("a", "four"));
-        let again = load_dir_cached(dir.path(), &mut cache).unwrap();
-        assert_eq!(labels_of(&again, "a"), "two");
-        assert_eq!(labels_of(&again, "b"), "three");
-        assert_eq!(again.pods.len(), 2);
-        assert_eq!(again.errors.len(), 1, "{:?}", again.errors);
-        assert!(again.errors[0].file.ends_with("c.yaml"));
-        assert!(again.errors[0].reason.contains("duplicate Pod/x/a"));
-        assert_eq!(again, load_dir(dir.path()).unwrap(), "cached == uncached");
     }
 
     const MULTI_DOC: &str = r#"# a comment before the first document
@@ -1139,10 +1168,14 @@ metadata: {namespace: x}
         {}
     }
 
-    async fn expect_change(watcher: &mut DirWatcher, step: &str) {
+    async fn expect_change(watcher: &mut DirWatcher, step: &str) -> Changed {
         timeout(WAIT, watcher.changed())
             .await
-            .unwrap_or_else(|_| panic!("no change reported after {step}"));
+            .unwrap_or_else(|_| panic!("no change reported after {step}"))
+    }
+
+    fn only(dir: &TempDir, name: &str) -> Changed {
+        Changed::Files([dir.path().join(name)].into())
     }
 
     fn pod_names(dir: &TempDir) -> Vec<String> {
@@ -1165,26 +1198,47 @@ metadata: {namespace: x}
 
         // Each change is made before `changed()` is polled: the watcher must remember it.
         dir.write("a.yaml", &pod_yaml("one"));
-        expect_change(&mut watcher, "create").await;
+        assert_eq!(
+            expect_change(&mut watcher, "create").await,
+            only(&dir, "a.yaml")
+        );
         assert_eq!(pod_names(&dir), ["one"]);
         drain(&mut watcher).await;
 
         dir.write("a.yaml", &pod_yaml("two"));
-        expect_change(&mut watcher, "modify").await;
+        assert_eq!(
+            expect_change(&mut watcher, "modify").await,
+            only(&dir, "a.yaml")
+        );
         assert_eq!(pod_names(&dir), ["two"]);
         drain(&mut watcher).await;
 
-        // Editors' atomic save: write a hidden temp file, rename it over the target.
+        // Editors' atomic save: write a hidden temp file, rename it over the target. The
+        // temp file alone is not a change worth a read.
         dir.write(".a.yaml.tmp", &pod_yaml("three"));
-        drain(&mut watcher).await;
         fs::rename(dir.path().join(".a.yaml.tmp"), dir.path().join("a.yaml")).unwrap();
-        expect_change(&mut watcher, "rename into place").await;
+        assert_eq!(
+            expect_change(&mut watcher, "rename into place").await,
+            only(&dir, "a.yaml")
+        );
         assert_eq!(pod_names(&dir), ["three"]);
         drain(&mut watcher).await;
 
         fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        expect_change(&mut watcher, "delete").await;
+        assert_eq!(
+            expect_change(&mut watcher, "delete").await,
+            only(&dir, "a.yaml")
+        );
         assert!(pod_names(&dir).is_empty());
+        drain(&mut watcher).await;
+
+        // A ConfigMap volume swaps its hidden `..data` link: every file may have changed.
+        std::os::unix::fs::symlink("nowhere", dir.path().join("..data_tmp")).unwrap();
+        fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        assert_eq!(
+            expect_change(&mut watcher, "..data swap").await,
+            Changed::All
+        );
     }
 
     #[tokio::test]
@@ -1208,7 +1262,7 @@ metadata: {namespace: x}
         // debounce phase when it is dropped.
         dir.write("b.yaml", &pod_yaml("two"));
         timeout(WAIT, async {
-            while watcher.shared.generation.load(Ordering::Acquire) == watcher.seen {
+            while watcher.shared.generation() == watcher.seen {
                 watcher.shared.notify.notified().await;
             }
         })

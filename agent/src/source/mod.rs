@@ -7,6 +7,7 @@
 //! each object's version for `palisade status`, and removes from the kernel what no source
 //! object asks for only after [`Update::Synced`].
 
+mod dir_index;
 mod directory;
 pub mod kube;
 mod manifests;

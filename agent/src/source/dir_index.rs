@@ -1,0 +1,396 @@
+//! What the manifest-directory source remembers between reads, so that a change to one
+//! file costs that file, not the directory: per file its stamp, the objects it defines
+//! and its problems; per object the files defining it (the first by file name wins, as in
+//! [`load_dir`](super::load_dir)) and the version last sent.
+//!
+//! Objects themselves are not kept: the compiler holds what it needs, and a 100,000-pod
+//! directory would otherwise sit in memory twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use palisade_policy::Change;
+
+use super::manifests::{manifest_files, parse_file, Changed, FileLoad};
+use super::{object_key, ManifestError, ObjectChange, SourceError};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+/// `None` when the file is gone.
+fn stamp(file: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(file).ok()?;
+    Some(Stamp {
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+struct Indexed {
+    stamp: Stamp,
+    keys: Vec<String>,
+    errors: Vec<ManifestError>,
+}
+
+#[derive(Clone, Debug)]
+struct Def {
+    version: String,
+    line: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct DirIndex {
+    files: BTreeMap<PathBuf, Indexed>,
+    /// Object key -> the files defining it, in precedence order.
+    defs: HashMap<String, BTreeMap<PathBuf, Def>>,
+    /// Keys defined by more than one file, for the duplicate report.
+    duplicates: BTreeSet<String>,
+    /// Object key -> version of what the compiler was last sent.
+    sent: HashMap<String, String>,
+}
+
+impl DirIndex {
+    /// The files to look at for `changed`, in precedence order.
+    pub fn candidates(&self, dir: &Path, changed: &Changed) -> Result<Vec<PathBuf>, SourceError> {
+        match changed {
+            Changed::All => {
+                let mut files: BTreeSet<PathBuf> = manifest_files(dir)?.into_iter().collect();
+                // Known files that are no longer listed: their objects are gone.
+                files.extend(self.files.keys().cloned());
+                Ok(files.into_iter().collect())
+            }
+            Changed::Files(files) => Ok(files.iter().cloned().collect()),
+        }
+    }
+
+    /// Re-reads those of `files` whose stamp changed and returns what that changes for
+    /// the compiler: upserts (namespaces, then pods, then policies) before deletions.
+    pub fn refresh(&mut self, files: &[PathBuf]) -> Vec<ObjectChange> {
+        let mut fresh: HashMap<PathBuf, HashMap<String, Change>> = HashMap::new();
+        let mut affected = BTreeSet::new();
+        for file in files {
+            let now = stamp(file);
+            if now.is_some() && self.files.get(file).map(|f| f.stamp) == now {
+                continue;
+            }
+            let mut load = match now {
+                Some(_) => parse_file(file),
+                None => FileLoad::default(),
+            };
+            if load.unreadable {
+                // Unknown is not empty: keep its objects, retry on the next event.
+                if let Some(f) = self.files.get_mut(file) {
+                    f.errors = load.snapshot.errors;
+                }
+                continue;
+            }
+            if let Some(old) = self.files.remove(file) {
+                for key in old.keys {
+                    if let Some(defs) = self.defs.get_mut(&key) {
+                        defs.remove(file);
+                        if defs.is_empty() {
+                            self.defs.remove(&key);
+                        }
+                    }
+                    affected.insert(key);
+                }
+            }
+            let objects = objects_of(&mut load);
+            let mut keys = Vec::with_capacity(objects.len());
+            for (key, version) in &load.snapshot.versions {
+                let line = load.lines.get(key).copied().unwrap_or(1);
+                let def = Def {
+                    version: version.clone(),
+                    line,
+                };
+                self.defs
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(file.clone(), def);
+                keys.push(key.clone());
+                affected.insert(key.clone());
+            }
+            if let Some(stamp) = now {
+                let errors = load.snapshot.errors;
+                let entry = Indexed {
+                    stamp,
+                    keys,
+                    errors,
+                };
+                self.files.insert(file.clone(), entry);
+            }
+            fresh.insert(file.clone(), objects);
+        }
+        self.resolve(affected, &mut fresh)
+    }
+
+    fn resolve(
+        &mut self,
+        affected: BTreeSet<String>,
+        fresh: &mut HashMap<PathBuf, HashMap<String, Change>>,
+    ) -> Vec<ObjectChange> {
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for key in affected {
+            let winner = self.defs.get(&key).and_then(|d| d.iter().next());
+            if self.defs.get(&key).is_some_and(|d| d.len() > 1) {
+                self.duplicates.insert(key.clone());
+            } else {
+                self.duplicates.remove(&key);
+            }
+            let Some((file, def)) = winner else {
+                if self.sent.remove(&key).is_some() {
+                    deletes.extend(ObjectChange::deleted(&key));
+                }
+                continue;
+            };
+            if self.sent.get(&key) == Some(&def.version) {
+                continue;
+            }
+            // The winner may be a file that did not change (the previous winner went
+            // away): read it again, which only happens for duplicated keys.
+            let objects = fresh
+                .entry(file.clone())
+                .or_insert_with(|| objects_of(&mut parse_file(file)));
+            let Some(change) = objects.remove(&key) else {
+                continue;
+            };
+            self.sent.insert(key.clone(), def.version.clone());
+            upserts.push(ObjectChange {
+                version: Some(def.version.clone()),
+                key,
+                change,
+            });
+        }
+        upserts.sort_by_key(|c| kind_rank(&c.change));
+        upserts.extend(deletes);
+        upserts
+    }
+
+    /// The problems of the current files: what they failed to define, and duplicates
+    /// where they are redefined.
+    pub fn errors(&self) -> Vec<ManifestError> {
+        let mut out: Vec<ManifestError> = self
+            .files
+            .values()
+            .flat_map(|f| f.errors.iter().cloned())
+            .collect();
+        for key in &self.duplicates {
+            let Some(defs) = self.defs.get(key) else {
+                continue;
+            };
+            let mut defs = defs.iter();
+            let Some((first_file, first)) = defs.next() else {
+                continue;
+            };
+            for (file, def) in defs {
+                out.push(ManifestError {
+                    file: file.clone(),
+                    line: Some(def.line),
+                    reason: format!(
+                        "duplicate {key}, first defined at {}:{}",
+                        first_file.display(),
+                        first.line
+                    ),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        out
+    }
+}
+
+/// Takes the parsed objects out of `load`, reduced to what the compiler reads.
+fn objects_of(load: &mut FileLoad) -> HashMap<String, Change> {
+    use super::kube::slim;
+    let snap = &mut load.snapshot;
+    let ns = std::mem::take(&mut snap.namespaces).into_iter().map(|n| {
+        let key = object_key("Namespace", None, n.metadata.name.as_deref().unwrap_or(""));
+        (key, Change::UpsertNamespace(Box::new(slim::namespace(n))))
+    });
+    let pods = std::mem::take(&mut snap.pods).into_iter().map(|p| {
+        let m = &p.metadata;
+        let key = object_key(
+            "Pod",
+            m.namespace.as_deref(),
+            m.name.as_deref().unwrap_or(""),
+        );
+        (key, Change::UpsertPod(Box::new(slim::pod(p))))
+    });
+    let policies = std::mem::take(&mut snap.policies).into_iter().map(|p| {
+        let m = &p.metadata;
+        let name = m.name.as_deref().unwrap_or("");
+        let key = object_key("NetworkPolicy", m.namespace.as_deref(), name);
+        (key, Change::UpsertPolicy(Box::new(slim::policy(p))))
+    });
+    ns.chain(pods).chain(policies).collect()
+}
+
+/// Namespaces first so pods and policies see their labels in the same batch.
+fn kind_rank(change: &Change) -> u8 {
+    match change {
+        Change::UpsertNamespace(_) | Change::DeleteNamespace(_) => 0,
+        Change::UpsertPod(_) | Change::DeletePod(_) => 1,
+        Change::UpsertPolicy(_) | Change::DeletePolicy(_) => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::load_dir;
+
+    fn pod_yaml(name: &str, label: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {label}}}}}\n"
+        )
+    }
+
+    struct Dir(tempfile::TempDir);
+
+    impl Dir {
+        fn new() -> Self {
+            Self(tempfile::tempdir().unwrap())
+        }
+        fn path(&self, name: &str) -> PathBuf {
+            self.0.path().join(name)
+        }
+        fn write(&self, name: &str, text: &str) {
+            // Through a rename, as the source's users do, so the inode always changes.
+            let tmp = self.path(&format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(tmp, self.path(name)).unwrap();
+        }
+        fn refresh_all(&self, index: &mut DirIndex) -> Vec<(String, Option<String>)> {
+            let files = index.candidates(self.0.path(), &Changed::All).unwrap();
+            summary(index.refresh(&files))
+        }
+    }
+
+    /// (key, label `app` or "deleted").
+    fn summary(changes: Vec<ObjectChange>) -> Vec<(String, Option<String>)> {
+        changes
+            .into_iter()
+            .map(|c| {
+                let label = match c.change {
+                    Change::UpsertPod(p) => p.metadata.labels.map(|l| l["app"].clone()),
+                    _ => None,
+                };
+                (c.key, label)
+            })
+            .collect()
+    }
+
+    /// What [`load_dir`] reports, in the index's order (by file, then line).
+    fn full_read_errors(dir: &Dir) -> Vec<ManifestError> {
+        let mut errors = load_dir(dir.0.path()).unwrap().errors;
+        errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        errors
+    }
+
+    fn upsert(key: &str, label: &str) -> (String, Option<String>) {
+        (key.to_string(), Some(label.to_string()))
+    }
+
+    #[test]
+    fn sends_what_changed_in_the_files_that_changed() {
+        let dir = Dir::new();
+        dir.write("a.yaml", &pod_yaml("a", "one"));
+        dir.write("b.yaml", &pod_yaml("b", "one"));
+        let mut index = DirIndex::default();
+        assert_eq!(
+            dir.refresh_all(&mut index),
+            [upsert("Pod/x/a", "one"), upsert("Pod/x/b", "one")]
+        );
+        assert_eq!(dir.refresh_all(&mut index), [], "nothing changed");
+
+        dir.write("a.yaml", &pod_yaml("a", "two"));
+        let only_a = Changed::Files([dir.path("a.yaml")].into());
+        let files = index.candidates(dir.0.path(), &only_a).unwrap();
+        assert_eq!(summary(index.refresh(&files)), [upsert("Pod/x/a", "two")]);
+
+        std::fs::remove_file(dir.path("b.yaml")).unwrap();
+        assert_eq!(
+            dir.refresh_all(&mut index),
+            [("Pod/x/b".to_string(), None)],
+            "a vanished file deletes its objects"
+        );
+    }
+
+    #[test]
+    fn duplicates_resolve_by_file_name_as_a_full_read_does() {
+        let dir = Dir::new();
+        dir.write("b.yaml", &pod_yaml("a", "from-b"));
+        let mut index = DirIndex::default();
+        assert_eq!(dir.refresh_all(&mut index), [upsert("Pod/x/a", "from-b")]);
+
+        // An earlier file takes the key over; the later one is reported where it redefines.
+        dir.write("a.yaml", &pod_yaml("a", "from-a"));
+        assert_eq!(dir.refresh_all(&mut index), [upsert("Pod/x/a", "from-a")]);
+        let errors = index.errors();
+        assert_eq!(errors, full_read_errors(&dir));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].file.ends_with("b.yaml"), "{errors:?}");
+        assert!(errors[0].reason.contains("duplicate Pod/x/a"), "{errors:?}");
+
+        // The winner goes away: the unchanged later file's definition is sent, not a delete.
+        std::fs::remove_file(dir.path("a.yaml")).unwrap();
+        assert_eq!(dir.refresh_all(&mut index), [upsert("Pod/x/a", "from-b")]);
+        assert_eq!(index.errors(), []);
+    }
+
+    #[test]
+    fn broken_document_is_reported_and_the_rest_of_the_file_stays() {
+        let dir = Dir::new();
+        let two = format!("{}---\n{}", pod_yaml("a", "one"), pod_yaml("b", "one"));
+        dir.write("a.yaml", &two);
+        let mut index = DirIndex::default();
+        assert_eq!(dir.refresh_all(&mut index).len(), 2);
+        let broken = format!("{}---\nkind: Pod\nmetadata: [\n", pod_yaml("a", "one"));
+        dir.write("a.yaml", &broken);
+        assert_eq!(dir.refresh_all(&mut index), [("Pod/x/b".to_string(), None)]);
+        let errors = index.errors();
+        assert_eq!(errors, full_read_errors(&dir));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+
+    /// Any sequence of edits ends where a full read of the directory is: the objects sent
+    /// so far (upserts minus deletions) are exactly the full read's, with its versions.
+    #[test]
+    fn incremental_refreshes_agree_with_a_full_read() {
+        use proptest::prelude::*;
+        let strategy = proptest::collection::vec((0..4usize, 0..5usize, 0..3usize), 1..25);
+        proptest!(ProptestConfig::with_cases(64), |(edits in strategy)| {
+            let dir = Dir::new();
+            let mut index = DirIndex::default();
+            let mut live: BTreeMap<String, String> = BTreeMap::new();
+            for (file, pod, label) in edits {
+                let name = format!("f{file}.yaml");
+                if label == 0 && pod % 2 == 0 {
+                    let _ = std::fs::remove_file(dir.path(&name));
+                } else {
+                    let text = format!("{}---\n{}", pod_yaml(&format!("p{pod}"), &format!("l{label}")),
+                        pod_yaml(&format!("p{}", (pod + file) % 5), "shared"));
+                    dir.write(&name, &text);
+                }
+                let changed = Changed::Files([dir.path(&name)].into());
+                let files = index.candidates(dir.0.path(), &changed).unwrap();
+                for c in index.refresh(&files) {
+                    match c.version {
+                        Some(v) => live.insert(c.key, v),
+                        None => live.remove(&c.key),
+                    };
+                }
+                let full = load_dir(dir.0.path()).unwrap();
+                prop_assert_eq!(&live, &full.versions);
+                prop_assert_eq!(index.errors(), full_read_errors(&dir));
+            }
+        });
+    }
+}
