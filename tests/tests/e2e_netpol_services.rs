@@ -476,6 +476,43 @@ fn core_cases(s: &mut Suite) {
     });
     s.reset();
 
+    // Both ends isolated: the deferred egress check of the client and the backend's own
+    // ingress check run one after the other on the backend's hook.
+    s.apply(
+        "x",
+        "a-to-b",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
+            "egress": [{"to": [{"podSelector": sel(&[("pod", "b")])}],
+                "ports": [{"port": 80}, {"port": 81, "protocol": "UDP"}]}]}),
+    );
+    s.apply(
+        "x",
+        "b-from-a",
+        json!({"podSelector": sel(&[("pod", "b")]),
+            "ingress": [{"from": [{"podSelector": sel(&[("pod", "a")])}],
+                "ports": [{"port": 80}, {"port": 80, "protocol": "UDP"}]}]}),
+    );
+    // x/a → x/b: TCP 80 passes both; UDP 81 only the egress check, UDP 80 only the
+    // ingress check.
+    let both_ends = |f: &Peer, t: &Peer, port, proto| {
+        let pp = (port, proto);
+        let egress =
+            !f.is("x/a") || (t.is("x/b") && [(80, Proto::Tcp), (81, Proto::Udp)].contains(&pp));
+        let ingress =
+            !t.is("x/b") || (f.is("x/a") && [(80, Proto::Tcp), (80, Proto::Udp)].contains(&pp));
+        egress && ingress
+    };
+    s.check(
+        "client egress and backend ingress both isolated",
+        &both_ends,
+    );
+    s.check_family(
+        "client egress and backend ingress both isolated (IPv6)",
+        Family::V6,
+        &both_ends,
+    );
+    s.reset();
+
     s.apply(
         "x",
         "a-to",
@@ -593,6 +630,17 @@ fn more_cases(s: &mut Suite) {
     s.check("egress ipBlock with except", &|f, t, _, _| {
         !f.is("x/a") || !t.is("y/b")
     });
+    let yb = format!("{}/32", s.model.pod("y/b").ipv4());
+    s.apply(
+        "x",
+        "a-egress-yb",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": yb}}]}]}),
+    );
+    s.check(
+        "an except hole allowed by another policy's ipBlock",
+        &|_, _, _, _| true,
+    );
     s.reset();
 
     s.apply(
