@@ -1,4 +1,4 @@
-//! The upstream e2e netpol model reached through Services (issue #7): every one of the nine
+//! The upstream e2e netpol model reached through Services (issue #7): each of the nine
 //! model pods (namespaces x, y, z × pods a, b, c, serving TCP and UDP on 80 and 81) has its
 //! own Service, whose ClusterIP kube-proxy's rules in the node's namespace DNAT to that pod
 //! on the same port (TCP and UDP, 80 and 81). The real agent runs in-process with
@@ -20,10 +20,13 @@
 //! Real clusters on bridged CNIs (bridge plugin, flannel, docker) solve it the way
 //! kube-proxy documents and kubeadm's preflight checks: `br_netfilter` with
 //! `net.bridge.bridge-nf-call-iptables=1` (and `…-ip6tables=1`), so bridged frames pass
-//! the IP hooks and conntrack un-DNATs the reply. This test does the same: the sysctls are
-//! per network namespace on this kernel, so they are set in the bridged node's namespace
-//! only (after `modprobe br_netfilter` if the node's namespace lacks them), never in the
-//! root namespace. The routed node needs nothing: every packet is routed by the host.
+//! the IP hooks and conntrack un-DNATs the reply. (The other cure, masquerading pod →
+//! ClusterIP traffic, would show the backend the node's address instead of the client's,
+//! which the API's ingress semantics rule out.) This test takes the br_netfilter way. The
+//! sysctls are per network namespace on this kernel, so they are set in the bridged
+//! node's namespace only (after `modprobe br_netfilter` if that namespace lacks them),
+//! never in the root namespace. (With them at 0, no pair of the bridged node answers
+//! through a ClusterIP.) The routed node needs nothing: every packet is routed by the host.
 //!
 //! The agent needs an uplink for service packets to remote backends; every backend here
 //! is local, so it is one end of a veth pair inside the node's namespace (this kernel has
@@ -61,10 +64,11 @@ const COMBOS: [(u16, Proto); 4] = [
 /// (`f0NN`) can take.
 const SERVICE_CIDR_V4: &str = "198.19.192.0/24";
 const SERVICE_CIDR_V6: &str = "fd00:198:18:c1::/112";
+/// The agent's uplink (see the module doc) and its veth peer.
 const UPLINK: &str = "svcup0";
+const UPLINK_PEER: &str = "svcup1";
 /// The pod a case creates after its policies (with its Service).
 const LATE_POD: &str = "x/d";
-const UPLINK_PEER: &str = "svcup1";
 
 #[derive(Clone, Copy, Debug)]
 enum Mode {
