@@ -218,6 +218,22 @@ impl Model {
         workers: usize,
         want: &[Matrix],
     ) -> Vec<Matrix> {
+        self.probe_many_at(combos, timeout, workers, want, |p, port| {
+            p.pod.addr(family, port)
+        })
+    }
+
+    /// [`Model::probe_many`] with the address each probe goes to chosen by `dest(target,
+    /// port)` (e.g. the target's Service ClusterIP instead of its pod IP). A pair is still
+    /// reachable only if the target pod itself replies.
+    pub fn probe_many_at(
+        &self,
+        combos: &[(u16, Proto)],
+        timeout: Duration,
+        workers: usize,
+        want: &[Matrix],
+        dest: impl Fn(&ModelPod, u16) -> SocketAddr + Sync,
+    ) -> Vec<Matrix> {
         let n = self.pods.len();
         let fds: Vec<File> = self
             .pods
@@ -240,7 +256,7 @@ impl Model {
                     };
                     netns::enter(&fds[i]).expect("setns into model pod");
                     let (port, proto) = combos[c];
-                    let to = self.pods[j].pod.addr(family, port);
+                    let to = dest(&self.pods[j], port);
                     let attempt = |t| match proto {
                         Proto::Tcp => probe::exchange(proto, to, t),
                         Proto::Udp => udp_fresh(to, t),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use palisade::dataplane::Layout;
+use palisade::dataplane::{Layout, ServiceOptions};
 use palisade::source::SourceSpec;
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
@@ -42,6 +42,16 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent on `files` (name -> objects) and waits for its first sync.
     pub fn start(node: &NetNs, tag: &str, files: &[(String, Vec<Value>)]) -> Agent {
+        Agent::start_with_services(node, tag, files, ServiceOptions::default())
+    }
+
+    /// [`Agent::start`] with `--service-cidr`, `--mark-mask` and `--uplink` as `services`.
+    pub fn start_with_services(
+        node: &NetNs,
+        tag: &str,
+        files: &[(String, Vec<Value>)],
+        services: ServiceOptions,
+    ) -> Agent {
         let pins = PinDir::new(tag);
         let tmp = TempDir::new(tag).unwrap();
         let manifests = tmp.path().join("manifests");
@@ -50,12 +60,13 @@ impl Agent {
         for (name, objs) in files {
             write_objects(&manifests.join(name), objs);
         }
-        let cfg = inproc::config(
+        let mut cfg = inproc::config(
             NODE,
             SourceSpec::Manifests(manifests.clone()),
             pins.layout(),
             &run_dir,
         );
+        cfg.services = services;
         let agent = Agent {
             agent: InProcessAgent::spawn(node, cfg),
             manifests,
