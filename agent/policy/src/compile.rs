@@ -39,7 +39,7 @@ use palisade_common::{
 use self::endpoint::{Endpoint, EpJournal, Sink};
 use self::matches::{port_entries, rule_contributions, PeerCache};
 use crate::identity::{Identities, IdentityClass, PodAttrs};
-use crate::model::{self, ObjectRef, PodRef, PodState, PolicyRef};
+use crate::model::{self, Interner, ObjectRef, PodRef, PodState, PolicyRef};
 use crate::net;
 use crate::plan::{EndpointDiff, Plan, PlanDiff, PolicyEntry, DIRS};
 use crate::policy::{self, CompiledPolicy, IpBlock, PeerSet, Rule};
@@ -60,9 +60,10 @@ pub enum Change {
 /// Where an identity-trie prefix comes from; it lives while any source does.
 #[derive(Default)]
 struct PrefixSrc {
-    /// Peer pods with this IP; the first one (by namespace/name) gives the pod attributes,
-    /// which only matters for inconsistent input where two live pods share an IP.
-    pods: BTreeSet<PodRef>,
+    /// Peer pods with this IP, sorted; the first one (by namespace/name) gives the pod
+    /// attributes, which only matters for inconsistent input where two live pods share an
+    /// IP. A Vec: nearly always one pod, and a B-tree node per address is ~0.5 KB.
+    pods: Vec<PodRef>,
     node: bool,
     /// ipBlock cidrs and excepts (counted per referencing peer).
     block_refs: usize,
@@ -191,6 +192,8 @@ pub struct Compiler {
     node: String,
     namespaces: BTreeMap<String, Labels>,
     pods: BTreeMap<PodRef, PodState>,
+    label_sets: Interner<Labels>,
+    node_names: Interner<String>,
     policies: BTreeMap<PolicyRef, Arc<CompiledPolicy>>,
     prefixes: BTreeMap<IpNetwork, PrefixSrc>,
     /// Live ipBlock peers by cidr, with the number of peers referencing each.
@@ -211,6 +214,8 @@ impl Compiler {
             node: node.into(),
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
+            label_sets: Interner::default(),
+            node_names: Interner::default(),
             policies: BTreeMap::new(),
             prefixes: BTreeMap::new(),
             blocks: BTreeMap::new(),
@@ -338,6 +343,7 @@ impl Compiler {
     }
 
     fn set_pod(&mut self, r: PodRef, new: Option<PodState>, tx: &mut Tx) {
+        let new = new.map(|n| n.intern(&mut self.label_sets, &mut self.node_names));
         let old = self.pods.remove(&r);
         if old == new {
             if let Some(o) = old {
@@ -350,7 +356,7 @@ impl Compiler {
                 for ip in &o.ips {
                     let p = net::host(*ip);
                     if let Some(src) = self.prefixes.get_mut(&p) {
-                        src.pods.remove(&r);
+                        src.pods.retain(|x| x != &r);
                     }
                     tx.dirty_prefixes.insert(p);
                 }
@@ -363,7 +369,10 @@ impl Compiler {
             if n.is_peer() {
                 for ip in &n.ips {
                     let p = net::host(*ip);
-                    self.prefixes.entry(p).or_default().pods.insert(r.clone());
+                    let pods = &mut self.prefixes.entry(p).or_default().pods;
+                    if let Err(at) = pods.binary_search(&r) {
+                        pods.insert(at, r.clone());
+                    }
                     tx.dirty_prefixes.insert(p);
                 }
             }
@@ -371,6 +380,9 @@ impl Compiler {
                 tx.dirty_pods.insert(r.clone());
             }
             self.pods.insert(r, n);
+        }
+        if let Some(o) = old {
+            o.release(&mut self.label_sets, &mut self.node_names);
         }
     }
 
@@ -455,7 +467,7 @@ impl Compiler {
             Some(Arc::new(PodAttrs {
                 namespace: r.namespace.clone(),
                 namespace_labels: self.namespace_labels(&r.namespace),
-                labels: st.labels.clone(),
+                labels: (*st.labels).clone(),
                 named_ports: st.named_ports.clone(),
             }))
         });
@@ -545,7 +557,8 @@ impl Compiler {
             }
             let flags = if class.host { IDENTITY_FLAG_HOST } else { 0 };
             src.id = id;
-            src.class = Some(class);
+            // The identity's own copy: one per class, not one per address.
+            src.class = Some(self.ids.class(id).cloned().unwrap_or(class));
             self.trie_set(p, Some(IdentityValue { id, flags }));
         }
 

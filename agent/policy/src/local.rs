@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS};
 
 use crate::compile::Change;
+use std::sync::Arc;
+
 use crate::model::{ObjectRef, PodRef, PodState, PolicyRef};
 use crate::policy;
 use crate::selector::{Labels, Selector};
@@ -50,9 +52,9 @@ impl LocalPods {
                 let r = ObjectRef::of(&pod.metadata);
                 let st = PodState::from_pod(pod);
                 let live = !st.host_network && !st.terminated;
-                if live && st.node.as_deref() == Some(self.node.as_str()) {
+                if live && st.node.as_deref() == Some(&self.node) {
                     let new = LocalPod {
-                        labels: st.labels,
+                        labels: Arc::unwrap_or_clone(st.labels),
                         ips: st.ips,
                     };
                     self.pods.insert(r, new.clone()) != Some(new)

@@ -1,6 +1,9 @@
 //! The parts of Pods and Namespaces the compiler looks at, normalized once per change.
 
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde::Serialize;
@@ -48,9 +51,10 @@ pub type PolicyRef = ObjectRef;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PodState {
-    pub labels: Labels,
+    /// Shared by every pod with the same labels (replicas): see [`Interner`].
+    pub labels: Arc<Labels>,
     pub ips: Vec<IpAddr>,
-    pub node: Option<String>,
+    pub node: Option<Arc<String>>,
     pub host_network: bool,
     pub terminated: bool,
     pub named_ports: Vec<NamedPort>,
@@ -74,9 +78,9 @@ impl PodState {
         ips.sort();
         ips.dedup();
         Self {
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             ips,
-            node: spec.and_then(|s| s.node_name.clone()),
+            node: spec.and_then(|s| s.node_name.clone()).map(Arc::new),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminated: matches!(
                 status.and_then(|s| s.phase.as_deref()),
@@ -93,7 +97,56 @@ impl PodState {
 
     /// It gets an endpoint plan on `node`.
     pub fn is_local(&self, node: &str) -> bool {
-        self.is_peer() && self.node.as_deref() == Some(node)
+        self.is_peer() && self.node.as_deref().map(String::as_str) == Some(node)
+    }
+}
+
+/// One shared copy of each distinct value (label sets, node names) held by cluster pods:
+/// at 100,000 pods the replicas of a Deployment would otherwise each keep their own.
+pub(crate) struct Interner<T>(HashSet<Arc<T>>);
+
+impl<T> Default for Interner<T> {
+    fn default() -> Self {
+        Self(HashSet::new())
+    }
+}
+
+impl<T: Hash + Eq> Interner<T> {
+    pub fn intern(&mut self, v: Arc<T>) -> Arc<T> {
+        match self.0.get(&v) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                self.0.insert(Arc::clone(&v));
+                v
+            }
+        }
+    }
+
+    /// Forgets `v`'s value once the caller's copy is the last one outside the interner.
+    pub fn release(&mut self, v: Arc<T>) {
+        if Arc::strong_count(&v) == 2 {
+            self.0.remove(&*v);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl PodState {
+    pub fn intern(mut self, labels: &mut Interner<Labels>, nodes: &mut Interner<String>) -> Self {
+        self.labels = labels.intern(self.labels);
+        self.node = self.node.map(|n| nodes.intern(n));
+        self
+    }
+
+    pub fn release(self, labels: &mut Interner<Labels>, nodes: &mut Interner<String>) {
+        labels.release(self.labels);
+        if let Some(n) = self.node {
+            nodes.release(n);
+        }
     }
 }
 
@@ -108,4 +161,25 @@ pub(crate) fn namespace_of(ns: &Namespace) -> (String, Labels) {
     let name = ns.metadata.name.clone().unwrap_or_default();
     let labels = namespace_labels(&name, ns.metadata.labels.as_ref());
     (name, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interner_shares_equal_values_and_forgets_unused_ones() {
+        let mut interner = Interner::<String>::default();
+        let a = interner.intern(Arc::new("node-1".to_string()));
+        let b = interner.intern(Arc::new("node-1".to_string()));
+        assert!(Arc::ptr_eq(&a, &b), "equal values share one allocation");
+        let c = interner.intern(Arc::new("node-2".to_string()));
+        assert_eq!(interner.len(), 2);
+
+        interner.release(a);
+        assert_eq!(interner.len(), 2, "node-1 is still held by b");
+        interner.release(b);
+        interner.release(c);
+        assert_eq!(interner.len(), 0, "nothing outlives its last holder");
+    }
 }

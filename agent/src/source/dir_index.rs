@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use palisade_policy::Change;
 
@@ -32,27 +33,34 @@ fn stamp(file: &Path) -> Option<Stamp> {
     })
 }
 
+/// Keys are shared by the maps below: at 100,000 objects every copy counts.
+type Key = Arc<str>;
+
 struct Indexed {
+    /// The same allocation as the paths in [`Def`]s.
+    path: Arc<Path>,
     stamp: Stamp,
-    keys: Vec<String>,
+    keys: Vec<Key>,
     errors: Vec<ManifestError>,
 }
 
 #[derive(Clone, Debug)]
 struct Def {
-    version: String,
+    file: Arc<Path>,
+    version: Box<str>,
     line: usize,
 }
 
 #[derive(Default)]
 pub(crate) struct DirIndex {
     files: BTreeMap<PathBuf, Indexed>,
-    /// Object key -> the files defining it, in precedence order.
-    defs: HashMap<String, BTreeMap<PathBuf, Def>>,
+    /// Object key -> the files defining it, sorted by path (the first wins). A Vec: nearly
+    /// always one file.
+    defs: HashMap<Key, Vec<Def>>,
     /// Keys defined by more than one file, for the duplicate report.
-    duplicates: BTreeSet<String>,
+    duplicates: BTreeSet<Key>,
     /// Object key -> version of what the compiler was last sent.
-    sent: HashMap<String, String>,
+    sent: HashMap<Key, Box<str>>,
 }
 
 impl DirIndex {
@@ -90,35 +98,44 @@ impl DirIndex {
                 }
                 continue;
             }
-            if let Some(old) = self.files.remove(file) {
-                for key in old.keys {
-                    if let Some(defs) = self.defs.get_mut(&key) {
-                        defs.remove(file);
-                        if defs.is_empty() {
-                            self.defs.remove(&key);
+            let path: Arc<Path> = match self.files.remove(file) {
+                Some(old) => {
+                    for key in old.keys {
+                        if let Some(defs) = self.defs.get_mut(&key) {
+                            defs.retain(|d| *d.file != **file);
+                            if defs.is_empty() {
+                                self.defs.remove(&key);
+                            }
                         }
+                        affected.insert(key);
                     }
-                    affected.insert(key);
+                    old.path
                 }
-            }
+                None => Arc::from(file.as_path()),
+            };
             let objects = objects_of(&mut load);
             let mut keys = Vec::with_capacity(objects.len());
-            for (key, version) in &load.snapshot.versions {
-                let line = load.lines.get(key).copied().unwrap_or(1);
+            for (key, version) in std::mem::take(&mut load.snapshot.versions) {
+                let line = load.lines.get(&key).copied().unwrap_or(1);
+                let key: Key = self
+                    .defs
+                    .get_key_value(key.as_str())
+                    .map_or_else(|| Arc::from(key), |(k, _)| Arc::clone(k));
                 let def = Def {
-                    version: version.clone(),
+                    file: Arc::clone(&path),
+                    version: version.into(),
                     line,
                 };
-                self.defs
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(file.clone(), def);
-                keys.push(key.clone());
-                affected.insert(key.clone());
+                let defs = self.defs.entry(Arc::clone(&key)).or_default();
+                let at = defs.partition_point(|d| d.file < def.file);
+                defs.insert(at, def);
+                keys.push(Arc::clone(&key));
+                affected.insert(key);
             }
             if let Some(stamp) = now {
                 let errors = load.snapshot.errors;
                 let entry = Indexed {
+                    path,
                     stamp,
                     keys,
                     errors,
@@ -132,19 +149,19 @@ impl DirIndex {
 
     fn resolve(
         &mut self,
-        affected: BTreeSet<String>,
+        affected: BTreeSet<Key>,
         fresh: &mut HashMap<PathBuf, HashMap<String, Change>>,
     ) -> Vec<ObjectChange> {
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         for key in affected {
-            let winner = self.defs.get(&key).and_then(|d| d.iter().next());
-            if self.defs.get(&key).is_some_and(|d| d.len() > 1) {
-                self.duplicates.insert(key.clone());
+            let defs = self.defs.get(&key);
+            if defs.is_some_and(|d| d.len() > 1) {
+                self.duplicates.insert(Arc::clone(&key));
             } else {
                 self.duplicates.remove(&key);
             }
-            let Some((file, def)) = winner else {
+            let Some(def) = defs.and_then(|d| d.first()) else {
                 if self.sent.remove(&key).is_some() {
                     deletes.extend(ObjectChange::deleted(&key));
                 }
@@ -156,15 +173,15 @@ impl DirIndex {
             // The winner may be a file that did not change (the previous winner went
             // away): read it again, which only happens for duplicated keys.
             let objects = fresh
-                .entry(file.clone())
-                .or_insert_with(|| objects_of(&mut parse_file(file)));
-            let Some(change) = objects.remove(&key) else {
+                .entry(def.file.to_path_buf())
+                .or_insert_with(|| objects_of(&mut parse_file(&def.file)));
+            let Some(change) = objects.remove(&*key) else {
                 continue;
             };
-            self.sent.insert(key.clone(), def.version.clone());
+            self.sent.insert(Arc::clone(&key), def.version.clone());
             upserts.push(ObjectChange {
-                version: Some(def.version.clone()),
-                key,
+                version: Some(def.version.to_string()),
+                key: key.to_string(),
                 change,
             });
         }
@@ -182,20 +199,16 @@ impl DirIndex {
             .flat_map(|f| f.errors.iter().cloned())
             .collect();
         for key in &self.duplicates {
-            let Some(defs) = self.defs.get(key) else {
+            let Some([first, later @ ..]) = self.defs.get(key).map(Vec::as_slice) else {
                 continue;
             };
-            let mut defs = defs.iter();
-            let Some((first_file, first)) = defs.next() else {
-                continue;
-            };
-            for (file, def) in defs {
+            for def in later {
                 out.push(ManifestError {
-                    file: file.clone(),
+                    file: def.file.to_path_buf(),
                     line: Some(def.line),
                     reason: format!(
                         "duplicate {key}, first defined at {}:{}",
-                        first_file.display(),
+                        first.file.display(),
                         first.line
                     ),
                 });
