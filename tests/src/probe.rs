@@ -314,12 +314,21 @@ pub fn tcp_exchange(to: SocketAddr, timeout: Duration) -> Result<String, ProbeEr
 /// until `timeout`, so one lost datagram is not a "denied". A connected
 /// socket turns ICMP port unreachable into ECONNREFUSED (= Refused).
 pub fn udp_exchange(to: SocketAddr, timeout: Duration) -> Result<String, ProbeError> {
-    let deadline = Instant::now() + timeout;
     let local: IpAddr = match to {
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
-    let s = UdpSocket::bind(SocketAddr::new(local, 0))?;
+    udp_exchange_from(local, to, timeout)
+}
+
+/// [`udp_exchange`] from the local address `from`.
+pub fn udp_exchange_from(
+    from: IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<String, ProbeError> {
+    let deadline = Instant::now() + timeout;
+    let s = UdpSocket::bind(SocketAddr::new(from, 0))?;
     s.connect(to)?;
     let mut buf = [0u8; 2048];
     loop {

@@ -535,6 +535,46 @@ fn reused_ip_never_gets_the_old_pods_rules(flavour: Flavour, tag: &str) {
     assert_eq!(srv_d.hits(), 0, "x/d is closed to everyone");
 }
 
+/// An address added to the node while the agent runs is node traffic at once (kubelet
+/// probes from a new node address, a node IP that moved), as the addresses it started with.
+fn node_address_added_at_runtime_is_node_traffic(flavour: Flavour, tag: &str) {
+    require_root();
+    let mut bed = Bed::new(flavour, tag);
+    bed.put_and_wait(policy("x", "deny-ingress", json!({"podSelector": {}}), 0));
+    let target = bed.srv.addr(Family::V4, ALLOWED);
+    let [_, _, c, _] = bed.srv.ipv4().octets();
+    // In this node's own pod subnet, past any address the test's pods are given.
+    let added = std::net::Ipv4Addr::new(198, 18, c, 250);
+    let from_added = || {
+        bed.node
+            .ns()
+            .run(|| palisade_tests::probe::udp_exchange_from(added.into(), target, T))
+    };
+    bed.node
+        .ns()
+        .exec(&["ip", "addr", "add", &format!("{added}/32"), "dev", "lo"])
+        .unwrap();
+    let mut last = None;
+    let allowed = wait_until(common::PROGRAM_TIMEOUT, || {
+        last = Some(from_added());
+        last.as_ref().is_some_and(|r| r.as_deref() == Ok("x/srv"))
+    });
+    assert!(
+        allowed,
+        "traffic from the node's new address {added} to isolated x/srv: {last:?}"
+    );
+}
+
+#[test]
+fn node_address_added_at_runtime_is_node_traffic_bridged() {
+    node_address_added_at_runtime_is_node_traffic(Flavour::Bridged, "naddbr");
+}
+
+#[test]
+fn node_address_added_at_runtime_is_node_traffic_routed() {
+    node_address_added_at_runtime_is_node_traffic(Flavour::Routed, "naddrt");
+}
+
 #[test]
 fn reused_ip_never_gets_the_old_pods_rules_bridged() {
     reused_ip_never_gets_the_old_pods_rules(Flavour::Bridged, "rubr");

@@ -283,6 +283,28 @@ impl Compiler {
         }
     }
 
+    /// The node's addresses changed (an address added to or removed from an interface):
+    /// traffic from the new set is node traffic, from the old set no longer is.
+    pub fn set_node_ips(&mut self, node_ips: impl IntoIterator<Item = IpAddr>) -> PlanDiff {
+        let new: BTreeSet<IpNetwork> = node_ips.into_iter().map(net::host).collect();
+        let mut tx = Tx::default();
+        for (p, src) in self.prefixes.iter_mut() {
+            if src.node && !new.contains(p) {
+                src.node = false;
+                tx.dirty_prefixes.insert(*p);
+            }
+        }
+        for p in new {
+            let src = self.prefixes.entry(p).or_default();
+            if !src.node {
+                src.node = true;
+                tx.dirty_prefixes.insert(p);
+            }
+        }
+        self.settle(&mut tx);
+        self.finish(tx)
+    }
+
     /// Applies one change and returns the map updates it causes.
     pub fn apply(&mut self, change: Change) -> PlanDiff {
         self.apply_batch([change])

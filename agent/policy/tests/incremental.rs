@@ -73,6 +73,31 @@ fn run_edits(a: &Cluster, b: &Cluster, cuts: &[bool]) -> Result<(), TestCaseErro
     Ok(())
 }
 
+/// The node's addresses change under a compiled cluster: to none, to another node's
+/// (so former node traffic is judged again, and a peer pod may now be the node), to both.
+fn node_ips_changed(c: &Cluster, which: usize) -> Result<(), TestCaseError> {
+    let mut compiler = Compiler::new(NODES[0].0, node_ips(0));
+    let mut mirror = Plan::default();
+    mirror.apply_diff(&compiler.full_diff());
+    mirror.apply_diff(&compiler.apply_batch(all_changes(c)));
+    let ips = match which {
+        0 => vec![],
+        1 => node_ips(1),
+        2 => [node_ips(0), node_ips(1)].concat(),
+        _ => c
+            .pods
+            .iter()
+            .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+            .take(1)
+            .collect(),
+    };
+    mirror.apply_diff(&compiler.set_node_ips(ips.clone()));
+    let want = compile(&c.namespaces, &c.pods, &c.policies, NODES[0].0, &ips).canonical();
+    prop_assert_eq!(&compiler.plan().canonical(), &want);
+    prop_assert_eq!(&mirror.canonical(), &want);
+    Ok(())
+}
+
 fn edited_pair(pods: usize, policies: usize) -> impl Strategy<Value = (Cluster, Cluster)> {
     (cluster(pods, policies), edits(), edits()).prop_map(|(a, e1, e2)| {
         // Two rounds, so that edited objects are edited again.
@@ -92,6 +117,11 @@ proptest! {
     #[test]
     fn batched_edits_equal_full_compile_at_every_step((a, b) in edited_pair(8, 4), cuts in proptest::collection::vec(any::<bool>(), 0..8)) {
         run_edits(&a, &b, &cuts)?;
+    }
+
+    #[test]
+    fn node_address_changes_equal_full_compile(c in cluster(8, 4), which in 0..4usize) {
+        node_ips_changed(&c, which)?;
     }
 
     #[test]

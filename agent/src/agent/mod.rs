@@ -95,9 +95,9 @@ pub async fn run_until(
     let mut rec = Reconciler::new(dp, maps, &cfg.node_name)?;
     // Dropping the sender (when this function returns) stops the GC thread.
     let _gc_stop = spawn_conntrack_gc(rec.dp.layout().clone(), Arc::clone(&metrics));
-    let node_ips = rec.net.node_ips();
+    let mut node_ips = rec.net.node_ips();
     tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
-    let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips);
+    let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips.iter().copied());
     let mut updates = spawn_source(&cfg.source).await?;
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
     let mut status = Status {
@@ -153,7 +153,18 @@ pub async fn run_until(
                 publish(&cfg, &rec, &compiler, &versions, &caps, &metrics, &mut status)?;
             }
             events = watch.next() => {
-                if rec.on_netlink(events?)? {
+                let mut changed = rec.on_netlink(events?)?;
+                // An address added to or removed from the node: node traffic is judged
+                // by the addresses the node has now, not those it started with.
+                let now_ips = rec.net.node_ips();
+                if now_ips != node_ips {
+                    tracing::info!(?node_ips, ?now_ips, "node addresses changed");
+                    let diff = compiler.set_node_ips(now_ips.iter().copied());
+                    rec.apply(&diff)?;
+                    node_ips = now_ips;
+                    changed = true;
+                }
+                if changed {
                     publish(&cfg, &rec, &compiler, &versions, &caps, &metrics, &mut status)?;
                 }
             }
