@@ -11,6 +11,18 @@
 //! entries are in, and the programs only after that, so its first judged packet already
 //! sees its complete policy.
 //!
+//! # Full maps
+//!
+//! A write a full map refuses is left out, not fatal: the rest of the diff is applied in
+//! the same order, the entry is remembered in [`Shortfall`] and written again at the end
+//! of every later [`Reconciler::apply`] (after its removals freed room), and the status and
+//! metrics name the map until then. Leaving entries out only ever allows less: a missing
+//! allow entry is a drop; identity prefixes that a missing prefix would fall back on with
+//! more rights are withheld ([`super::shortfall`]); the isolation header does not depend on
+//! the allow entries. A pod that gets no slot or no ENDPOINTS entry is not bound: while it
+//! would be isolated its interface stays in quarantine (isolated, nothing allowed), if the
+//! quarantine entry itself fits.
+//!
 //! # Fail closed from the first packet: quarantine
 //!
 //! The CNI creates a pod's interface (and gives it its IP) before the source reports the
@@ -50,11 +62,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use palisade_common::{Endpoint, MAX_ENDPOINTS};
-use palisade_policy::{Change, LocalPods, PlanDiff, PodRef};
+use palisade_common::{maps as names, Endpoint, MAX_ENDPOINTS};
+use palisade_policy::{Change, LocalPods, Plan, PlanDiff, PodRef};
 
 use super::links::{NetlinkError, Query};
 use super::netdev::{Event, HostNet};
+use super::shortfall::{self, Shortfall};
 use crate::dataplane::{attached_ifindexes, detach, Dataplane, DataplaneError, Maps};
 
 /// The slot of quarantined interfaces: no allow entry ever uses it, so everything an
@@ -95,6 +108,25 @@ pub struct Reconciler {
     /// the allow entries already in the kernel stay valid through a restart.
     inherited: BTreeMap<u32, Endpoint>,
     used_slots: BTreeSet<u32>,
+    /// What full maps could not take.
+    pub shortfall: Shortfall,
+    /// Maps that were short at the end of the last apply (to log when they recover).
+    short_maps: BTreeSet<&'static str>,
+}
+
+/// Whether a write went in: `Ok(false)` when a full map refused it (counted), any other
+/// error as it is.
+fn written(sf: &mut Shortfall, r: Result<(), DataplaneError>) -> Result<bool, DataplaneError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) => match e.full_map() {
+            Some(map) => {
+                sf.failed(map);
+                Ok(false)
+            }
+            None => Err(e),
+        },
+    }
 }
 
 impl Reconciler {
@@ -131,6 +163,8 @@ impl Reconciler {
             lost: BTreeSet::new(),
             inherited,
             used_slots,
+            shortfall: Shortfall::default(),
+            short_maps: BTreeSet::new(),
         };
         rec.resync()?;
         Ok(rec)
@@ -199,27 +233,44 @@ impl Reconciler {
         Ok(changed)
     }
 
-    fn alloc_slot(&mut self, ifindex: Option<u32>) -> Result<u32, DataplaneError> {
+    /// A free slot; `None` when all are taken.
+    fn alloc_slot(&mut self, ifindex: Option<u32>) -> Result<Option<u32>, DataplaneError> {
         if let Some(ep) = ifindex.and_then(|i| self.inherited.remove(&i)) {
             if ep.slot != QUARANTINE_SLOT {
-                return Ok(ep.slot);
+                return Ok(Some(ep.slot));
             }
         }
-        let slot = (0..QUARANTINE_SLOT)
-            .find(|s| !self.used_slots.contains(s))
-            .ok_or(DataplaneError::Map {
-                name: palisade_common::maps::ENDPOINTS,
-                source: Box::new(aya::maps::MapError::OutOfBounds {
-                    index: MAX_ENDPOINTS,
-                    max_entries: MAX_ENDPOINTS,
-                }),
-            })?;
+        let Some(slot) = (0..QUARANTINE_SLOT).find(|s| !self.used_slots.contains(s)) else {
+            return Ok(None);
+        };
         self.used_slots.insert(slot);
         self.maps.reset_counters(slot)?;
-        Ok(slot)
+        Ok(Some(slot))
     }
 
-    pub fn apply(&mut self, diff: &PlanDiff) -> Result<(), ReconcileError> {
+    /// Gives `pod` a slot and a (not yet bound) endpoint; false when no slot is free.
+    fn add_endpoint(&mut self, pod: &PodRef, ips: Vec<IpAddr>) -> Result<bool, DataplaneError> {
+        let hint = ips.iter().find_map(|ip| self.net.resolve(*ip));
+        let Some(slot) = self.alloc_slot(hint)? else {
+            self.shortfall.failed(names::ENDPOINTS);
+            self.shortfall.no_slot.insert(pod.clone());
+            return Ok(false);
+        };
+        self.shortfall.no_slot.remove(pod);
+        self.endpoints.insert(
+            pod.clone(),
+            LocalEndpoint {
+                slot,
+                ifindex: None,
+                flags: 0,
+                ips,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Applies `diff`, which took the compiler to `plan`.
+    pub fn apply(&mut self, diff: &PlanDiff, plan: &Plan) -> Result<(), ReconcileError> {
         // Slots for new endpoints first; an interface an earlier agent enforced keeps its
         // slot, so the entries already in the kernel stay right.
         let new: Vec<(&PodRef, Vec<IpAddr>)> = diff
@@ -234,17 +285,7 @@ impl Reconciler {
             })
             .collect();
         for (pod, ips) in new {
-            let hint = ips.iter().find_map(|ip| self.net.resolve(*ip));
-            let slot = self.alloc_slot(hint)?;
-            self.endpoints.insert(
-                pod.clone(),
-                LocalEndpoint {
-                    slot,
-                    ifindex: None,
-                    flags: 0,
-                    ips,
-                },
-            );
+            self.add_endpoint(pod, ips)?;
         }
 
         // 1. New allow entries.
@@ -254,15 +295,21 @@ impl Reconciler {
             };
             for e in &d.added {
                 let (prefix, key) = e.lpm_key(ep.slot);
-                self.maps.insert_policy(prefix, key)?;
+                let sf = &mut self.shortfall;
+                if !written(sf, self.maps.insert_policy(prefix, key))? {
+                    sf.policy.entry(pod.clone()).or_default().insert(*e);
+                }
             }
         }
-        // 2. Identity updates.
+        // 2. Identity updates (a withheld prefix stays out until it is safe to write).
         for (net, v) in identity_changes(diff) {
-            if let Some(v) = v {
-                self.maps.set_identity(net, v)?;
+            let Some(v) = v else { continue };
+            if self.shortfall.withheld.contains(&net) {
+                continue;
             }
+            self.write_identity(net, v)?;
         }
+        self.settle_identities(plan)?;
         // 3. Endpoint headers of bound endpoints (new ones are bound in step 7).
         for (pod, d) in &diff.endpoints {
             let Some(h) = &d.header else { continue };
@@ -283,6 +330,12 @@ impl Reconciler {
             let Some(ep) = self.endpoints.get(pod) else {
                 continue;
             };
+            let missing = self.shortfall.policy.get_mut(pod);
+            if let Some(m) = missing {
+                for e in &d.removed {
+                    m.remove(e);
+                }
+            }
             for e in &d.removed {
                 let (prefix, key) = e.lpm_key(ep.slot);
                 self.maps.remove_policy(prefix, key)?;
@@ -291,6 +344,7 @@ impl Reconciler {
         // 5. Removed identities.
         for (net, v) in identity_changes(diff) {
             if v.is_none() {
+                self.shortfall.identities.remove(&net);
                 self.maps.remove_identity(net)?;
             }
         }
@@ -298,14 +352,248 @@ impl Reconciler {
         for (pod, d) in &diff.endpoints {
             if d.header.is_none() {
                 self.unbind(pod, false)?;
+                self.shortfall.forget_pod(pod);
                 if let Some(ep) = self.endpoints.remove(pod) {
                     self.used_slots.remove(&ep.slot);
                 }
             }
         }
+        // What full maps refused before may fit now.
+        self.retry(plan)?;
         // 7. Interfaces.
         self.sync_interfaces()?;
+        self.log_shortfall(plan);
         Ok(())
+    }
+
+    /// Writes an identity entry; one a full map refuses is remembered, and whatever an
+    /// older value left at that prefix is removed (on kernels that refuse in-place updates
+    /// of a full trie it would keep the old class's rights).
+    fn write_identity(
+        &mut self,
+        net: IpNetwork,
+        v: palisade_common::IdentityValue,
+    ) -> Result<bool, DataplaneError> {
+        if written(&mut self.shortfall, self.maps.set_identity(net, v))? {
+            self.shortfall.identities.remove(&net);
+            return Ok(true);
+        }
+        self.shortfall.identities.insert(net);
+        self.maps.remove_identity(net)?;
+        Ok(false)
+    }
+
+    /// Brings the withheld prefixes in line with the missing ones: removes the prefixes a
+    /// missing one would fall back on with more rights, writes back those that are safe
+    /// again (which may fail in turn: repeated until nothing changes).
+    fn settle_identities(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        let sf = &mut self.shortfall;
+        sf.identities
+            .retain(|n| shortfall::wanted(plan, *n).is_some());
+        loop {
+            let w = shortfall::withheld(plan, &self.shortfall.identities);
+            for &f in w.difference(&self.shortfall.withheld) {
+                self.maps.remove_identity(f)?;
+            }
+            let restore: Vec<IpNetwork> = self.shortfall.withheld.difference(&w).copied().collect();
+            self.shortfall.withheld = w;
+            let mut failed = false;
+            for f in restore {
+                if let Some(v) = shortfall::wanted(plan, f) {
+                    failed |= !self.write_identity(f, v)?;
+                }
+            }
+            if !failed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes again what full maps refused, in the usual order (allow entries before
+    /// identities), stopping at a map's first refusal: it is still full.
+    fn retry(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        // Pods without a slot: a slot now, and all their entries to write.
+        for pod in self.shortfall.no_slot.clone() {
+            let Some(p) = plan.endpoints.get(&pod) else {
+                self.shortfall.no_slot.remove(&pod);
+                continue;
+            };
+            if !self.add_endpoint(&pod, p.ips.clone())? {
+                break;
+            }
+            if let Some(ep) = self.endpoints.get_mut(&pod) {
+                ep.flags = p.flags;
+            }
+            if !p.entries.is_empty() {
+                self.shortfall.policy.insert(pod, p.entries.clone());
+            }
+        }
+        let mut full = false;
+        for (pod, entries) in std::mem::take(&mut self.shortfall.policy) {
+            let (Some(ep), Some(p)) = (self.endpoints.get(&pod), plan.endpoints.get(&pod)) else {
+                continue;
+            };
+            let mut left = BTreeSet::new();
+            for e in entries.into_iter().filter(|e| p.entries.contains(e)) {
+                let (prefix, key) = e.lpm_key(ep.slot);
+                if full || !written(&mut self.shortfall, self.maps.insert_policy(prefix, key))? {
+                    full = true;
+                    left.insert(e);
+                }
+            }
+            if !left.is_empty() {
+                self.shortfall.policy.insert(pod, left);
+            }
+        }
+        for net in self.shortfall.identities.clone() {
+            let Some(v) = shortfall::wanted(plan, net) else {
+                continue;
+            };
+            if self.shortfall.withheld.contains(&net) {
+                continue;
+            }
+            if !self.write_identity(net, v)? {
+                break;
+            }
+        }
+        self.settle_identities(plan)
+    }
+
+    /// Entries the plan wants that the maps do not hold, by map.
+    pub fn missing_by_map(&self, plan: &Plan) -> BTreeMap<&'static str, usize> {
+        let sf = &self.shortfall;
+        let slotless: usize = sf
+            .no_slot
+            .iter()
+            .filter_map(|p| plan.endpoints.get(p))
+            .map(|e| e.entries.len())
+            .sum();
+        let (mut v4, mut v6) = (0, 0);
+        for n in sf.identities.iter().chain(&sf.withheld) {
+            match n {
+                IpNetwork::V4(_) => v4 += 1,
+                IpNetwork::V6(_) => v6 += 1,
+            }
+        }
+        BTreeMap::from([
+            (
+                names::ENDPOINTS,
+                sf.no_slot.len() + sf.no_endpoint.len() + sf.unquarantined.len(),
+            ),
+            (names::POLICY, sf.missing_policy_entries() + slotless),
+            (names::IDENTITY_V4, v4),
+            (names::IDENTITY_V6, v6),
+        ])
+    }
+
+    /// The status of each map that lacks entries; `caps`: the maps' sizes.
+    pub fn map_errors(
+        &self,
+        plan: &Plan,
+        caps: &BTreeMap<&'static str, u32>,
+    ) -> Vec<super::status::MapError> {
+        let sf = &self.shortfall;
+        self.missing_by_map(plan)
+            .into_iter()
+            .filter(|(_, missing)| *missing > 0)
+            .map(|(map, missing)| {
+                let capacity = caps.get(map).copied().unwrap_or(0);
+                let pods: BTreeSet<&PodRef> = self.short_pods(map).collect();
+                let mut policies = BTreeSet::new();
+                for p in &pods {
+                    let (i, e) = self.isolating(p);
+                    policies.extend(i.into_iter().chain(e));
+                }
+                let mut prefixes = Vec::new();
+                let error = match map {
+                    names::POLICY => format!(
+                        "{map} is full ({capacity} entries): {missing} allow entries of {} pods \
+                         are not programmed; they stay isolated but allow fewer flows than \
+                         their policies say",
+                        pods.len()
+                    ),
+                    names::ENDPOINTS => format!(
+                        "{map} is full ({capacity} entries) or no slot is free: {} pods are not \
+                         enforced (their interfaces stay in quarantine while they would be \
+                         isolated) and {} unidentified interfaces could not be quarantined",
+                        sf.no_slot.len() + sf.no_endpoint.len(),
+                        sf.unquarantined.len()
+                    ),
+                    _ => {
+                        let v6 = map == names::IDENTITY_V6;
+                        let nets: Vec<&IpNetwork> = sf
+                            .identities
+                            .iter()
+                            .chain(&sf.withheld)
+                            .filter(|n| n.is_ipv6() == v6)
+                            .collect();
+                        prefixes = nets.iter().take(20).map(|n| n.to_string()).collect();
+                        let withheld = sf.withheld.iter().filter(|n| n.is_ipv6() == v6).count();
+                        format!(
+                            "{map} is full ({capacity} entries): {missing} prefixes are not \
+                             programmed ({withheld} withheld so that no address gains rights \
+                             from a wider prefix); their addresses count as the world, so fewer \
+                             flows are allowed than the policies say"
+                        )
+                    }
+                };
+                super::status::MapError {
+                    map: map.to_string(),
+                    capacity,
+                    missing,
+                    error,
+                    pods: pods.iter().map(|p| p.to_string()).collect(),
+                    policies: policies.into_iter().collect(),
+                    prefixes,
+                }
+            })
+            .collect()
+    }
+
+    /// One error per map that is short after this apply, and a note for each that recovered.
+    fn log_shortfall(&mut self, plan: &Plan) {
+        let mut short = BTreeSet::new();
+        for (map, missing) in self.missing_by_map(plan) {
+            if missing == 0 {
+                if self.short_maps.contains(map) {
+                    tracing::info!(map, "map no longer full: every entry is written");
+                }
+                continue;
+            }
+            short.insert(map);
+            let pods: Vec<String> = self.short_pods(map).map(|p| p.to_string()).collect();
+            tracing::error!(
+                map,
+                missing,
+                write_failures = self.shortfall.failures.get(map).copied().unwrap_or(0),
+                ?pods,
+                "map full: entries left out, fewer flows allowed than the policies say"
+            );
+        }
+        self.short_maps = short;
+    }
+
+    /// The local pods whose entries in `map` are missing.
+    pub fn short_pods(&self, map: &str) -> impl Iterator<Item = &PodRef> + '_ {
+        let sf = &self.shortfall;
+        let pods: Vec<&PodRef> = match map {
+            names::POLICY => sf.policy.keys().chain(&sf.no_slot).collect(),
+            names::ENDPOINTS => sf.no_slot.iter().chain(&sf.no_endpoint).collect(),
+            _ => self
+                .endpoints
+                .iter()
+                .filter(|(_, e)| {
+                    e.ips.iter().any(|ip| {
+                        sf.identities
+                            .iter()
+                            .chain(&sf.withheld)
+                            .any(|n| n.prefix() == max_len(*ip) && n.ip() == *ip)
+                    })
+                })
+                .map(|(p, _)| p)
+                .collect(),
+        };
+        pods.into_iter()
     }
 
     /// Removes a pod's interface binding: its ENDPOINTS entry and programs. `vanished`:
@@ -339,7 +627,18 @@ impl Reconciler {
             slot: ep.slot,
             flags: ep.flags,
         };
-        self.maps.set_endpoint(ifindex, entry)?;
+        if !written(&mut self.shortfall, self.maps.set_endpoint(ifindex, entry))? {
+            // No entry, no enforcement: not bound (so not attached); while it would be
+            // isolated, its interface is quarantined instead if that entry fits.
+            if self.shortfall.no_endpoint.insert(pod.clone()) {
+                tracing::error!(pod = %pod, ifindex, "ENDPOINTS full: the pod's interface cannot be enforced");
+            }
+            if let Some(ep) = self.endpoints.get_mut(pod) {
+                ep.ifindex = None;
+            }
+            return Ok(());
+        }
+        self.shortfall.no_endpoint.remove(pod);
         if let Err(e) = self.dp.attach(ifindex) {
             tracing::warn!(pod = %pod, ifindex, error = %e, "attaching to the pod's interface");
             self.unbind(pod, false)?;
@@ -437,7 +736,16 @@ impl Reconciler {
                 slot: QUARANTINE_SLOT,
                 flags: q,
             };
-            self.maps.set_endpoint(ifindex, entry)?;
+            if !written(&mut self.shortfall, self.maps.set_endpoint(ifindex, entry))? {
+                if self.shortfall.unquarantined.insert(ifindex) {
+                    tracing::error!(
+                        ifindex,
+                        "ENDPOINTS full: an unidentified pod interface cannot be quarantined"
+                    );
+                }
+                continue;
+            }
+            self.shortfall.unquarantined.remove(&ifindex);
             match self.dp.attach(ifindex) {
                 Ok(()) => {
                     let name = self
@@ -455,6 +763,9 @@ impl Reconciler {
                 }
             }
         }
+        self.shortfall
+            .unquarantined
+            .retain(|i| q != 0 && candidates.contains(i));
         let release: Vec<u32> = self
             .quarantined
             .keys()
@@ -476,7 +787,7 @@ impl Reconciler {
 
     /// After the first full sync: removes what an earlier agent left that the current plan
     /// does not want (entries of deleted pods and policies, links of gone interfaces).
-    pub fn collect_garbage(&mut self, plan: &palisade_policy::Plan) -> Result<(), DataplaneError> {
+    pub fn collect_garbage(&mut self, plan: &Plan) -> Result<(), ReconcileError> {
         let ours: BTreeSet<u32> = self
             .endpoints
             .values()
@@ -540,7 +851,19 @@ impl Reconciler {
         for net in stale4.into_iter().chain(stale6) {
             self.maps.remove_identity(net)?;
         }
+        // The room just freed may take what full maps refused.
+        self.retry(plan)?;
+        self.sync_interfaces()?;
+        self.log_shortfall(plan);
         Ok(())
+    }
+}
+
+fn max_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
     }
 }
 

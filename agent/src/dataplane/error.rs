@@ -48,3 +48,25 @@ pub enum DataplaneError {
         source: std::io::Error,
     },
 }
+
+impl DataplaneError {
+    /// The map a write failed on because it holds as many entries as it can (the kernel's
+    /// E2BIG for hash maps, ENOSPC for LPM tries): the one failure the agent survives by
+    /// leaving the entry out and reporting it.
+    pub fn full_map(&self) -> Option<&'static str> {
+        let DataplaneError::Map { name, source } = self else {
+            return None;
+        };
+        match source.as_ref() {
+            aya::maps::MapError::SyscallError(e)
+                if matches!(
+                    e.io_error.raw_os_error(),
+                    Some(libc::E2BIG) | Some(libc::ENOSPC)
+                ) =>
+            {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+}
