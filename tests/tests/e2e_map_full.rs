@@ -346,3 +346,53 @@ spec:
     agent.agent.wait_gone("NetworkPolicy/x/srv-from-block");
     assert!(passes(&stranger, &srv, 80), "x/srv is open again");
 }
+
+/// ENDPOINTS holds 2 entries for 3 local pods, two of them isolated: the pod that nothing
+/// isolates gives its entry up, both isolated pods are enforced, and it gets an entry back
+/// once a pod is gone.
+#[test]
+fn endpoints_full_keeps_isolated_pods_enforced() {
+    require_root();
+    let node = Node::bridged("mfep").unwrap();
+    let cli = node.add_pod("x/cli").unwrap();
+    let srv = node.add_pod("x/srv").unwrap();
+    let oth = node.add_pod("y/oth").unwrap();
+    let _servers: Vec<Server> = [(&srv, 80), (&oth, 80), (&oth, 82)]
+        .into_iter()
+        .map(|(p, port)| Server::tcp(p.ns(), port, p.name()).unwrap())
+        .collect();
+    let namespaces = manifests::namespace("x") + &manifests::namespace("y");
+    let mut objects = namespaces.clone() + SRV_FROM_CLI + OTH_FROM_CLI;
+    for p in [&cli, &srv, &oth] {
+        objects += &manifests::pod(p, NODE);
+    }
+    let agent = Agent::start(&node, "mfep", &[(names::ENDPOINTS, 2)], &objects, true);
+    let err = agent.wait_map_error(Some(names::ENDPOINTS));
+    assert_eq!(err["capacity"], 2, "{err}");
+    assert_eq!(err["pods"], serde_json::json!(["x/cli"]), "{err}");
+    agent
+        .agent
+        .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/y/oth-from-cli"]);
+    // Both isolated pods are enforced: what their policies allow passes, nothing else.
+    assert!(passes(&cli, &srv, 80), "x/cli -> x/srv:80");
+    assert!(passes(&cli, &oth, 80), "x/cli -> y/oth:80");
+    assert!(dropped(&cli, &oth, 82), "x/cli -> y/oth:82 must be dropped");
+    assert!(dropped(&oth, &srv, 80), "y/oth -> x/srv:80 must be dropped");
+    let text = metrics(&node);
+    assert_eq!(
+        sample(&text, "palisade_map_entries_missing", names::ENDPOINTS),
+        Some(1.0),
+        "{text}"
+    );
+
+    // x/srv gone: x/cli gets an entry again, the error clears.
+    let mut without_srv = namespaces + SRV_FROM_CLI + OTH_FROM_CLI;
+    for p in [&cli, &oth] {
+        without_srv += &manifests::pod(p, NODE);
+    }
+    agent.write("00-objects.yaml", &without_srv);
+    agent.wait_map_error(None);
+    agent.agent.wait_programmed(&["Pod/x/cli", "Pod/y/oth"]);
+    assert!(passes(&cli, &oth, 80), "x/cli -> y/oth:80");
+    assert!(dropped(&cli, &oth, 82), "x/cli -> y/oth:82 must be dropped");
+}

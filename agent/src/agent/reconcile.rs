@@ -512,13 +512,24 @@ impl Reconciler {
                          their policies say",
                         pods.len()
                     ),
-                    names::ENDPOINTS => format!(
-                        "{map} is full ({capacity} entries) or no slot is free: {} pods are not \
-                         enforced (their interfaces stay in quarantine while they would be \
-                         isolated) and {} unidentified interfaces could not be quarantined",
-                        sf.no_slot.len() + sf.no_endpoint.len(),
-                        sf.unquarantined.len()
-                    ),
+                    names::ENDPOINTS => {
+                        let isolated =
+                            sf.no_slot
+                                .iter()
+                                .filter(|p| plan.endpoints.get(*p).is_some_and(|e| e.flags != 0))
+                                .chain(sf.no_endpoint.iter().filter(|p| {
+                                    self.endpoints.get(*p).is_some_and(|e| e.flags != 0)
+                                }))
+                                .count();
+                        format!(
+                            "{map} is full ({capacity} entries) or no slot is free: {isolated} \
+                             isolated pods are not enforced (their interfaces are quarantined if \
+                             that entry fits, else not judged), {} pods nothing isolates pass \
+                             unjudged, {} interfaces no pod is bound to could not be quarantined",
+                            pods.len() - isolated,
+                            sf.unquarantined.len()
+                        )
+                    }
                     _ => {
                         let v6 = map == names::IDENTITY_V6;
                         let nets: Vec<&IpNetwork> = sf
@@ -532,8 +543,9 @@ impl Reconciler {
                         format!(
                             "{map} is full ({capacity} entries): {missing} prefixes are not \
                              programmed ({withheld} withheld so that no address gains rights \
-                             from a wider prefix); their addresses count as the world, so fewer \
-                             flows are allowed than the policies say"
+                             from a wider prefix); their addresses get a wider prefix's identity \
+                             with no more rights, or the world's: fewer flows are allowed than \
+                             the policies say"
                         )
                     }
                 };
@@ -627,11 +639,10 @@ impl Reconciler {
             slot: ep.slot,
             flags: ep.flags,
         };
-        if !written(&mut self.shortfall, self.maps.set_endpoint(ifindex, entry))? {
-            // No entry, no enforcement: not bound (so not attached); while it would be
-            // isolated, its interface is quarantined instead if that entry fits.
-            if self.shortfall.no_endpoint.insert(pod.clone()) {
-                tracing::error!(pod = %pod, ifindex, "ENDPOINTS full: the pod's interface cannot be enforced");
+        if !self.write_endpoint(ifindex, entry)? {
+            // No entry, no enforcement: not bound (so not attached).
+            if self.shortfall.no_endpoint.insert(pod.clone()) && entry.flags != 0 {
+                tracing::error!(pod = %pod, ifindex, "ENDPOINTS full: an isolated pod's interface cannot be enforced");
             }
             if let Some(ep) = self.endpoints.get_mut(pod) {
                 ep.ifindex = None;
@@ -646,6 +657,31 @@ impl Reconciler {
         }
         tracing::debug!(pod = %pod, ifindex, slot = entry.slot, flags = entry.flags, "endpoint programmed");
         Ok(())
+    }
+
+    /// Writes an ENDPOINTS entry; when the map is full and the entry isolates, a bound pod
+    /// that nothing isolates gives up its entry first (without it its packets pass
+    /// unjudged and uncounted, which is what its policies allow). False: refused.
+    fn write_endpoint(&mut self, ifindex: u32, entry: Endpoint) -> Result<bool, DataplaneError> {
+        loop {
+            if written(&mut self.shortfall, self.maps.set_endpoint(ifindex, entry))? {
+                return Ok(true);
+            }
+            if entry.flags == 0 {
+                return Ok(false);
+            }
+            let open = self
+                .endpoints
+                .iter()
+                .find(|(_, e)| e.flags == 0 && e.ifindex.is_some_and(|i| i != ifindex))
+                .map(|(p, _)| p.clone());
+            let Some(open) = open else {
+                return Ok(false);
+            };
+            tracing::warn!(pod = %open, "ENDPOINTS full: a pod nothing isolates gives its entry to an isolating one");
+            self.unbind(&open, false)?;
+            self.shortfall.no_endpoint.insert(open);
+        }
     }
 
     /// The union of the isolation the awaiting pods (local, live, not bound) will get.
@@ -726,8 +762,21 @@ impl Reconciler {
 
         // Quarantine the pod-like interfaces nobody is bound to.
         let q = self.quarantine_flags();
-        let candidates: BTreeSet<u32> =
-            self.net.pod_like().filter(|i| !bound.contains(i)).collect();
+        // Interfaces of pods nothing isolates that ENDPOINTS had no room for: known, and
+        // open as their policies say.
+        let open_known: BTreeSet<u32> = self
+            .shortfall
+            .no_endpoint
+            .iter()
+            .filter_map(|p| self.endpoints.get(p))
+            .filter(|e| e.flags == 0)
+            .flat_map(|e| e.ips.iter().filter_map(|ip| self.net.resolve(*ip)))
+            .collect();
+        let candidates: BTreeSet<u32> = self
+            .net
+            .pod_like()
+            .filter(|i| !bound.contains(i) && !open_known.contains(i))
+            .collect();
         for &ifindex in &candidates {
             if q == 0 || self.quarantined.get(&ifindex) == Some(&q) {
                 continue;
@@ -736,7 +785,7 @@ impl Reconciler {
                 slot: QUARANTINE_SLOT,
                 flags: q,
             };
-            if !written(&mut self.shortfall, self.maps.set_endpoint(ifindex, entry))? {
+            if !self.write_endpoint(ifindex, entry)? {
                 if self.shortfall.unquarantined.insert(ifindex) {
                     tracing::error!(
                         ifindex,
