@@ -276,6 +276,22 @@ impl Metrics {
             .set(n as i64);
     }
 
+    /// CONNTRACK's fill as the last GC pass counted it (`None` before the first pass).
+    pub fn conntrack_fill(
+        &self,
+        caps: &BTreeMap<&'static str, u32>,
+    ) -> Option<(String, super::status::MapFill)> {
+        let label = MapLabel {
+            map: map_names::CONNTRACK.to_string(),
+        };
+        let entries = self.map_entries.get(&label)?.get();
+        let fill = super::status::MapFill {
+            entries: usize::try_from(entries).unwrap_or(0),
+            capacity: caps.get(map_names::CONNTRACK).copied().unwrap_or(0),
+        };
+        Some((label.map, fill))
+    }
+
     /// slot -> (namespace, pod) of every local pod with a slot, for the packet counters.
     pub fn set_pods(&self, pods: BTreeMap<u32, (String, String)>) {
         *self.pods.lock().unwrap_or_else(|e| e.into_inner()) = pods;

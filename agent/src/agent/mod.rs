@@ -285,6 +285,7 @@ fn publish(
     status: &mut Status,
 ) -> anyhow::Result<()> {
     status.maps = metrics::map_fill(compiler.plan(), rec, caps);
+    status.maps.extend(metrics.conntrack_fill(caps));
     let plan = compiler.plan();
     status.map_errors = rec.map_errors(plan, caps);
     let rejected_keys: std::collections::BTreeSet<String> = plan
