@@ -475,10 +475,25 @@ impl Reconciler {
                 IpNetwork::V6(_) => v6 += 1,
             }
         }
+        // Interfaces of those pods that quarantine could not take either count once.
+        let pods_ifs: BTreeSet<u32> = sf
+            .no_endpoint
+            .iter()
+            .filter_map(|p| self.endpoints.get(p))
+            .flat_map(|e| e.ips.iter())
+            .chain(
+                sf.no_slot
+                    .iter()
+                    .filter_map(|p| plan.endpoints.get(p))
+                    .flat_map(|e| e.ips.iter()),
+            )
+            .filter_map(|ip| self.net.resolve(*ip))
+            .collect();
+        let strays = sf.unquarantined.difference(&pods_ifs).count();
         BTreeMap::from([
             (
                 names::ENDPOINTS,
-                sf.no_slot.len() + sf.no_endpoint.len() + sf.unquarantined.len(),
+                sf.no_slot.len() + sf.no_endpoint.len() + strays,
             ),
             (names::POLICY, sf.missing_policy_entries() + slotless),
             (names::IDENTITY_V4, v4),
@@ -500,7 +515,10 @@ impl Reconciler {
                 let capacity = caps.get(map).copied().unwrap_or(0);
                 let pods: BTreeSet<&PodRef> = self.short_pods(map).collect();
                 let mut policies = BTreeSet::new();
-                for p in &pods {
+                // An identity shortfall concerns the policies naming those pods as peers,
+                // which only the compiler could tell: none listed.
+                let selecting = map == names::POLICY || map == names::ENDPOINTS;
+                for p in pods.iter().filter(|_| selecting) {
                     let (i, e) = self.isolating(p);
                     policies.extend(i.into_iter().chain(e));
                 }
@@ -527,7 +545,7 @@ impl Reconciler {
                              that entry fits, else not judged), {} pods nothing isolates pass \
                              unjudged, {} interfaces no pod is bound to could not be quarantined",
                             pods.len() - isolated,
-                            sf.unquarantined.len()
+                            missing - sf.no_slot.len() - sf.no_endpoint.len()
                         )
                     }
                     _ => {

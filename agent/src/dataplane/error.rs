@@ -70,3 +70,27 @@ impl DataplaneError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn syscall(errno: i32) -> DataplaneError {
+        DataplaneError::Map {
+            name: "POLICY",
+            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            })),
+        }
+    }
+
+    #[test]
+    fn only_a_full_map_is_full() {
+        assert_eq!(syscall(libc::E2BIG).full_map(), Some("POLICY"));
+        assert_eq!(syscall(libc::ENOSPC).full_map(), Some("POLICY"));
+        assert_eq!(syscall(libc::EPERM).full_map(), None);
+        assert_eq!(syscall(libc::ENOMEM).full_map(), None);
+        assert_eq!(DataplaneError::MissingProgram("x").full_map(), None);
+    }
+}
