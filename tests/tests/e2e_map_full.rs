@@ -257,10 +257,29 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
     assert!(passes(&cli, &oth, 82), "y/oth is no longer isolated");
 }
 
-/// x/srv admits 198.18.0.0/15 except a /28 holding `stranger`, an address no pod object
-/// claims: its packets are judged by the except prefix alone. IDENTITY_V4 has room for the
-/// cidr but not for the except. Written as it fits, the cidr would hand the stranger the
-/// block's rights; the agent withholds what would grant more.
+/// An ipBlock policy on x/srv for port `port`: 198.18.0.0/15, except `except` if given.
+fn block_policy(name: &str, port: u16, except: Option<&str>) -> String {
+    let except = except.map_or(String::new(), |e| format!(", except: [\"{e}\"]"));
+    format!(
+        r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: {name}, namespace: x}}
+spec:
+  podSelector: {{matchLabels: {{pod: srv}}}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{{ipBlock: {{cidr: 198.18.0.0/15{except}}}}}]
+    ports: [{{protocol: TCP, port: {port}}}]
+"#
+    )
+}
+
+/// x/srv admits 198.18.0.0/15 on port 80 (policy `any`) and, except a /28 holding
+/// `stranger` (an address no pod object claims, so only prefixes judge it), on port 81
+/// (policy `most`). IDENTITY_V4 is full once `any` is in: `most`'s except does not fit.
+/// Left as it is, the /15 (now carrying both blocks) would hand the stranger port 81; the
+/// agent withholds what would grant more.
 #[test]
 fn identity_full_never_lets_an_excepted_address_in() {
     require_root();
@@ -269,7 +288,10 @@ fn identity_full_never_lets_an_excepted_address_in() {
     let oth = node.add_pod("y/oth").unwrap();
     // Alone in its /28 (hosts 32..47 of the node's /24).
     let stranger = node.add_pod_at("z/stranger", Some(40), |_| Ok(())).unwrap();
-    let _server = Server::tcp(srv.ns(), 80, "x/srv").unwrap();
+    let _servers: Vec<Server> = [80, 81]
+        .into_iter()
+        .map(|port| Server::tcp(srv.ns(), port, "x/srv").unwrap())
+        .collect();
     let mut objects = manifests::namespace("x") + &manifests::namespace("y");
     for p in [&srv, &oth] {
         objects += &manifests::pod(p, NODE);
@@ -279,52 +301,40 @@ fn identity_full_never_lets_an_excepted_address_in() {
     };
     let o = s.octets();
     let except = format!("{}.{}.{}.32/28", o[0], o[1], o[2]);
-    let policy = format!(
-        r#"---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {{name: srv-from-block, namespace: x}}
-spec:
-  podSelector: {{matchLabels: {{pod: srv}}}}
-  policyTypes: [Ingress]
-  ingress:
-  - from: [{{ipBlock: {{cidr: 198.18.0.0/15, except: ["{except}"]}}}}]
-    ports: [{{protocol: TCP, port: 80}}]
-"#
-    );
+    let any = block_policy("any", 80, None);
+    let most = block_policy("most", 81, Some(&except));
 
-    // How many entries IDENTITY_V4 holds without the policy, on a first agent.
-    let before = {
+    // How many entries IDENTITY_V4 holds with `any`, on a first agent.
+    let full = {
         let first = Agent::start(&node, "mfid0", &[], &objects, false);
-        first.agent.wait_programmed(&["Pod/x/srv", "Pod/y/oth"]);
+        first.write("10-any.yaml", &any);
+        first
+            .agent
+            .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
         let maps = Maps::open(&first._pins.layout()).unwrap();
         let n = maps.identity_v4.keys().filter_map(Result::ok).count() as u32;
         n // the first agent stops here
     };
-    // The policy adds the cidr and the except (written in that order): room for one.
-    let agent = Agent::start(
-        &node,
-        "mfid",
-        &[(names::IDENTITY_V4, before + 1)],
-        &objects,
-        true,
-    );
-    agent.agent.wait_programmed(&["Pod/x/srv", "Pod/y/oth"]);
-    assert!(
-        passes(&stranger, &srv, 80),
-        "x/srv is open before the policy"
-    );
+    let agent = Agent::start(&node, "mfid", &[(names::IDENTITY_V4, full)], &objects, true);
+    agent.write("10-any.yaml", &any);
+    agent
+        .agent
+        .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
+    assert!(passes(&stranger, &srv, 80), "x/any admits the stranger");
+    assert!(dropped(&stranger, &srv, 81), "nothing admits port 81 yet");
 
-    agent.write("10-block.yaml", &policy);
+    agent.write("20-most.yaml", &most);
     let err = agent.wait_map_error(Some(names::IDENTITY_V4));
-    assert_eq!(err["capacity"], before + 1, "{err}");
+    assert_eq!(err["capacity"], full, "{err}");
     assert!(err["missing"].as_u64().is_some_and(|n| n >= 1), "{err}");
-    // The excepted address never gets in; the pod in the block keeps its own entry.
+    // The excepted address never gets port 81; the pod in both blocks keeps its own entry
+    // and both ports.
     assert!(
-        dropped(&stranger, &srv, 80),
+        dropped(&stranger, &srv, 81),
         "an address in the except got the block's rights: {err}"
     );
-    assert!(passes(&oth, &srv, 80), "y/oth is in the block: {err}");
+    assert!(passes(&oth, &srv, 80), "y/oth is in x/any's block: {err}");
+    assert!(passes(&oth, &srv, 81), "y/oth is in x/most's block: {err}");
     let text = metrics(&node);
     assert!(
         sample(&text, "palisade_map_entries_missing", names::IDENTITY_V4).is_some_and(|n| n >= 1.0),
@@ -340,11 +350,15 @@ spec:
         "{text}"
     );
 
-    // Without the policy everything fits again and x/srv is open.
-    agent.delete("10-block.yaml");
+    // Without `most` everything fits again and the stranger has port 80 back.
+    agent.delete("20-most.yaml");
     agent.wait_map_error(None);
-    agent.agent.wait_gone("NetworkPolicy/x/srv-from-block");
-    assert!(passes(&stranger, &srv, 80), "x/srv is open again");
+    agent.agent.wait_gone("NetworkPolicy/x/most");
+    assert!(
+        passes(&stranger, &srv, 80),
+        "x/any admits the stranger again"
+    );
+    assert!(dropped(&stranger, &srv, 81), "nothing admits port 81");
 }
 
 /// ENDPOINTS holds 2 entries for 3 local pods, two of them isolated: the pod that nothing

@@ -3,7 +3,7 @@
 //! interfaces that cannot be told apart yet.
 //!
 //! Order of writes, so that every packet sees a consistent state:
-//! 1. new allow entries, 2. identity updates, 3. endpoint headers,
+//! 1. new allow entries, 2. identity updates (longest prefix first), 3. endpoint headers,
 //! 4. removed allow entries, 5. removed identities, 6. gone endpoints,
 //! 7. interfaces: bind found ones, quarantine unknown ones (see below).
 //!
@@ -301,10 +301,22 @@ impl Reconciler {
                 }
             }
         }
-        // 2. Identity updates (a withheld prefix stays out until it is safe to write).
-        for (net, v) in identity_changes(diff) {
-            let Some(v) = v else { continue };
-            if self.shortfall.withheld.contains(&net) {
+        // 2. Identity updates, longest prefix first: a prefix that a missing one inside it
+        // would fall back on with more rights is withheld before it is ever written.
+        let mut ups: Vec<_> = identity_changes(diff)
+            .filter_map(|(n, v)| Some((n, v?)))
+            .collect();
+        ups.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix()));
+        for (net, v) in ups {
+            let sf = &mut self.shortfall;
+            if sf.withheld.contains(&net) {
+                continue;
+            }
+            if !sf.identities.is_empty()
+                && shortfall::gains(plan, net, &sf.identities, &sf.withheld)
+            {
+                sf.withheld.insert(net);
+                self.maps.remove_identity(net)?;
                 continue;
             }
             self.write_identity(net, v)?;

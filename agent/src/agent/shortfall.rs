@@ -14,7 +14,9 @@
 //!   So a present prefix f that such a fallback lands on is **withheld** (removed from the
 //!   map, not written) when f's class could be allowed something p's class is not; the
 //!   addresses of p and of f then fall back further, which is checked the same way, down to
-//!   the world, which only peerless rules allow (and those allow every identity).
+//!   the world, which only peerless rules allow (and those allow every identity). Identity
+//!   writes go longest prefix first and [`gains`] is asked before a prefix is written, so a
+//!   withheld prefix is not in the map even for the moment between two writes.
 //!
 //! A class f allows no more than a class p when f is not another pod, f is not the node
 //! unless p is, and every ipBlock containing f contains p: rules match peers only by pod
@@ -103,15 +105,63 @@ pub fn withheld(plan: &Plan, missing: &BTreeSet<IpNetwork>) -> BTreeSet<IpNetwor
     out
 }
 
+/// Whether writing `f` now would give an address of an absent prefix inside it (`missing`
+/// or `withheld`) more rights than its own. Identity writes go from the longest prefix to
+/// the shortest, so every prefix inside `f` is decided when `f` is written: a prefix that
+/// must be withheld is never in the map, not even for a moment.
+pub fn gains(
+    plan: &Plan,
+    f: IpNetwork,
+    missing: &BTreeSet<IpNetwork>,
+    withheld: &BTreeSet<IpNetwork>,
+) -> bool {
+    let Some(fv) = wanted(plan, f) else {
+        return false;
+    };
+    let bits = if f.is_ipv4() { 32 } else { 128 };
+    let (Ok(lo), Ok(hi)) = (
+        IpNetwork::new(f.network(), 0),
+        IpNetwork::new(f.broadcast(), bits),
+    ) else {
+        return false;
+    };
+    // Ordered by address, then prefix length: everything inside f is in lo..=hi.
+    let inside = |set: &BTreeSet<IpNetwork>| -> Vec<IpNetwork> {
+        set.range(lo..=hi)
+            .copied()
+            .filter(|p| p.prefix() > f.prefix() && f.contains(p.network()))
+            .collect()
+    };
+    let absent = |n: &IpNetwork| missing.contains(n) || withheld.contains(n);
+    inside(missing)
+        .into_iter()
+        .chain(inside(withheld))
+        .any(|p| {
+            let Some(pv) = wanted(plan, p) else {
+                return false;
+            };
+            fallback_by(plan, p, &absent).is_some_and(|(g, _)| g == f)
+                && !allows_no_more(class(plan, fv.id), class(plan, pv.id))
+        })
+}
+
 /// The longest wanted prefix strictly containing `p` that is not `absent`.
 fn fallback(
     plan: &Plan,
     p: IpNetwork,
     absent: &BTreeSet<IpNetwork>,
 ) -> Option<(IpNetwork, IdentityValue)> {
+    fallback_by(plan, p, &|n| absent.contains(n))
+}
+
+fn fallback_by(
+    plan: &Plan,
+    p: IpNetwork,
+    absent: &dyn Fn(&IpNetwork) -> bool,
+) -> Option<(IpNetwork, IdentityValue)> {
     (0..p.prefix()).rev().find_map(|len| {
         let f = truncate(p.network(), len)?;
-        if absent.contains(&f) {
+        if absent(&f) {
             return None;
         }
         wanted(plan, f).map(|v| (f, v))
@@ -220,6 +270,35 @@ mod tests {
             withheld(&p, &missing),
             [net("198.18.0.0/15"), net("198.18.0.0/16")].into()
         );
+    }
+
+    #[test]
+    fn a_prefix_is_not_written_over_a_missing_except() {
+        let b = block("198.18.0.0/16", &["198.18.5.0/24"]);
+        let p = plan(&[
+            ("198.18.0.0/16", vec![b.clone()]),
+            ("198.18.5.0/24", vec![]),
+        ]);
+        let missing = [net("198.18.5.0/24")].into();
+        let none = BTreeSet::new();
+        assert!(gains(&p, net("198.18.0.0/16"), &missing, &none));
+        // Missing elsewhere, or nothing missing: written.
+        assert!(!gains(
+            &p,
+            net("198.18.0.0/16"),
+            &[net("198.19.5.0/24")].into(),
+            &none
+        ));
+        assert!(!gains(&p, net("198.18.0.0/16"), &none, &none));
+        // Through a withheld prefix in between, it still is the fallback.
+        let a = block("198.18.0.0/15", &["198.18.0.0/16"]);
+        let q = plan(&[
+            ("198.18.0.0/15", vec![a.clone()]),
+            ("198.18.0.0/16", vec![b.clone()]),
+            ("198.18.5.0/24", vec![]),
+        ]);
+        let withheld = [net("198.18.0.0/16")].into();
+        assert!(gains(&q, net("198.18.0.0/15"), &missing, &withheld));
     }
 
     #[test]
