@@ -111,7 +111,7 @@ pub struct Reconciler {
     /// What full maps could not take.
     pub shortfall: Shortfall,
     /// Maps that were short at the end of the last apply (to log when they recover).
-    short_maps: BTreeSet<&'static str>,
+    short_maps: BTreeMap<&'static str, usize>,
 }
 
 /// Whether a write went in: `Ok(false)` when a full map refused it (counted), any other
@@ -164,7 +164,7 @@ impl Reconciler {
             inherited,
             used_slots,
             shortfall: Shortfall::default(),
-            short_maps: BTreeSet::new(),
+            short_maps: BTreeMap::new(),
         };
         rec.resync()?;
         Ok(rec)
@@ -592,17 +592,21 @@ impl Reconciler {
             .collect()
     }
 
-    /// One error per map that is short after this apply, and a note for each that recovered.
+    /// An error for each map whose shortfall changed (not one per reconcile while it
+    /// stays), and a note for each that recovered.
     fn log_shortfall(&mut self, plan: &Plan) {
-        let mut short = BTreeSet::new();
+        let mut short = BTreeMap::new();
         for (map, missing) in self.missing_by_map(plan) {
             if missing == 0 {
-                if self.short_maps.contains(map) {
+                if self.short_maps.contains_key(map) {
                     tracing::info!(map, "map no longer full: every entry is written");
                 }
                 continue;
             }
-            short.insert(map);
+            short.insert(map, missing);
+            if self.short_maps.get(map) == Some(&missing) {
+                continue;
+            }
             let pods: Vec<String> = self.short_pods(map).map(|p| p.to_string()).collect();
             tracing::error!(
                 map,
