@@ -386,11 +386,15 @@ impl Reconciler {
         net: IpNetwork,
         v: palisade_common::IdentityValue,
     ) -> Result<bool, DataplaneError> {
-        if written(&mut self.shortfall, self.maps.set_identity(net, v))? {
-            self.shortfall.identities.remove(&net);
-            return Ok(true);
-        }
-        self.shortfall.identities.insert(net);
+        let map = match self.maps.set_identity(net, v) {
+            Ok(()) => {
+                self.shortfall.identities.remove(&net);
+                return Ok(true);
+            }
+            Err(e) => e.full_map().ok_or(e)?,
+        };
+        self.shortfall.failed(map);
+        self.shortfall.identities.insert(net, map);
         self.maps.remove_identity(net)?;
         Ok(false)
     }
@@ -401,7 +405,7 @@ impl Reconciler {
     fn settle_identities(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
         let sf = &mut self.shortfall;
         sf.identities
-            .retain(|n| shortfall::wanted(plan, *n).is_some());
+            .retain(|n, _| shortfall::wanted(plan, *n).is_some());
         loop {
             let w = shortfall::withheld(plan, &self.shortfall.identities);
             for &f in w.difference(&self.shortfall.withheld) {
@@ -457,7 +461,7 @@ impl Reconciler {
                 self.shortfall.policy.insert(pod, left);
             }
         }
-        for net in self.shortfall.identities.clone() {
+        for net in self.shortfall.identities.clone().into_keys() {
             let Some(v) = shortfall::wanted(plan, net) else {
                 continue;
             };
@@ -480,12 +484,11 @@ impl Reconciler {
             .filter_map(|p| plan.endpoints.get(p))
             .map(|e| e.entries.len())
             .sum();
-        let (mut v4, mut v6) = (0, 0);
-        for n in sf.identities.iter().chain(&sf.withheld) {
-            match n {
-                IpNetwork::V4(_) => v4 += 1,
-                IpNetwork::V6(_) => v6 += 1,
-            }
+        // Left out: under the map that refused them; withheld: under the family's trie.
+        let mut identity: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let refused = sf.identities.values().copied();
+        for map in refused.chain(sf.withheld.iter().map(|n| trie_of(*n))) {
+            *identity.entry(map).or_default() += 1;
         }
         // Interfaces of those pods that quarantine could not take either count once.
         let pods_ifs: BTreeSet<u32> = sf
@@ -502,15 +505,17 @@ impl Reconciler {
             .filter_map(|ip| self.net.resolve(*ip))
             .collect();
         let strays = sf.unquarantined.difference(&pods_ifs).count();
-        BTreeMap::from([
+        let mut out = BTreeMap::from([
             (
                 names::ENDPOINTS,
                 sf.no_slot.len() + sf.no_endpoint.len() + strays,
             ),
             (names::POLICY, sf.missing_policy_entries() + slotless),
-            (names::IDENTITY_V4, v4),
-            (names::IDENTITY_V6, v6),
-        ])
+            (names::IDENTITY_V4, 0),
+            (names::IDENTITY_V6, 0),
+        ]);
+        out.extend(identity);
+        out
     }
 
     /// The status of each map that lacks entries; `caps`: the maps' sizes.
@@ -561,15 +566,9 @@ impl Reconciler {
                         )
                     }
                     _ => {
-                        let v6 = map == names::IDENTITY_V6;
-                        let nets: Vec<&IpNetwork> = sf
-                            .identities
-                            .iter()
-                            .chain(&sf.withheld)
-                            .filter(|n| n.is_ipv6() == v6)
-                            .collect();
+                        let nets: Vec<&IpNetwork> = self.short_prefixes(map).collect();
                         prefixes = nets.iter().take(20).map(|n| n.to_string()).collect();
-                        let withheld = sf.withheld.iter().filter(|n| n.is_ipv6() == v6).count();
+                        let withheld = sf.withheld.iter().filter(|n| trie_of(**n) == map).count();
                         format!(
                             "{map} is full ({capacity} entries): {missing} prefixes are not \
                              programmed ({withheld} withheld so that no address gains rights \
@@ -625,21 +624,28 @@ impl Reconciler {
         let pods: Vec<&PodRef> = match map {
             names::POLICY => sf.policy.keys().chain(&sf.no_slot).collect(),
             names::ENDPOINTS => sf.no_slot.iter().chain(&sf.no_endpoint).collect(),
-            _ => self
-                .endpoints
-                .iter()
-                .filter(|(_, e)| {
-                    e.ips.iter().any(|ip| {
-                        sf.identities
-                            .iter()
-                            .chain(&sf.withheld)
-                            .any(|n| n.prefix() == max_len(*ip) && n.ip() == *ip)
+            _ => {
+                let short: BTreeSet<&IpNetwork> = self.short_prefixes(map).collect();
+                self.endpoints
+                    .iter()
+                    .filter(|(_, e)| {
+                        e.ips.iter().any(|ip| {
+                            IpNetwork::new(*ip, max_len(*ip)).is_ok_and(|n| short.contains(&n))
+                        })
                     })
-                })
-                .map(|(p, _)| p)
-                .collect(),
+                    .map(|(p, _)| p)
+                    .collect()
+            }
         };
         pods.into_iter()
+    }
+
+    /// The identity prefixes that `map` lacks: left out there, or withheld (tries).
+    fn short_prefixes<'a>(&'a self, map: &'a str) -> impl Iterator<Item = &'a IpNetwork> + 'a {
+        let sf = &self.shortfall;
+        let refused = sf.identities.iter().filter(move |(_, m)| **m == map);
+        let withheld = sf.withheld.iter().filter(move |n| trie_of(**n) == map);
+        refused.map(|(n, _)| n).chain(withheld)
     }
 
     /// Removes a pod's interface binding: its ENDPOINTS entry and programs. `vanished`:
@@ -939,6 +945,15 @@ impl Reconciler {
         self.sync_interfaces()?;
         self.log_shortfall(plan);
         Ok(())
+    }
+}
+
+/// The identity trie of a prefix's family (withheld prefixes are never full-length).
+fn trie_of(n: IpNetwork) -> &'static str {
+    if n.is_ipv4() {
+        names::IDENTITY_V4
+    } else {
+        names::IDENTITY_V6
     }
 }
 

@@ -29,13 +29,16 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade_common::IdentityValue;
 use palisade_policy::{IdentityClass, Plan, PodRef, PolicyEntry};
 
+/// Identity prefixes left out, with the map that refused each.
+pub type Missing = BTreeMap<IpNetwork, &'static str>;
+
 /// Entries the maps could not take, remembered until a later write succeeds.
 #[derive(Debug, Default)]
 pub struct Shortfall {
     /// Allow entries of each pod that POLICY had no room for.
     pub policy: BTreeMap<PodRef, BTreeSet<PolicyEntry>>,
-    /// Identity prefixes the tries had no room for.
-    pub identities: BTreeSet<IpNetwork>,
+    /// Identity prefixes the maps had no room for, with the map that refused each.
+    pub identities: Missing,
     /// Prefixes that fit but are kept out of the map (see the module doc).
     pub withheld: BTreeSet<IpNetwork>,
     /// Local pods that got no slot (every slot is taken).
@@ -84,10 +87,10 @@ pub fn wanted(plan: &Plan, net: IpNetwork) -> Option<IdentityValue> {
 
 /// The prefixes to withhold so that no address gets an identity allowed more than its own,
 /// given the wanted prefixes that are `missing` from the map.
-pub fn withheld(plan: &Plan, missing: &BTreeSet<IpNetwork>) -> BTreeSet<IpNetwork> {
-    let mut absent = missing.clone();
+pub fn withheld(plan: &Plan, missing: &Missing) -> BTreeSet<IpNetwork> {
+    let mut absent: BTreeSet<IpNetwork> = missing.keys().copied().collect();
     let mut out = BTreeSet::new();
-    let mut todo: Vec<IpNetwork> = missing.iter().copied().collect();
+    let mut todo: Vec<IpNetwork> = missing.keys().copied().collect();
     while let Some(p) = todo.pop() {
         let Some(pv) = wanted(plan, p) else { continue };
         let Some((f, fv)) = fallback(plan, p, &absent) else {
@@ -109,12 +112,7 @@ pub fn withheld(plan: &Plan, missing: &BTreeSet<IpNetwork>) -> BTreeSet<IpNetwor
 /// or `withheld`) more rights than its own. Identity writes go from the longest prefix to
 /// the shortest, so every prefix inside `f` is decided when `f` is written: a prefix that
 /// must be withheld is never in the map, not even for a moment.
-pub fn gains(
-    plan: &Plan,
-    f: IpNetwork,
-    missing: &BTreeSet<IpNetwork>,
-    withheld: &BTreeSet<IpNetwork>,
-) -> bool {
+pub fn gains(plan: &Plan, f: IpNetwork, missing: &Missing, withheld: &BTreeSet<IpNetwork>) -> bool {
     let Some(fv) = wanted(plan, f) else {
         return false;
     };
@@ -126,23 +124,20 @@ pub fn gains(
         return false;
     };
     // Ordered by address, then prefix length: everything inside f is in lo..=hi.
-    let inside = |set: &BTreeSet<IpNetwork>| -> Vec<IpNetwork> {
-        set.range(lo..=hi)
-            .copied()
-            .filter(|p| p.prefix() > f.prefix() && f.contains(p.network()))
-            .collect()
-    };
-    let absent = |n: &IpNetwork| missing.contains(n) || withheld.contains(n);
-    inside(missing)
-        .into_iter()
-        .chain(inside(withheld))
-        .any(|p| {
-            let Some(pv) = wanted(plan, p) else {
-                return false;
-            };
-            fallback_by(plan, p, &absent).is_some_and(|(g, _)| g == f)
-                && !allows_no_more(class(plan, fv.id), class(plan, pv.id))
-        })
+    let inside: Vec<IpNetwork> = missing
+        .range(lo..=hi)
+        .map(|(p, _)| *p)
+        .chain(withheld.range(lo..=hi).copied())
+        .filter(|p| p.prefix() > f.prefix() && f.contains(p.network()))
+        .collect();
+    let absent = |n: &IpNetwork| missing.contains_key(n) || withheld.contains(n);
+    inside.into_iter().any(|p| {
+        let Some(pv) = wanted(plan, p) else {
+            return false;
+        };
+        fallback_by(plan, p, &absent).is_some_and(|(g, _)| g == f)
+            && !allows_no_more(class(plan, fv.id), class(plan, pv.id))
+    })
 }
 
 /// The longest wanted prefix strictly containing `p` that is not `absent`.
@@ -206,6 +201,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn lost(nets: &[&str]) -> Missing {
+        nets.iter().map(|n| (net(n), "IDENTITY_V4")).collect()
+    }
+
     fn block(cidr: &str, except: &[&str]) -> Arc<IpBlock> {
         Arc::new(IpBlock {
             cidr: net(cidr),
@@ -238,7 +237,7 @@ mod tests {
             ("198.18.0.0/16", vec![b.clone()]),
             ("198.18.5.0/24", vec![]),
         ]);
-        let missing = [net("198.18.5.0/24")].into();
+        let missing = lost(&["198.18.5.0/24"]);
         assert_eq!(withheld(&p, &missing), [net("198.18.0.0/16")].into());
     }
 
@@ -249,7 +248,7 @@ mod tests {
             ("198.18.0.0/16", vec![b.clone()]),
             ("198.18.0.7/32", vec![b.clone()]),
         ]);
-        let missing = [net("198.18.0.7/32")].into();
+        let missing = lost(&["198.18.0.7/32"]);
         assert!(withheld(&p, &missing).is_empty());
     }
 
@@ -265,7 +264,7 @@ mod tests {
             ("198.18.0.0/16", vec![b.clone()]),
             ("198.18.5.0/24", vec![]),
         ]);
-        let missing = [net("198.18.5.0/24")].into();
+        let missing = lost(&["198.18.5.0/24"]);
         assert_eq!(
             withheld(&p, &missing),
             [net("198.18.0.0/15"), net("198.18.0.0/16")].into()
@@ -279,17 +278,17 @@ mod tests {
             ("198.18.0.0/16", vec![b.clone()]),
             ("198.18.5.0/24", vec![]),
         ]);
-        let missing = [net("198.18.5.0/24")].into();
+        let missing = lost(&["198.18.5.0/24"]);
         let none = BTreeSet::new();
         assert!(gains(&p, net("198.18.0.0/16"), &missing, &none));
         // Missing elsewhere, or nothing missing: written.
         assert!(!gains(
             &p,
             net("198.18.0.0/16"),
-            &[net("198.19.5.0/24")].into(),
+            &lost(&["198.19.5.0/24"]),
             &none
         ));
-        assert!(!gains(&p, net("198.18.0.0/16"), &none, &none));
+        assert!(!gains(&p, net("198.18.0.0/16"), &Missing::new(), &none));
         // Through a withheld prefix in between, it still is the fallback.
         let a = block("198.18.0.0/15", &["198.18.0.0/16"]);
         let q = plan(&[
@@ -311,7 +310,7 @@ mod tests {
             ("198.18.5.0/24", vec![]),
             ("198.18.5.9/32", vec![]),
         ]);
-        let missing = [net("198.18.5.9/32")].into();
+        let missing = lost(&["198.18.5.9/32"]);
         assert!(withheld(&p, &missing).is_empty());
     }
 }
