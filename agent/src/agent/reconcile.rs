@@ -829,7 +829,7 @@ impl Reconciler {
                 if self.shortfall.unquarantined.insert(ifindex) {
                     tracing::error!(
                         ifindex,
-                        "ENDPOINTS full: an unidentified pod interface cannot be quarantined"
+                        "ENDPOINTS full: a pod interface no pod is bound to cannot be quarantined"
                     );
                 }
                 continue;
