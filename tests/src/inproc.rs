@@ -29,6 +29,7 @@ pub fn config(node: &str, source: SourceSpec, layout: Layout, run_dir: &Path) ->
         revoke_untracked: false,
         http_addr: None,
         services: Default::default(),
+        max_entries: Default::default(),
     }
 }
 

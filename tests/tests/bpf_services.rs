@@ -50,6 +50,7 @@ impl Fx {
         let _ = cleanup(&layout);
         let opts = LoadOptions {
             conntrack_entries: 4096,
+            ..Default::default()
         };
         let dp = Dataplane::load(layout.clone(), &opts).expect("load the programs");
         let mut maps = dp.maps().unwrap();

@@ -81,7 +81,10 @@ impl Fx {
         let layout = pins.layout();
         // A stale directory of an earlier run with the same pid would reopen old maps.
         let _ = cleanup(&layout);
-        let opts = LoadOptions { conntrack_entries };
+        let opts = LoadOptions {
+            conntrack_entries,
+            ..Default::default()
+        };
         let dp = Dataplane::load(layout.clone(), &opts).expect("load the programs");
         let mut maps = dp.maps().expect("open the maps");
         maps.set_config(Config {

@@ -1022,6 +1022,7 @@ impl Scene {
             revoke_untracked: false,
             http_addr: None,
             services: Default::default(),
+            max_entries: Default::default(),
         };
         let caps = caps.to_vec();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

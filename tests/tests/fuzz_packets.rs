@@ -159,6 +159,7 @@ impl Target {
             layout.clone(),
             &LoadOptions {
                 conntrack_entries: 4096,
+                ..Default::default()
             },
         )
         .expect("load the programs");

@@ -75,10 +75,19 @@ pub fn map_fill(
         .filter(|e| e.ifindex.is_some())
         .count();
     let policy_entries: usize = plan.endpoints.values().map(|e| e.entries.len()).sum();
+    // What the maps hold: the plan minus what a full map did not take.
+    let missing = rec.missing_by_map(plan);
+    let held =
+        |map: &str, planned: usize| planned.saturating_sub(missing.get(map).copied().unwrap_or(0));
+    let policy_entries = held(map_names::POLICY, policy_entries);
+    let (v4, v6) = (
+        held(map_names::IDENTITY_V4, plan.identities_v4.len()),
+        held(map_names::IDENTITY_V6, plan.identities_v6.len()),
+    );
     [
         (map_names::ENDPOINTS, wired),
-        (map_names::IDENTITY_V4, plan.identities_v4.len()),
-        (map_names::IDENTITY_V6, plan.identities_v6.len()),
+        (map_names::IDENTITY_V4, v4),
+        (map_names::IDENTITY_V6, v6),
         (map_names::POLICY, policy_entries),
     ]
     .into_iter()
@@ -103,6 +112,8 @@ pub struct Metrics {
     pub local_pods: Family<StateLabel, Gauge>,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
+    pub map_write_failures: Family<MapLabel, Counter>,
+    pub map_entries_missing: Family<MapLabel, Gauge>,
     pub source_errors: Gauge,
     pub reconcile_errors: Counter,
     pub synced: Gauge,
@@ -194,6 +205,18 @@ impl Metrics {
             "Maximum entries of each map",
             map_capacity.clone(),
         );
+        let map_write_failures = Family::<MapLabel, Counter>::default();
+        registry.register(
+            "map_write_failures",
+            "Map writes refused because the map was full (or, for ENDPOINTS, no slot was free)",
+            map_write_failures.clone(),
+        );
+        let map_entries_missing = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "map_entries_missing",
+            "Entries the policies need that a full map does not hold (fewer flows allowed)",
+            map_entries_missing.clone(),
+        );
         let source_errors = Gauge::default();
         registry.register(
             "source_errors",
@@ -225,6 +248,8 @@ impl Metrics {
             local_pods,
             map_entries,
             map_capacity,
+            map_write_failures,
+            map_entries_missing,
             source_errors,
             reconcile_errors,
             synced,
@@ -249,6 +274,22 @@ impl Metrics {
                 map: map_names::CONNTRACK.to_string(),
             })
             .set(n as i64);
+    }
+
+    /// CONNTRACK's fill as the last GC pass counted it (`None` before the first pass).
+    pub fn conntrack_fill(
+        &self,
+        caps: &BTreeMap<&'static str, u32>,
+    ) -> Option<(String, super::status::MapFill)> {
+        let label = MapLabel {
+            map: map_names::CONNTRACK.to_string(),
+        };
+        let entries = self.map_entries.get(&label)?.get();
+        let fill = super::status::MapFill {
+            entries: usize::try_from(entries).unwrap_or(0),
+            capacity: caps.get(map_names::CONNTRACK).copied().unwrap_or(0),
+        };
+        Some((label.map, fill))
     }
 
     /// slot -> (namespace, pod) of every local pod with a slot, for the packet counters.
@@ -300,6 +341,21 @@ impl Metrics {
             self.map_entries
                 .get_or_create(&MapLabel { map: map.clone() })
                 .set(fill.entries as i64);
+            let missing = status
+                .map_errors
+                .iter()
+                .find(|e| &e.map == map)
+                .map_or(0, |e| e.missing);
+            self.map_entries_missing
+                .get_or_create(&MapLabel { map: map.clone() })
+                .set(missing as i64);
+        }
+        for (&map, &total) in &rec.shortfall.failures {
+            let c = self.map_write_failures.get_or_create(&MapLabel {
+                map: map.to_string(),
+            });
+            // The reconciler keeps the totals; the counter catches up with them.
+            c.inc_by(total.saturating_sub(c.get()));
         }
         self.set_pods(
             rec.endpoints

@@ -5,6 +5,7 @@ mod links;
 pub mod metrics;
 pub mod netdev;
 mod reconcile;
+mod shortfall;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,8 @@ pub struct AgentConfig {
     pub http_addr: Option<std::net::SocketAddr>,
     /// Service CIDRs, mark range and uplinks of the deferred service egress check.
     pub services: ServiceOptions,
+    /// Sizes of other maps by name instead of the built-in ones (tests fill them).
+    pub max_entries: BTreeMap<&'static str, u32>,
 }
 
 /// This namespace's addresses (the node's IPs), read once over netlink: what the agent
@@ -66,6 +69,7 @@ pub async fn run_until(
         cfg.layout.clone(),
         &LoadOptions {
             conntrack_entries: cfg.conntrack_entries,
+            max_entries: cfg.max_entries.clone(),
         },
     )?;
     let mut maps = dp.maps()?;
@@ -136,7 +140,7 @@ pub async fn run_until(
                 let n = changes.len();
                 rec.observe(&changes);
                 let diff = compiler.apply_batch(changes);
-                rec.apply(&diff)?;
+                rec.apply(&diff, compiler.plan())?;
                 if synced_now && !status.synced {
                     // Only now is it known what the kernel should not hold.
                     rec.collect_garbage(compiler.plan())?;
@@ -292,18 +296,29 @@ fn publish(
     status: &mut Status,
 ) -> anyhow::Result<()> {
     status.maps = metrics::map_fill(compiler.plan(), rec, caps);
+    status.maps.extend(metrics.conntrack_fill(caps));
     let plan = compiler.plan();
+    status.map_errors = rec.map_errors(plan, caps);
     let rejected_keys: std::collections::BTreeSet<String> = plan
         .rejections
         .keys()
         .map(|p| source::object_key("NetworkPolicy", Some(&p.namespace), &p.name))
         .collect();
-    let unwired: std::collections::BTreeSet<String> = rec
+    let mut unwired: std::collections::BTreeSet<String> = rec
         .endpoints
         .iter()
         .filter(|(_, e)| e.ifindex.is_none())
         .map(|(p, _)| source::object_key("Pod", Some(&p.namespace), &p.name))
         .collect();
+    // Whose entries a full map lacks is not what the kernel reflects.
+    for e in &status.map_errors {
+        for (kind, names) in [("Pod", &e.pods), ("NetworkPolicy", &e.policies)] {
+            unwired.extend(names.iter().filter_map(|n| {
+                let (ns, name) = n.split_once('/')?;
+                Some(source::object_key(kind, Some(ns), name))
+            }));
+        }
+    }
     status.programmed = versions
         .iter()
         .filter(|(k, _)| !rejected_keys.contains(*k) && !unwired.contains(*k))

@@ -3,13 +3,25 @@
 //! interfaces that cannot be told apart yet.
 //!
 //! Order of writes, so that every packet sees a consistent state:
-//! 1. new allow entries, 2. identity updates, 3. endpoint headers,
+//! 1. new allow entries, 2. identity updates (longest prefix first), 3. endpoint headers,
 //! 4. removed allow entries, 5. removed identities, 6. gone endpoints,
 //! 7. interfaces: bind found ones, quarantine unknown ones (see below).
 //!
 //! A pod's interface gets its ENDPOINTS entry (isolation flags) only after all its allow
 //! entries are in, and the programs only after that, so its first judged packet already
 //! sees its complete policy.
+//!
+//! # Full maps
+//!
+//! A write a full map refuses is left out, not fatal: the rest of the diff is applied in
+//! the same order, the entry is remembered in [`Shortfall`] and written again at the end
+//! of every later [`Reconciler::apply`] (after its removals freed room), and the status and
+//! metrics name the map until then. Leaving entries out only ever allows less: a missing
+//! allow entry is a drop; identity prefixes that a missing prefix would fall back on with
+//! more rights are withheld ([`super::shortfall`]); the isolation header does not depend on
+//! the allow entries. A pod that gets no slot or no ENDPOINTS entry is not bound: while it
+//! would be isolated its interface stays in quarantine (isolated, nothing allowed), if the
+//! quarantine entry itself fits.
 //!
 //! # Fail closed from the first packet: quarantine
 //!
@@ -50,11 +62,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use palisade_common::{Endpoint, MAX_ENDPOINTS};
-use palisade_policy::{Change, LocalPods, PlanDiff, PodRef};
+use palisade_common::{maps as names, Endpoint, MAX_ENDPOINTS};
+use palisade_policy::{Change, LocalPods, Plan, PlanDiff, PodRef};
 
 use super::links::{NetlinkError, Query};
 use super::netdev::{Event, HostNet};
+use super::shortfall::{self, Shortfall};
 use crate::dataplane::{attached_ifindexes, detach, Dataplane, DataplaneError, Maps};
 
 /// The slot of quarantined interfaces: no allow entry ever uses it, so everything an
@@ -95,6 +108,25 @@ pub struct Reconciler {
     /// the allow entries already in the kernel stay valid through a restart.
     inherited: BTreeMap<u32, Endpoint>,
     used_slots: BTreeSet<u32>,
+    /// What full maps could not take.
+    pub shortfall: Shortfall,
+    /// Maps that were short at the end of the last apply (to log when they recover).
+    short_maps: BTreeMap<&'static str, usize>,
+}
+
+/// Whether a write went in: `Ok(false)` when a full map refused it (counted), any other
+/// error as it is.
+fn written(sf: &mut Shortfall, r: Result<(), DataplaneError>) -> Result<bool, DataplaneError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) => match e.full_map() {
+            Some(map) => {
+                sf.failed(map);
+                Ok(false)
+            }
+            None => Err(e),
+        },
+    }
 }
 
 impl Reconciler {
@@ -131,6 +163,8 @@ impl Reconciler {
             lost: BTreeSet::new(),
             inherited,
             used_slots,
+            shortfall: Shortfall::default(),
+            short_maps: BTreeMap::new(),
         };
         rec.resync()?;
         Ok(rec)
@@ -199,27 +233,44 @@ impl Reconciler {
         Ok(changed)
     }
 
-    fn alloc_slot(&mut self, ifindex: Option<u32>) -> Result<u32, DataplaneError> {
+    /// A free slot; `None` when all are taken.
+    fn alloc_slot(&mut self, ifindex: Option<u32>) -> Result<Option<u32>, DataplaneError> {
         if let Some(ep) = ifindex.and_then(|i| self.inherited.remove(&i)) {
             if ep.slot != QUARANTINE_SLOT {
-                return Ok(ep.slot);
+                return Ok(Some(ep.slot));
             }
         }
-        let slot = (0..QUARANTINE_SLOT)
-            .find(|s| !self.used_slots.contains(s))
-            .ok_or(DataplaneError::Map {
-                name: palisade_common::maps::ENDPOINTS,
-                source: Box::new(aya::maps::MapError::OutOfBounds {
-                    index: MAX_ENDPOINTS,
-                    max_entries: MAX_ENDPOINTS,
-                }),
-            })?;
+        let Some(slot) = (0..QUARANTINE_SLOT).find(|s| !self.used_slots.contains(s)) else {
+            return Ok(None);
+        };
         self.used_slots.insert(slot);
         self.maps.reset_counters(slot)?;
-        Ok(slot)
+        Ok(Some(slot))
     }
 
-    pub fn apply(&mut self, diff: &PlanDiff) -> Result<(), ReconcileError> {
+    /// Gives `pod` a slot and a (not yet bound) endpoint; false when no slot is free.
+    fn add_endpoint(&mut self, pod: &PodRef, ips: Vec<IpAddr>) -> Result<bool, DataplaneError> {
+        let hint = ips.iter().find_map(|ip| self.net.resolve(*ip));
+        let Some(slot) = self.alloc_slot(hint)? else {
+            self.shortfall.failed(names::ENDPOINTS);
+            self.shortfall.no_slot.insert(pod.clone());
+            return Ok(false);
+        };
+        self.shortfall.no_slot.remove(pod);
+        self.endpoints.insert(
+            pod.clone(),
+            LocalEndpoint {
+                slot,
+                ifindex: None,
+                flags: 0,
+                ips,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Applies `diff`, which took the compiler to `plan`.
+    pub fn apply(&mut self, diff: &PlanDiff, plan: &Plan) -> Result<(), ReconcileError> {
         // Slots for new endpoints first; an interface an earlier agent enforced keeps its
         // slot, so the entries already in the kernel stay right.
         let new: Vec<(&PodRef, Vec<IpAddr>)> = diff
@@ -234,17 +285,7 @@ impl Reconciler {
             })
             .collect();
         for (pod, ips) in new {
-            let hint = ips.iter().find_map(|ip| self.net.resolve(*ip));
-            let slot = self.alloc_slot(hint)?;
-            self.endpoints.insert(
-                pod.clone(),
-                LocalEndpoint {
-                    slot,
-                    ifindex: None,
-                    flags: 0,
-                    ips,
-                },
-            );
+            self.add_endpoint(pod, ips)?;
         }
 
         // 1. New allow entries.
@@ -254,15 +295,33 @@ impl Reconciler {
             };
             for e in &d.added {
                 let (prefix, key) = e.lpm_key(ep.slot);
-                self.maps.insert_policy(prefix, key)?;
+                let sf = &mut self.shortfall;
+                if !written(sf, self.maps.insert_policy(prefix, key))? {
+                    sf.policy.entry(pod.clone()).or_default().insert(*e);
+                }
             }
         }
-        // 2. Identity updates.
-        for (net, v) in identity_changes(diff) {
-            if let Some(v) = v {
-                self.maps.set_identity(net, v)?;
+        // 2. Identity updates, longest prefix first: a prefix that a missing one inside it
+        // would fall back on with more rights is withheld before it is ever written.
+        let mut ups: Vec<_> = identity_changes(diff)
+            .filter_map(|(n, v)| Some((n, v?)))
+            .collect();
+        ups.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix()));
+        for (net, v) in ups {
+            let sf = &mut self.shortfall;
+            if sf.withheld.contains(&net) {
+                continue;
             }
+            if !sf.identities.is_empty()
+                && shortfall::gains(plan, net, &sf.identities, &sf.withheld)
+            {
+                sf.withheld.insert(net);
+                self.maps.remove_identity(net)?;
+                continue;
+            }
+            self.write_identity(net, v)?;
         }
+        self.settle_identities(plan)?;
         // 3. Endpoint headers of bound endpoints (new ones are bound in step 7).
         for (pod, d) in &diff.endpoints {
             let Some(h) = &d.header else { continue };
@@ -283,6 +342,12 @@ impl Reconciler {
             let Some(ep) = self.endpoints.get(pod) else {
                 continue;
             };
+            let missing = self.shortfall.policy.get_mut(pod);
+            if let Some(m) = missing {
+                for e in &d.removed {
+                    m.remove(e);
+                }
+            }
             for e in &d.removed {
                 let (prefix, key) = e.lpm_key(ep.slot);
                 self.maps.remove_policy(prefix, key)?;
@@ -291,6 +356,7 @@ impl Reconciler {
         // 5. Removed identities.
         for (net, v) in identity_changes(diff) {
             if v.is_none() {
+                self.shortfall.identities.remove(&net);
                 self.maps.remove_identity(net)?;
             }
         }
@@ -298,14 +364,288 @@ impl Reconciler {
         for (pod, d) in &diff.endpoints {
             if d.header.is_none() {
                 self.unbind(pod, false)?;
+                self.shortfall.forget_pod(pod);
                 if let Some(ep) = self.endpoints.remove(pod) {
                     self.used_slots.remove(&ep.slot);
                 }
             }
         }
+        // What full maps refused before may fit now.
+        self.retry(plan)?;
         // 7. Interfaces.
         self.sync_interfaces()?;
+        self.log_shortfall(plan);
         Ok(())
+    }
+
+    /// Writes an identity entry; one a full map refuses is remembered, and whatever an
+    /// older value left at that prefix is removed (on kernels that refuse in-place updates
+    /// of a full trie it would keep the old class's rights).
+    fn write_identity(
+        &mut self,
+        net: IpNetwork,
+        v: palisade_common::IdentityValue,
+    ) -> Result<bool, DataplaneError> {
+        let map = match self.maps.set_identity(net, v) {
+            Ok(()) => {
+                self.shortfall.identities.remove(&net);
+                return Ok(true);
+            }
+            Err(e) => e.full_map().ok_or(e)?,
+        };
+        self.shortfall.failed(map);
+        self.shortfall.identities.insert(net, map);
+        self.maps.remove_identity(net)?;
+        Ok(false)
+    }
+
+    /// Brings the withheld prefixes in line with the missing ones: removes the prefixes a
+    /// missing one would fall back on with more rights, writes back those that are safe
+    /// again (which may fail in turn: repeated until nothing changes).
+    fn settle_identities(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        let sf = &mut self.shortfall;
+        sf.identities
+            .retain(|n, _| shortfall::wanted(plan, *n).is_some());
+        loop {
+            let w = shortfall::withheld(plan, &self.shortfall.identities);
+            for &f in w.difference(&self.shortfall.withheld) {
+                self.maps.remove_identity(f)?;
+            }
+            let restore: Vec<IpNetwork> = self.shortfall.withheld.difference(&w).copied().collect();
+            self.shortfall.withheld = w;
+            let mut failed = false;
+            for f in restore {
+                if let Some(v) = shortfall::wanted(plan, f) {
+                    failed |= !self.write_identity(f, v)?;
+                }
+            }
+            if !failed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes again what full maps refused, in the usual order (allow entries before
+    /// identities), stopping at a map's first refusal: it is still full.
+    fn retry(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        // Pods without a slot: a slot now, and all their entries to write.
+        for pod in self.shortfall.no_slot.clone() {
+            let Some(p) = plan.endpoints.get(&pod) else {
+                self.shortfall.no_slot.remove(&pod);
+                continue;
+            };
+            if !self.add_endpoint(&pod, p.ips.clone())? {
+                break;
+            }
+            if let Some(ep) = self.endpoints.get_mut(&pod) {
+                ep.flags = p.flags;
+            }
+            if !p.entries.is_empty() {
+                self.shortfall.policy.insert(pod, p.entries.clone());
+            }
+        }
+        let mut full = false;
+        for (pod, entries) in std::mem::take(&mut self.shortfall.policy) {
+            let (Some(ep), Some(p)) = (self.endpoints.get(&pod), plan.endpoints.get(&pod)) else {
+                continue;
+            };
+            let mut left = BTreeSet::new();
+            for e in entries.into_iter().filter(|e| p.entries.contains(e)) {
+                let (prefix, key) = e.lpm_key(ep.slot);
+                if full || !written(&mut self.shortfall, self.maps.insert_policy(prefix, key))? {
+                    full = true;
+                    left.insert(e);
+                }
+            }
+            if !left.is_empty() {
+                self.shortfall.policy.insert(pod, left);
+            }
+        }
+        for net in self.shortfall.identities.clone().into_keys() {
+            let Some(v) = shortfall::wanted(plan, net) else {
+                continue;
+            };
+            if self.shortfall.withheld.contains(&net) {
+                continue;
+            }
+            if !self.write_identity(net, v)? {
+                break;
+            }
+        }
+        self.settle_identities(plan)
+    }
+
+    /// Entries the plan wants that the maps do not hold, by map.
+    pub fn missing_by_map(&self, plan: &Plan) -> BTreeMap<&'static str, usize> {
+        let sf = &self.shortfall;
+        let slotless: usize = sf
+            .no_slot
+            .iter()
+            .filter_map(|p| plan.endpoints.get(p))
+            .map(|e| e.entries.len())
+            .sum();
+        // Left out: under the map that refused them; withheld: under the family's trie.
+        let mut identity: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let refused = sf.identities.values().copied();
+        for map in refused.chain(sf.withheld.iter().map(|n| trie_of(*n))) {
+            *identity.entry(map).or_default() += 1;
+        }
+        // Interfaces of those pods that quarantine could not take either count once.
+        let pods_ifs: BTreeSet<u32> = sf
+            .no_endpoint
+            .iter()
+            .filter_map(|p| self.endpoints.get(p))
+            .flat_map(|e| e.ips.iter())
+            .chain(
+                sf.no_slot
+                    .iter()
+                    .filter_map(|p| plan.endpoints.get(p))
+                    .flat_map(|e| e.ips.iter()),
+            )
+            .filter_map(|ip| self.net.resolve(*ip))
+            .collect();
+        let strays = sf.unquarantined.difference(&pods_ifs).count();
+        let mut out = BTreeMap::from([
+            (
+                names::ENDPOINTS,
+                sf.no_slot.len() + sf.no_endpoint.len() + strays,
+            ),
+            (names::POLICY, sf.missing_policy_entries() + slotless),
+            (names::IDENTITY_V4, 0),
+            (names::IDENTITY_V6, 0),
+        ]);
+        out.extend(identity);
+        out
+    }
+
+    /// The status of each map that lacks entries; `caps`: the maps' sizes.
+    pub fn map_errors(
+        &self,
+        plan: &Plan,
+        caps: &BTreeMap<&'static str, u32>,
+    ) -> Vec<super::status::MapError> {
+        let sf = &self.shortfall;
+        self.missing_by_map(plan)
+            .into_iter()
+            .filter(|(_, missing)| *missing > 0)
+            .map(|(map, missing)| {
+                let capacity = caps.get(map).copied().unwrap_or(0);
+                let pods: BTreeSet<&PodRef> = self.short_pods(map).collect();
+                let mut policies = BTreeSet::new();
+                // An identity shortfall concerns the policies naming those pods as peers,
+                // which only the compiler could tell: none listed.
+                let selecting = map == names::POLICY || map == names::ENDPOINTS;
+                for p in pods.iter().filter(|_| selecting) {
+                    let (i, e) = self.isolating(p);
+                    policies.extend(i.into_iter().chain(e));
+                }
+                let mut prefixes = Vec::new();
+                let error = match map {
+                    names::POLICY => format!(
+                        "{map} is full ({capacity} entries): {missing} allow entries of {} pods \
+                         are not programmed; they stay isolated but allow fewer flows than \
+                         their policies say",
+                        pods.len()
+                    ),
+                    names::ENDPOINTS => {
+                        let isolated =
+                            sf.no_slot
+                                .iter()
+                                .filter(|p| plan.endpoints.get(*p).is_some_and(|e| e.flags != 0))
+                                .chain(sf.no_endpoint.iter().filter(|p| {
+                                    self.endpoints.get(*p).is_some_and(|e| e.flags != 0)
+                                }))
+                                .count();
+                        format!(
+                            "{map} is full ({capacity} entries) or no slot is free: {isolated} \
+                             isolated pods are not enforced (their interfaces are quarantined if \
+                             that entry fits, else not judged), {} pods nothing isolates pass \
+                             unjudged, {} interfaces no pod is bound to could not be quarantined",
+                            pods.len() - isolated,
+                            missing - sf.no_slot.len() - sf.no_endpoint.len()
+                        )
+                    }
+                    _ => {
+                        let nets: Vec<&IpNetwork> = self.short_prefixes(map).collect();
+                        prefixes = nets.iter().take(20).map(|n| n.to_string()).collect();
+                        let withheld = sf.withheld.iter().filter(|n| trie_of(**n) == map).count();
+                        format!(
+                            "{map} is full ({capacity} entries): {missing} prefixes are not \
+                             programmed ({withheld} withheld so that no address gains rights \
+                             from a wider prefix); their addresses get a wider prefix's identity \
+                             with no more rights, or the world's: fewer flows are allowed than \
+                             the policies say"
+                        )
+                    }
+                };
+                super::status::MapError {
+                    map: map.to_string(),
+                    capacity,
+                    missing,
+                    error,
+                    pods: pods.iter().map(|p| p.to_string()).collect(),
+                    policies: policies.into_iter().collect(),
+                    prefixes,
+                }
+            })
+            .collect()
+    }
+
+    /// An error for each map whose shortfall changed (not one per reconcile while it
+    /// stays), and a note for each that recovered.
+    fn log_shortfall(&mut self, plan: &Plan) {
+        let mut short = BTreeMap::new();
+        for (map, missing) in self.missing_by_map(plan) {
+            if missing == 0 {
+                if self.short_maps.contains_key(map) {
+                    tracing::info!(map, "map no longer full: every entry is written");
+                }
+                continue;
+            }
+            short.insert(map, missing);
+            if self.short_maps.get(map) == Some(&missing) {
+                continue;
+            }
+            let pods: Vec<String> = self.short_pods(map).map(|p| p.to_string()).collect();
+            tracing::error!(
+                map,
+                missing,
+                write_failures = self.shortfall.failures.get(map).copied().unwrap_or(0),
+                ?pods,
+                "map full: entries left out, fewer flows allowed than the policies say"
+            );
+        }
+        self.short_maps = short;
+    }
+
+    /// The local pods whose entries in `map` are missing.
+    pub fn short_pods(&self, map: &str) -> impl Iterator<Item = &PodRef> + '_ {
+        let sf = &self.shortfall;
+        let pods: Vec<&PodRef> = match map {
+            names::POLICY => sf.policy.keys().chain(&sf.no_slot).collect(),
+            names::ENDPOINTS => sf.no_slot.iter().chain(&sf.no_endpoint).collect(),
+            _ => {
+                let short: BTreeSet<&IpNetwork> = self.short_prefixes(map).collect();
+                self.endpoints
+                    .iter()
+                    .filter(|(_, e)| {
+                        e.ips.iter().any(|ip| {
+                            IpNetwork::new(*ip, max_len(*ip)).is_ok_and(|n| short.contains(&n))
+                        })
+                    })
+                    .map(|(p, _)| p)
+                    .collect()
+            }
+        };
+        pods.into_iter()
+    }
+
+    /// The identity prefixes that `map` lacks: left out there, or withheld (tries).
+    fn short_prefixes<'a>(&'a self, map: &'a str) -> impl Iterator<Item = &'a IpNetwork> + 'a {
+        let sf = &self.shortfall;
+        let refused = sf.identities.iter().filter(move |(_, m)| **m == map);
+        let withheld = sf.withheld.iter().filter(move |n| trie_of(**n) == map);
+        refused.map(|(n, _)| n).chain(withheld)
     }
 
     /// Removes a pod's interface binding: its ENDPOINTS entry and programs. `vanished`:
@@ -339,7 +679,17 @@ impl Reconciler {
             slot: ep.slot,
             flags: ep.flags,
         };
-        self.maps.set_endpoint(ifindex, entry)?;
+        if !self.write_endpoint(ifindex, entry)? {
+            // No entry, no enforcement: not bound (so not attached).
+            if self.shortfall.no_endpoint.insert(pod.clone()) && entry.flags != 0 {
+                tracing::error!(pod = %pod, ifindex, "ENDPOINTS full: an isolated pod's interface cannot be enforced");
+            }
+            if let Some(ep) = self.endpoints.get_mut(pod) {
+                ep.ifindex = None;
+            }
+            return Ok(());
+        }
+        self.shortfall.no_endpoint.remove(pod);
         if let Err(e) = self.dp.attach(ifindex) {
             tracing::warn!(pod = %pod, ifindex, error = %e, "attaching to the pod's interface");
             self.unbind(pod, false)?;
@@ -347,6 +697,31 @@ impl Reconciler {
         }
         tracing::debug!(pod = %pod, ifindex, slot = entry.slot, flags = entry.flags, "endpoint programmed");
         Ok(())
+    }
+
+    /// Writes an ENDPOINTS entry; when the map is full and the entry isolates, a bound pod
+    /// that nothing isolates gives up its entry first (without it its packets pass
+    /// unjudged and uncounted, which is what its policies allow). False: refused.
+    fn write_endpoint(&mut self, ifindex: u32, entry: Endpoint) -> Result<bool, DataplaneError> {
+        loop {
+            if written(&mut self.shortfall, self.maps.set_endpoint(ifindex, entry))? {
+                return Ok(true);
+            }
+            if entry.flags == 0 {
+                return Ok(false);
+            }
+            let open = self
+                .endpoints
+                .iter()
+                .find(|(_, e)| e.flags == 0 && e.ifindex.is_some_and(|i| i != ifindex))
+                .map(|(p, _)| p.clone());
+            let Some(open) = open else {
+                return Ok(false);
+            };
+            tracing::warn!(pod = %open, "ENDPOINTS full: a pod nothing isolates gives its entry to an isolating one");
+            self.unbind(&open, false)?;
+            self.shortfall.no_endpoint.insert(open);
+        }
     }
 
     /// The union of the isolation the awaiting pods (local, live, not bound) will get.
@@ -427,8 +802,21 @@ impl Reconciler {
 
         // Quarantine the pod-like interfaces nobody is bound to.
         let q = self.quarantine_flags();
-        let candidates: BTreeSet<u32> =
-            self.net.pod_like().filter(|i| !bound.contains(i)).collect();
+        // Interfaces of pods nothing isolates that ENDPOINTS had no room for: known, and
+        // open as their policies say.
+        let open_known: BTreeSet<u32> = self
+            .shortfall
+            .no_endpoint
+            .iter()
+            .filter_map(|p| self.endpoints.get(p))
+            .filter(|e| e.flags == 0)
+            .flat_map(|e| e.ips.iter().filter_map(|ip| self.net.resolve(*ip)))
+            .collect();
+        let candidates: BTreeSet<u32> = self
+            .net
+            .pod_like()
+            .filter(|i| !bound.contains(i) && !open_known.contains(i))
+            .collect();
         for &ifindex in &candidates {
             if q == 0 || self.quarantined.get(&ifindex) == Some(&q) {
                 continue;
@@ -437,7 +825,16 @@ impl Reconciler {
                 slot: QUARANTINE_SLOT,
                 flags: q,
             };
-            self.maps.set_endpoint(ifindex, entry)?;
+            if !self.write_endpoint(ifindex, entry)? {
+                if self.shortfall.unquarantined.insert(ifindex) {
+                    tracing::error!(
+                        ifindex,
+                        "ENDPOINTS full: a pod interface no pod is bound to cannot be quarantined"
+                    );
+                }
+                continue;
+            }
+            self.shortfall.unquarantined.remove(&ifindex);
             match self.dp.attach(ifindex) {
                 Ok(()) => {
                     let name = self
@@ -455,6 +852,9 @@ impl Reconciler {
                 }
             }
         }
+        self.shortfall
+            .unquarantined
+            .retain(|i| q != 0 && candidates.contains(i));
         let release: Vec<u32> = self
             .quarantined
             .keys()
@@ -476,7 +876,7 @@ impl Reconciler {
 
     /// After the first full sync: removes what an earlier agent left that the current plan
     /// does not want (entries of deleted pods and policies, links of gone interfaces).
-    pub fn collect_garbage(&mut self, plan: &palisade_policy::Plan) -> Result<(), DataplaneError> {
+    pub fn collect_garbage(&mut self, plan: &Plan) -> Result<(), ReconcileError> {
         let ours: BTreeSet<u32> = self
             .endpoints
             .values()
@@ -540,7 +940,28 @@ impl Reconciler {
         for net in stale4.into_iter().chain(stale6) {
             self.maps.remove_identity(net)?;
         }
+        // The room just freed may take what full maps refused.
+        self.retry(plan)?;
+        self.sync_interfaces()?;
+        self.log_shortfall(plan);
         Ok(())
+    }
+}
+
+/// The identity trie of a prefix's family (withheld prefixes are never full-length).
+fn trie_of(n: IpNetwork) -> &'static str {
+    if n.is_ipv4() {
+        names::IDENTITY_V4
+    } else {
+        names::IDENTITY_V6
+    }
+}
+
+fn max_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
     }
 }
 

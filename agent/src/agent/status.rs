@@ -23,6 +23,29 @@ pub struct Status {
     /// Fill level of each map the agent writes.
     #[serde(default)]
     pub maps: BTreeMap<String, MapFill>,
+    /// Maps that were too full to take every entry the policies need: enforcement is
+    /// partial (fewer flows allowed than the policies say) until they have room.
+    #[serde(default)]
+    pub map_errors: Vec<MapError>,
+}
+
+/// A full map, and whose entries it lacks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapError {
+    pub map: String,
+    pub capacity: u32,
+    /// Entries the policies need that are not in the map.
+    pub missing: usize,
+    /// What it means, in one sentence.
+    pub error: String,
+    /// Local pods (`namespace/name`) whose entries are missing.
+    pub pods: Vec<String>,
+    /// Policies (`namespace/name`) selecting those pods.
+    pub policies: Vec<String>,
+    /// Identity prefixes not in the map (left out, or withheld so that addresses of a
+    /// missing prefix gain nothing from a wider one); at most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]

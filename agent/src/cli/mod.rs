@@ -257,6 +257,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             mark_mask: args.mark_mask,
             uplinks: args.uplinks,
         },
+        max_entries: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

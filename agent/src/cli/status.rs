@@ -52,6 +52,18 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
+    for e in &status.map_errors {
+        println!("map full:   {}", e.error);
+        if !e.pods.is_empty() {
+            println!("  pods missing entries: {}", e.pods.join(", "));
+        }
+        if !e.policies.is_empty() {
+            println!("  their policies:       {}", e.policies.join(", "));
+        }
+        if !e.prefixes.is_empty() {
+            println!("  prefixes not written: {}", e.prefixes.join(", "));
+        }
+    }
     if !status.source_errors.is_empty() {
         println!("source problems:");
         for e in &status.source_errors {

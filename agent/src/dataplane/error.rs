@@ -48,3 +48,49 @@ pub enum DataplaneError {
         source: std::io::Error,
     },
 }
+
+impl DataplaneError {
+    /// The map a write failed on because it holds as many entries as it can (the kernel's
+    /// E2BIG for hash maps, ENOSPC for LPM tries): the one failure the agent survives by
+    /// leaving the entry out and reporting it.
+    pub fn full_map(&self) -> Option<&'static str> {
+        let DataplaneError::Map { name, source } = self else {
+            return None;
+        };
+        match source.as_ref() {
+            aya::maps::MapError::SyscallError(e)
+                if matches!(
+                    e.io_error.raw_os_error(),
+                    Some(libc::E2BIG) | Some(libc::ENOSPC)
+                ) =>
+            {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn syscall(errno: i32) -> DataplaneError {
+        DataplaneError::Map {
+            name: "POLICY",
+            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            })),
+        }
+    }
+
+    #[test]
+    fn only_a_full_map_is_full() {
+        assert_eq!(syscall(libc::E2BIG).full_map(), Some("POLICY"));
+        assert_eq!(syscall(libc::ENOSPC).full_map(), Some("POLICY"));
+        assert_eq!(syscall(libc::EPERM).full_map(), None);
+        assert_eq!(syscall(libc::ENOMEM).full_map(), None);
+        assert_eq!(DataplaneError::MissingProgram("x").full_map(), None);
+    }
+}

@@ -44,12 +44,16 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub struct LoadOptions {
     /// Size of the conntrack LRU map (entries).
     pub conntrack_entries: u32,
+    /// Other maps' sizes, by map name, instead of the object's: tests shrink
+    /// `IDENTITY_V4`, `POLICY` or `ENDPOINTS` to fill them with a handful of pods.
+    pub max_entries: std::collections::BTreeMap<&'static str, u32>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_entries: 262_144,
+            max_entries: Default::default(),
         }
     }
 }
@@ -75,9 +79,14 @@ impl Dataplane {
             Some(prev) => upgrade::prepare(&layout, prev, OBJECT, opts.conntrack_entries)?,
             None => Vec::new(),
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(&maps_dir)
-            .map_max_entries(names::CONNTRACK, opts.conntrack_entries)
+            .map_max_entries(names::CONNTRACK, opts.conntrack_entries);
+        for (&name, &n) in &opts.max_entries {
+            loader.map_max_entries(name, n);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         if let Ok(info) = aya::maps::MapInfo::from_pin(layout.map(names::CONNTRACK)) {

@@ -192,6 +192,7 @@ fn load(cfg: &MapConfig) -> anyhow::Result<(Fixture, f64)> {
         pins.layout(),
         &LoadOptions {
             conntrack_entries: 262_144,
+            ..Default::default()
         },
     )?;
     let mut maps = dp.maps()?;
