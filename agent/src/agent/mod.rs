@@ -164,7 +164,7 @@ pub async fn run_until(
                 if now_ips != node_ips {
                     tracing::info!(?node_ips, ?now_ips, "node addresses changed");
                     let diff = compiler.set_node_ips(now_ips.iter().copied());
-                    rec.apply(&diff)?;
+                    rec.apply(&diff, compiler.plan())?;
                     node_ips = now_ips;
                     changed = true;
                 }
