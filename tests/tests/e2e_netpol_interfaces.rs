@@ -264,7 +264,19 @@ fn isolated_from_the_first_packet(flavour: Flavour, tag: &str, ip_known: bool) {
             "a quarantined pod reached the server ({} datagrams sent)",
             sender.sent()
         );
+        // `palisade status` says which interface is held, and how.
+        let listed = |s: &Value| {
+            s["quarantined"].as_array().is_some_and(|q| {
+                q.iter().any(|e| {
+                    e["ifindex"] == u64::from(ifindex) && e["isolation"] == "egress-isolated"
+                })
+            })
+        };
+        bed.agent.wait_status("the quarantine listed", listed);
         obj = bed.put(pod("x", "new", &new_labels, &[v4.into(), v6.into()], 0));
+        bed.agent.wait(&[programmed(&obj)]);
+        bed.agent
+            .wait_status("the quarantine lifted", |s| !listed(s));
     }
     bed.agent.wait(&[programmed(&obj)]);
     assert!(

@@ -27,6 +27,21 @@ pub struct Status {
     /// partial (fewer flows allowed than the policies say) until they have room.
     #[serde(default)]
     pub map_errors: Vec<MapError>,
+    /// Interfaces attached isolated because a pod a policy selects may be behind them
+    /// but none is identified yet (see the quarantine rule in the README).
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuarantinedStatus {
+    pub ifindex: u32,
+    /// The interface's name when the agent knows it.
+    pub name: Option<String>,
+    pub isolation: String,
+    /// Addresses the pod side of the interface holds, as far as the agent has seen.
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// A full map, and whose entries it lacks.
@@ -87,7 +102,11 @@ impl Status {
     pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(run_dir)?;
         let tmp = run_dir.join(format!(".{STATUS_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        // Streamed: at 100,000 objects the text is megabytes, not worth holding.
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        serde_json::to_writer_pretty(&mut out, self)?;
+        std::io::Write::flush(&mut out)?;
+        drop(out);
         std::fs::rename(tmp, run_dir.join(STATUS_FILE))
     }
 

@@ -82,6 +82,19 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             e.isolation
         );
     }
+    if !status.quarantined.is_empty() {
+        println!("quarantined interfaces (no pod identified yet; isolated, nothing allowed):");
+        for q in &status.quarantined {
+            let ips: Vec<String> = q.ips.iter().map(ToString::to_string).collect();
+            println!(
+                "  {:<16} ifindex {:<6} {:<17} {}",
+                q.name.as_deref().unwrap_or("?"),
+                q.ifindex,
+                q.isolation,
+                ips.join(", ")
+            );
+        }
+    }
     if !status.rejected.is_empty() {
         println!("rejected:");
         for r in &status.rejected {

@@ -98,6 +98,11 @@ impl Agent {
         self.agent.status()
     }
 
+    /// Waits until the status satisfies `check`, or fails naming `what`.
+    pub fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) {
+        self.agent.wait_status(what, PROGRAM_TIMEOUT, check);
+    }
+
     /// Waits until `programmed` holds every `(key, Some(version))` and none of the
     /// `(key, None)`.
     pub fn wait(&self, want: &[(String, Option<String>)]) {

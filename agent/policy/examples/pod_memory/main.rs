@@ -39,7 +39,7 @@ fn pod(i: usize) -> Pod {
             "labels": {"app": format!("app-{}", i % 50), "pod-template-hash": format!("7d9c5b{}", i % 50)}},
         "spec": {"nodeName": if i < 100 { "node-local".to_string() } else { format!("node-{}", i % 1000) },
             "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
-        "status": {"podIP": ip, "podIPs": [{"ip": ip}]}
+        "status": if std::env::var_os("NO_IP").is_some() { json!({}) } else { json!({"podIP": ip, "podIPs": [{"ip": ip}]}) }
     }))
     .unwrap()
 }
