@@ -415,6 +415,52 @@ fn deeply_nested_documents_are_errors_not_crashes() {
     );
 }
 
+/// Resource limits: 10,000 policies all selecting one pod, each admitting one more TCP
+/// port from `client`. Every one of them is programmed, nothing else is, and the other
+/// policies keep their entries.
+#[test]
+fn ten_thousand_policies_selecting_one_pod() {
+    let dir = tmpdir();
+    std::fs::write(dir.path().join("a-good.yaml"), GOOD).unwrap();
+    let items: Vec<Value> = (0..10_000u32)
+        .map(|i| {
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": format!("p{i}"), "namespace": "app"},
+                "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                        "ports": [{"port": 20_000 + i}]}]}})
+        })
+        .collect();
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    std::fs::write(dir.path().join("many.json"), list.to_string()).unwrap();
+    let t = Instant::now();
+    let (snap, plan) = plan_of(dir.path());
+    eprintln!(
+        "10,000 policies on one pod: loaded and compiled in {:.2?}, {} map entries",
+        t.elapsed(),
+        plan.map_entries()
+    );
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
+    assert_good_policy_intact(&snap, &plan);
+    let web = &plan.endpoints[&ObjectRef::new("app", "web")];
+    let client = plan.identity_of("198.18.0.20".parse().unwrap()).id;
+    let tcp_from_client: std::collections::BTreeSet<u16> = web
+        .entries
+        .iter()
+        .filter(|e| e.identity == client && e.proto == Some(6) && e.port_prefix_bits == 16)
+        .map(|e| e.port)
+        .collect();
+    for port in [20_000, 25_000, 29_999] {
+        assert!(tcp_from_client.contains(&port), "TCP {port} from client");
+    }
+    assert!(!tcp_from_client.contains(&30_000), "no policy admits 30000");
+    assert!(
+        tcp_from_client.range(20_000..30_000).count() == 10_000,
+        "every policy's port, each once"
+    );
+}
+
 #[test]
 fn policy_with_100k_rules_and_huge_selectors_compiles() {
     let dir = tmpdir();
