@@ -23,8 +23,9 @@ use tower_test::mock;
 type ResBody = UnsyncBoxBody<Bytes, Infallible>;
 type Responder = mock::SendResponse<Response<ResBody>>;
 
-/// How long (in the test's clock, paused or not) a step may wait for the source.
-pub const STEP: Duration = Duration::from_secs(60);
+/// How long (in the test's clock, paused or not) a step may wait for the source: more
+/// than the watcher's longest backoff (30 s, jittered up to 60 s).
+pub const STEP: Duration = Duration::from_secs(90);
 
 /// Resources the agent is expected to talk about, by URL path.
 pub const PODS: &str = "/api/v1/pods";
@@ -142,6 +143,15 @@ impl ApiServer {
         self.log.lock().unwrap().clone()
     }
 
+    /// The next request for any resource, or None once `deadline` has passed.
+    pub async fn next_request(&mut self, deadline: tokio::time::Instant) -> Option<Exchange> {
+        let pending = self.routes.values_mut().map(|rx| Box::pin(rx.recv()));
+        let (ex, _, _) = tokio::time::timeout_at(deadline, futures::future::select_all(pending))
+            .await
+            .ok()?;
+        Some(ex.expect("router stopped"))
+    }
+
     /// The next request for `resource`, which must be a GET with exactly `query`.
     pub async fn expect(&mut self, resource: &str, query: &[(&str, &str)]) -> Exchange {
         let rx = self.routes.get_mut(resource).expect("unknown resource");
@@ -205,6 +215,14 @@ impl Exchange {
     pub fn reply(self, status: u16, body: &serde_json::Value) {
         self.respond
             .send_response(json(StatusCode::from_u16(status).unwrap(), body));
+    }
+
+    /// The connection fails before any response (API server down, connection refused).
+    pub fn fail(self, why: &str) {
+        self.respond.send_error(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            why.to_string(),
+        ));
     }
 
     /// Answers with an open watch stream (200, chunked) that the test feeds.
