@@ -23,6 +23,10 @@ pub struct Status {
     /// Fill level of each map the agent writes.
     #[serde(default)]
     pub maps: BTreeMap<String, MapFill>,
+    /// Pins on bpffs that are missing and could not be put back: the CLI, the next agent
+    /// and `--cleanup` cannot reach those objects (enforcement is unaffected).
+    #[serde(default)]
+    pub pin_problems: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]

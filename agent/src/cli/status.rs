@@ -52,6 +52,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if !status.pin_problems.is_empty() {
+        println!(
+            "pin problems (enforcement continues; drops, monitor, restarts cannot reach these):"
+        );
+        for e in &status.pin_problems {
+            println!("  error: {e}");
+        }
+    }
     if !status.source_errors.is_empty() {
         println!("source problems:");
         for e in &status.source_errors {
