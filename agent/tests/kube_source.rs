@@ -9,12 +9,13 @@
 #[path = "kube_source/apiserver.rs"]
 mod apiserver;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use apiserver::{
-    fixture_events, fixture_json, ApiServer, WatchStream, NAMESPACES, NETWORK_POLICIES, PODS, STEP,
+    fixture_events, fixture_json, gone, max_requests, ApiServer, WatchStream, NAMESPACES,
+    NETWORK_POLICIES, PODS, STEP,
 };
 use palisade::source::kube::PROBLEM_QUIET;
 use palisade::source::{spawn_kube, ObjectChange, Update};
@@ -492,29 +493,6 @@ fn cluster_role() -> Vec<(String, String, String)> {
 /// How long the API server is away in [`api_outage_changes_nothing_then_relists_into_the_new_world`].
 const OUTAGE: Duration = Duration::from_secs(300);
 
-/// The most requests one kind may make in `outage` under the documented backoff (0.8 s
-/// doubling to 30 s, never shorter than that): the first retry plus one per delay that
-/// fits.
-fn max_requests(outage: Duration) -> usize {
-    let (mut delay, mut elapsed, mut n) = (Duration::from_millis(800), Duration::ZERO, 1);
-    while elapsed + delay <= outage {
-        elapsed += delay;
-        n += 1;
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
-    n
-}
-
-fn unavailable() -> serde_json::Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": "the server is currently unable to handle the request",
-           "reason": "ServiceUnavailable", "code": 503})
-}
-
-fn gone() -> serde_json::Value {
-    fixture_events("watch-error-gone.jsonl")[0]["object"].clone()
-}
-
 #[tokio::test(start_paused = true)]
 async fn api_outage_changes_nothing_then_relists_into_the_new_world() {
     let (client, mut api) = ApiServer::start();
@@ -535,28 +513,7 @@ async fn api_outage_changes_nothing_then_relists_into_the_new_world() {
     // The API server goes away: the open watches break, and for five minutes every
     // request fails: first refused connections, then 503s while it starts up again.
     drop(w);
-    let down_at = Instant::now();
-    let mut requests: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
-    while let Some(ex) = api.next_request(down_at + OUTAGE).await {
-        assert_eq!(
-            (
-                ex.call.query.get("watch"),
-                ex.call.query.get("resourceVersion")
-            ),
-            (Some(&"true".to_string()), Some(&"1000".to_string())),
-            "during the outage the source only resumes its watches: {:?}",
-            ex.call
-        );
-        requests
-            .entry(ex.call.path.clone())
-            .or_default()
-            .push(Instant::now());
-        if down_at.elapsed() < OUTAGE / 2 {
-            ex.fail("connection refused");
-        } else {
-            ex.reply(503, &unavailable());
-        }
-    }
+    let requests = api.outage(OUTAGE, "1000").await;
     let bound = max_requests(OUTAGE);
     for resource in [NAMESPACES, NETWORK_POLICIES, PODS] {
         let times = &requests[resource];

@@ -152,6 +152,38 @@ impl ApiServer {
         Some(ex.expect("router stopped"))
     }
 
+    /// The API server is away for `outage` (from now): every request fails, first with a
+    /// refused connection, in the second half with 503 as while it starts up. Each must
+    /// be a watch resuming from `version` (nothing is listed: the agent keeps what it
+    /// has). Returns when each resource's requests came.
+    pub async fn outage(
+        &mut self,
+        outage: Duration,
+        version: &str,
+    ) -> BTreeMap<String, Vec<tokio::time::Instant>> {
+        let down_at = tokio::time::Instant::now();
+        let mut requests: BTreeMap<String, Vec<tokio::time::Instant>> = BTreeMap::new();
+        while let Some(ex) = self.next_request(down_at + outage).await {
+            let q = &ex.call.query;
+            assert!(
+                q.get("watch").map(String::as_str) == Some("true")
+                    && q.get("resourceVersion").map(String::as_str) == Some(version),
+                "during the outage the source only resumes its watches: {:?}",
+                ex.call
+            );
+            requests
+                .entry(ex.call.path.clone())
+                .or_default()
+                .push(tokio::time::Instant::now());
+            if down_at.elapsed() < outage / 2 {
+                ex.fail("connection refused");
+            } else {
+                ex.reply(503, &unavailable());
+            }
+        }
+        requests
+    }
+
     /// The next request for `resource`, which must be a GET with exactly `query`.
     pub async fn expect(&mut self, resource: &str, query: &[(&str, &str)]) -> Exchange {
         let rx = self.routes.get_mut(resource).expect("unknown resource");
@@ -317,4 +349,30 @@ pub fn fixture_events(name: &str) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The most requests one kind may make in `outage` under the documented backoff (0.8 s
+/// doubling to 30 s, never shorter than that): the first retry plus one per delay that
+/// fits.
+pub fn max_requests(outage: Duration) -> usize {
+    let (mut delay, mut elapsed, mut n) = (Duration::from_millis(800), Duration::ZERO, 1);
+    while elapsed + delay <= outage {
+        elapsed += delay;
+        n += 1;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+    n
+}
+
+/// What an API server answers while it starts up.
+pub fn unavailable() -> serde_json::Value {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "the server is currently unable to handle the request",
+           "reason": "ServiceUnavailable", "code": 503})
+}
+
+/// The 410 of a resume point the API server no longer has.
+pub fn gone() -> serde_json::Value {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "too old resource version: 1000 (1423)", "reason": "Expired", "code": 410})
 }
