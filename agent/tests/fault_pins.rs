@@ -107,15 +107,29 @@ fn wait_repinned(
 }
 
 /// Removes every directory under `root`: all of Palisade's pins (what the kernel puts in
-/// a bpffs root, `maps.debug` and `progs.debug`, cannot be removed).
+/// a bpffs root, `maps.debug` and `progs.debug`, cannot be removed). A removal the agent
+/// races (re-pinning into a directory being removed) is tried again.
 fn remove_all_pins(root: &Path) {
     for entry in std::fs::read_dir(root).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            std::fs::remove_dir_all(path).unwrap();
+            let removed = wait_until(Duration::from_secs(5), || {
+                std::fs::remove_dir_all(&path).is_ok()
+            });
+            assert!(removed, "cannot remove {}", path.display());
         }
     }
-    assert!(map_ids(&Layout::new(root)).is_empty());
+}
+
+/// The inode of every pin (map and x/b's links): a pin made again is a new inode.
+fn inodes(layout: &Layout, ifindex: u32) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    palisade_common::maps::PINNED
+        .iter()
+        .map(|m| layout.map(m))
+        .chain(Hook::ALL.iter().map(|h| layout.link(ifindex, *h)))
+        .map(|p| std::fs::metadata(p).map(|m| m.ino()).unwrap_or(0))
+        .collect()
 }
 
 #[test]
@@ -145,8 +159,14 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
     let mut shown = drops_of_b(&dirs).expect("palisade drops before");
 
     // 1. Every pin removed (rm -r of everything under --bpffs-dir).
+    let first = inodes(&layout, b.host_ifindex());
     remove_all_pins(&bpffs.path());
     let took = wait_repinned("removed", &layout, b.host_ifindex(), &ids, &agent);
+    let again = inodes(&layout, b.host_ifindex());
+    assert!(
+        first.iter().zip(&again).all(|(a, b)| a != b),
+        "not every pin was made again: {first:?} -> {again:?}"
+    );
     eprintln!("{tag}: every pin removed; back after {took:?}");
     traffic.progress("after the pins were put back", 15);
     let now = drops_of_b(&dirs).expect("palisade drops after re-pinning");
