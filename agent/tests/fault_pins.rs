@@ -8,15 +8,19 @@
 //! ids) and remounts bpffs, so `palisade drops` and `palisade status` work again and the
 //! drop counters kept counting; a pin it must not fix (another object at its path) is
 //! reported by `palisade status`, `/readyz` and the `pin_problems` metric until it is
-//! gone, then repaired.
+//! gone, then repaired. An agent without CAP_SYS_ADMIN (the DaemonSet's) reports the
+//! unmounted bpffs instead of mounting it, and re-pins once the operator has.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use palisade::dataplane::{link_ids, map_ids, Hook, Layout, Maps};
-use palisade_tests::agent::{AgentDirs, AgentProcess};
+use palisade::source::SourceSpec;
+use palisade_tests::agent::{AgentDirs, AgentProcess, TempDir};
+use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::{PinDir, PrivateBpffs};
+use palisade_tests::privilege::drop_cap_sys_admin_from_this_thread;
 use palisade_tests::traffic::{dropped, Traffic, Trio, POLICIES, PROGRAMMED};
 use palisade_tests::{manifests, require_root, wait_until, Flavour, NetNs, Node};
 use serde_json::Value;
@@ -28,12 +32,16 @@ const REPAIR: Duration = Duration::from_secs(15);
 
 /// `palisade ARGS --bpffs-dir .. --run-dir ..`: (success, stdout, stderr).
 fn cli(dirs: &AgentDirs, args: &[&str]) -> (bool, String, String) {
+    cli_at(&dirs.pins.path(), &dirs.run_dir, args)
+}
+
+fn cli_at(bpffs_dir: &Path, run_dir: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)
         .args(args)
         .arg("--bpffs-dir")
-        .arg(dirs.pins.path())
+        .arg(bpffs_dir)
         .arg("--run-dir")
-        .arg(&dirs.run_dir)
+        .arg(run_dir)
         .output()
         .expect("run palisade");
     (
@@ -45,7 +53,11 @@ fn cli(dirs: &AgentDirs, args: &[&str]) -> (bool, String, String) {
 
 /// x/b's ingress drops as `palisade drops --json` shows them (None: the command failed).
 fn drops_of_b(dirs: &AgentDirs) -> Option<u64> {
-    let (ok, out, _) = cli(dirs, &["drops", "--json", "--pod", "x/b"]);
+    drops_of_b_at(&dirs.pins.path(), &dirs.run_dir)
+}
+
+fn drops_of_b_at(bpffs_dir: &Path, run_dir: &Path) -> Option<u64> {
+    let (ok, out, _) = cli_at(bpffs_dir, run_dir, &["drops", "--json", "--pod", "x/b"]);
     let rows: Vec<Value> = serde_json::from_str(&out).ok().filter(|_| ok)?;
     Some(
         rows.iter()
@@ -93,7 +105,7 @@ fn wait_repinned(
     layout: &Layout,
     ifindex: u32,
     want: &(Vec<(&'static str, u32)>, Vec<Option<u32>>),
-    agent: &AgentProcess,
+    log: &dyn Fn() -> String,
 ) -> Duration {
     let t0 = Instant::now();
     let back = wait_until(REPAIR, || pinned_ids(layout, ifindex) == *want);
@@ -101,7 +113,7 @@ fn wait_repinned(
         back,
         "{what}: pins not restored within {REPAIR:?}: {:?} (want {want:?})\n{}",
         pinned_ids(layout, ifindex),
-        agent.log_tail()
+        log()
     );
     t0.elapsed()
 }
@@ -161,7 +173,9 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
     // 1. Every pin removed (rm -r of everything under --bpffs-dir).
     let first = inodes(&layout, b.host_ifindex());
     remove_all_pins(&bpffs.path());
-    let took = wait_repinned("removed", &layout, b.host_ifindex(), &ids, &agent);
+    let took = wait_repinned("removed", &layout, b.host_ifindex(), &ids, &|| {
+        agent.log_tail()
+    });
     let again = inodes(&layout, b.host_ifindex());
     assert!(
         first.iter().zip(&again).all(|(a, b)| a != b),
@@ -175,7 +189,9 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
 
     // 2. The bpffs unmounted: the agent mounts one again and pins everything there.
     assert!(bpffs.unmount(), "umount {}", bpffs.path().display());
-    let took = wait_repinned("unmounted", &layout, b.host_ifindex(), &ids, &agent);
+    let took = wait_repinned("unmounted", &layout, b.host_ifindex(), &ids, &|| {
+        agent.log_tail()
+    });
     assert!(bpffs.mounted());
     eprintln!("{tag}: bpffs unmounted; remounted and re-pinned after {took:?}");
     traffic.progress("after bpffs was mounted again", 15);
@@ -220,7 +236,9 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
             .join("\n")
     );
     std::fs::remove_file(layout.map("COUNTERS")).unwrap();
-    wait_repinned("freed", &layout, b.host_ifindex(), &ids, &agent);
+    wait_repinned("freed", &layout, b.host_ifindex(), &ids, &|| {
+        agent.log_tail()
+    });
     let cleared = wait_until(REPAIR, || {
         dirs.status()
             .is_some_and(|s| s["pin_problems"] == serde_json::json!([]))
@@ -233,6 +251,90 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
     traffic.progress("at the end", 15);
     let report = traffic.stop();
     let counted = || dropped(&maps, slot_b, Some("ingress")) - drops_before;
+    eprintln!(
+        "{tag}: {}; counted as dropped {}",
+        report.summary(),
+        counted()
+    );
+    report.assert_no_leak_no_break(&trio);
+    report.assert_all_counted(counted);
+    drop(agent);
+}
+
+/// The DaemonSet's agent has no CAP_SYS_ADMIN: it cannot mount bpffs again. It says so
+/// (status, `palisade status`) while enforcement goes on, and once the operator mounts
+/// bpffs it pins its objects there (CAP_BPF is enough) and the problem clears.
+#[test]
+fn without_cap_sys_admin_an_unmounted_bpffs_is_reported_until_mounted_again() {
+    require_root();
+    let tag = "pinnoadm";
+    let bpffs = PrivateBpffs::new(tag);
+    let node = Node::new(tag, Flavour::Bridged).unwrap();
+    let trio = Trio::new(&node).unwrap();
+    let b = &trio.b;
+    let pins = PinDir::at(bpffs.path());
+    let layout = pins.layout();
+    let tmp = TempDir::new(tag).unwrap();
+    let (objects, run_dir) = (tmp.path().join("manifests"), tmp.path().join("run"));
+    std::fs::create_dir_all(&objects).unwrap();
+    manifests::write(&objects, "00-objects.yaml", &trio.objects(NODE)).unwrap();
+    manifests::write(&objects, "10-policies.yaml", POLICIES).unwrap();
+    let cfg = inproc::config(
+        NODE,
+        SourceSpec::Manifests(objects),
+        layout.clone(),
+        &run_dir,
+    );
+    let agent = InProcessAgent::spawn_with(node.ns(), cfg, drop_cap_sys_admin_from_this_thread);
+    agent.wait_programmed(PROGRAMMED);
+    let ids = pinned_ids(&layout, b.host_ifindex());
+    let slot = agent.status().unwrap()["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pod"] == "x/b")
+        .unwrap()["slot"]
+        .as_u64()
+        .unwrap() as u32;
+    let maps = Maps::open(&layout).unwrap();
+    let drops_before = dropped(&maps, slot, Some("ingress"));
+    let traffic = Traffic::start(&trio, Duration::from_millis(20)).unwrap();
+    traffic.progress("before the unmount", 15);
+    let shown = drops_of_b_at(&bpffs.path(), &run_dir).expect("palisade drops before");
+
+    assert!(bpffs.unmount());
+    agent.wait_status("the lost pins reported", REPAIR, |v| {
+        v["pin_problems"]
+            .to_string()
+            .contains("the agent lacks CAP_SYS_ADMIN")
+    });
+    assert!(
+        !bpffs.mounted(),
+        "the agent mounted bpffs without CAP_SYS_ADMIN"
+    );
+    let (ok, out, err) = cli_at(&bpffs.path(), &run_dir, &["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("pin problems")
+            && out.contains(&format!("mount -t bpf bpf {}", bpffs.path().display())),
+        "{out}"
+    );
+    traffic.progress("while the pins are gone", 15);
+
+    bpffs.mount();
+    let took = wait_repinned("mounted again", &layout, b.host_ifindex(), &ids, &|| {
+        format!("{:?}", agent.status())
+    });
+    eprintln!("{tag}: re-pinned {took:?} after the operator mounted bpffs");
+    agent.wait_status("problem cleared", REPAIR, |v| {
+        v["pin_problems"] == serde_json::json!([])
+    });
+    traffic.progress("after the pins are back", 15);
+    let now = drops_of_b_at(&bpffs.path(), &run_dir).expect("palisade drops after");
+    assert!(now > shown, "x/b's drop counter stopped: {shown} -> {now}");
+
+    let report = traffic.stop();
+    let counted = || dropped(&maps, slot, Some("ingress")) - drops_before;
     eprintln!(
         "{tag}: {}; counted as dropped {}",
         report.summary(),
