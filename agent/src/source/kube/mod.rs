@@ -292,7 +292,8 @@ fn relisting<K: Watched>(
 /// and a quiet kind (namespaces rarely change) would otherwise report an outage long
 /// over. The watcher retries within 60 s of a failure (30 s backoff, jittered) and a
 /// retry fails within kube's 30 s connect timeout, so silence this long means the
-/// retry succeeded.
+/// retry succeeded, or is hanging without an answer: an open watch that hangs looks like
+/// a quiet one, which no client can tell apart.
 pub const PROBLEM_QUIET: Duration = Duration::from_secs(120);
 
 /// The kinds' events merged into updates; see the module docs for the rules.
