@@ -110,6 +110,7 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         }
+        repin::raise_fd_limit();
         let mut dp = Self {
             layout,
             ebpf,

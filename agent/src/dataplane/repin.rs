@@ -109,6 +109,27 @@ impl Keeper {
     }
 }
 
+/// Raises the soft limit of open files to the hard one: the agent holds two link fds per
+/// local pod (up to `MAX_ENDPOINTS`, 2048), beyond the usual soft limit of 1024.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(
+                    error = %io::Error::last_os_error(),
+                    "cannot raise the open-file limit"
+                );
+            }
+        }
+    }
+}
+
 enum PinState {
     Ours,
     Missing,
