@@ -11,14 +11,18 @@ mod apiserver;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use apiserver::{
-    fixture_events, fixture_json, ApiServer, WatchStream, NAMESPACES, NETWORK_POLICIES, PODS, STEP,
+    fixture_events, fixture_json, gone, max_requests, ApiServer, WatchStream, NAMESPACES,
+    NETWORK_POLICIES, PODS, STEP,
 };
+use palisade::source::kube::PROBLEM_QUIET;
 use palisade::source::{spawn_kube, ObjectChange, Update};
 use palisade_policy::{Change, Compiler, PodRef};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 const TCP: u8 = 6;
 
@@ -484,4 +488,181 @@ fn cluster_role() -> Vec<(String, String, String)> {
         }
     }
     out
+}
+
+/// How long the API server is away in [`api_outage_changes_nothing_then_relists_into_the_new_world`].
+const OUTAGE: Duration = Duration::from_secs(300);
+
+#[tokio::test(start_paused = true)]
+async fn api_outage_changes_nothing_then_relists_into_the_new_world() {
+    let (client, mut api) = ApiServer::start();
+    let mut rx = spawn_kube(client);
+    let (changes, w) = first_sync(&mut api, &mut rx).await;
+    let mut compiler = Compiler::new("node-1", [ip("198.19.0.1")]);
+    compile(&mut compiler, changes);
+    let (a, b, client_pod, other) = (
+        ip("198.18.0.10"),
+        ip("198.18.0.11"),
+        ip("198.18.1.10"),
+        ip("198.18.1.11"),
+    );
+    let before = compiler.plan().canonical();
+    assert!(compiler.plan().verdict(client_pod, a, TCP, 80));
+    assert!(!compiler.plan().verdict(client_pod, a, TCP, 81));
+
+    // The API server goes away: the open watches break, and for five minutes every
+    // request fails: first refused connections, then 503s while it starts up again.
+    drop(w);
+    let requests = api.outage(OUTAGE, "1000").await;
+    let bound = max_requests(OUTAGE);
+    for resource in [NAMESPACES, NETWORK_POLICIES, PODS] {
+        let times = &requests[resource];
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        println!(
+            "{resource}: {} requests in {OUTAGE:?}, last gap {:?}",
+            times.len(),
+            gaps.last()
+        );
+        assert!(
+            (3..=bound).contains(&times.len()),
+            "{resource}: {} requests in {OUTAGE:?} (backoff allows at most {bound})",
+            times.len()
+        );
+        assert!(
+            *gaps.last().unwrap() >= Duration::from_secs(30),
+            "{resource}: retries not backed off to 30 s: {gaps:?}"
+        );
+    }
+
+    // What the agent got meanwhile: each kind's problem, and nothing to enforce
+    // differently. Its policy is what it was before the outage.
+    let mut problems = None;
+    while let Ok(update) = rx.try_recv() {
+        match update {
+            Update::Errors(e) => problems = Some(e),
+            other => panic!("update during the outage: {other:?}"),
+        }
+    }
+    let problems = problems.expect("the outage was not reported");
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    for (p, resource) in problems
+        .iter()
+        .zip(["namespaces", "networkpolicies", "pods"])
+    {
+        assert!(p.starts_with(&format!("cannot watch {resource}")), "{p}");
+        assert!(p.contains("503"), "{p}");
+    }
+    assert_eq!(compiler.plan().canonical(), before);
+
+    // The API server is back, having compacted past the agent's resume point, with a
+    // changed world: allow-client deleted, protect-db added, x/b relabelled tier=db
+    // (selected by protect-db), x/a relabelled, y/other gone.
+    let up_at = Instant::now();
+    let _namespaces = api.expect_watch(NAMESPACES, "1000").await.stream();
+    // Pods: the watch request itself is refused with 410.
+    api.expect_watch(PODS, "1000").await.reply(410, &gone());
+    let expired_at = Instant::now();
+    let mut page1 = fixture_json("pods-relist-page1.json");
+    page1["items"][0]["metadata"]["resourceVersion"] = json!("1460");
+    page1["items"][0]["metadata"]["labels"] = json!({"pod": "a", "tier": "web"});
+    let relist = api.expect_list(PODS, None).await;
+    // The API server answered: the relist follows after the shortest backoff (0.8 s,
+    // jittered up to 1.6 s), not the 30-60 s the outage had built up.
+    let relisted_after = expired_at.elapsed();
+    assert!(
+        relisted_after < Duration::from_millis(1600),
+        "pods relisted {relisted_after:?} after the 410"
+    );
+    relist.reply(200, &page1);
+    let page2 = api
+        .expect_list(PODS, page1["metadata"]["continue"].as_str())
+        .await;
+    // Half the relist is in: nothing is removed (or sent) before it is complete.
+    while let Ok(update) = rx.try_recv() {
+        assert!(
+            matches!(update, Update::Errors(_)),
+            "sent before the relist was complete: {update:?}"
+        );
+    }
+    page2.reply(200, &fixture_json("pods-relist-page2.json"));
+    let _pods = api.expect_watch(PODS, "1500").await.stream();
+    // Policies: the watch opens, then expires with an ERROR event.
+    let policies = api.expect_watch(NETWORK_POLICIES, "1000").await.stream();
+    policies.send(&json!({"type": "ERROR", "object": gone()}));
+    let expired_at = Instant::now();
+    let protect_db = json!({
+        "metadata": {"name": "protect-db", "namespace": "x", "resourceVersion": "1490"},
+        "spec": {"podSelector": {"matchLabels": {"tier": "db"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"namespaceSelector": {},
+                                        "podSelector": {"matchLabels": {"app": "client"}}}]}]}
+    });
+    let relist = api.expect_list(NETWORK_POLICIES, None).await;
+    let relisted_after = expired_at.elapsed();
+    assert!(
+        relisted_after < Duration::from_millis(1600),
+        "policies relisted {relisted_after:?} after the 410"
+    );
+    relist.reply(
+        200,
+        &json!({"kind": "NetworkPolicyList", "apiVersion": "networking.k8s.io/v1",
+                "metadata": {"resourceVersion": "1500"}, "items": [protect_db]}),
+    );
+    let _policies = api.expect_watch(NETWORK_POLICIES, "1500").await.stream();
+
+    // The agent converges on the new world. Pods and policies delivered, so their
+    // problems are gone; namespaces' watch resumed and has been quiet since: its problem
+    // goes once no request failed for PROBLEM_QUIET.
+    let deadline = up_at + PROBLEM_QUIET + STEP;
+    let mut got: Vec<(String, Option<String>)> = Vec::new();
+    let mut problems = vec!["not cleared".to_string()];
+    let (mut converged, mut cleared) = (None, None);
+    while got.len() < 5 || !problems.is_empty() {
+        let update = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("not converged: {got:?}, problems {problems:?}"))
+            .expect("source ended");
+        match update {
+            Update::Changes(c) => {
+                got.extend(
+                    summary(&c)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.map(str::to_string))),
+                );
+                compile(&mut compiler, c);
+                converged = Some(up_at.elapsed());
+            }
+            Update::Errors(e) => {
+                problems = e;
+                cleared = Some(up_at.elapsed());
+            }
+            Update::Synced => panic!("synced twice"),
+        }
+    }
+    println!(
+        "after the API server came back: changes in {converged:?}, problems cleared in {cleared:?}"
+    );
+    got.sort();
+    let want: Vec<(String, Option<String>)> = [
+        ("NetworkPolicy/x/allow-client", None),
+        ("NetworkPolicy/x/protect-db", Some("1490")),
+        ("Pod/x/a", Some("1460")),
+        ("Pod/x/b", Some("1450")),
+        ("Pod/y/other", None),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+    .collect();
+    assert_eq!(got, want);
+    let plan = compiler.plan();
+    assert!(plan.verdict(client_pod, a, TCP, 81), "x/a is open again");
+    assert!(
+        plan.verdict(client_pod, b, TCP, 80),
+        "client may reach the db"
+    );
+    assert!(!plan.verdict(other, b, TCP, 80), "y/other is gone: no peer");
+    assert!(
+        !plan.verdict(ip("198.18.1.12"), b, TCP, 80),
+        "the db is isolated"
+    );
+    assert_quiet(&mut rx);
 }

@@ -70,6 +70,13 @@ impl AgentDirs {
         })
     }
 
+    /// Fresh directories with the pins in `pins` (e.g. on a private bpffs).
+    pub fn with_pins(tag: &str, pins: PinDir) -> Result<AgentDirs> {
+        let mut dirs = AgentDirs::new(tag, None)?;
+        dirs.pins = pins;
+        Ok(dirs)
+    }
+
     /// The agent's `status.json`, if it wrote one.
     pub fn status(&self) -> Option<Value> {
         serde_json::from_slice(&std::fs::read(self.run_dir.join("status.json")).ok()?).ok()

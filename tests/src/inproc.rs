@@ -44,12 +44,23 @@ pub struct InProcessAgent {
 impl InProcessAgent {
     /// Starts the agent in `node`; returns at once (wait on the status for what you need).
     pub fn spawn(node: &NetNs, cfg: AgentConfig) -> InProcessAgent {
+        Self::spawn_with(node, cfg, || {})
+    }
+
+    /// Like [`InProcessAgent::spawn`], running `setup` first on the agent's thread (e.g. to
+    /// drop capabilities, which its runtime's threads then inherit).
+    pub fn spawn_with(
+        node: &NetNs,
+        cfg: AgentConfig,
+        setup: impl FnOnce() + Send + 'static,
+    ) -> InProcessAgent {
         let run_dir = cfg.run_dir.clone();
         // The status of an earlier agent on the same run dir is not this one's.
         let _ = std::fs::remove_file(run_dir.join("status.json"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = node
             .spawn(move || {
+                setup();
                 // Threads the runtime starts inherit this thread's network namespace.
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(1)

@@ -25,6 +25,13 @@ impl PinDir {
         }
     }
 
+    /// Pins under `root` (e.g. a [`PrivateBpffs`]), removed on drop like any other.
+    pub fn at(root: PathBuf) -> PinDir {
+        PinDir {
+            layout: Layout::new(root),
+        }
+    }
+
     pub fn layout(&self) -> Layout {
         self.layout.clone()
     }
@@ -57,5 +64,75 @@ fn ensure_bpffs() {
             .status()
             .expect("run mount");
         assert!(status.success(), "cannot mount bpffs at /sys/fs/bpf");
+    }
+}
+
+/// A bpffs instance of its own, mounted on a fresh directory: a test can remove every pin
+/// or unmount it without touching /sys/fs/bpf. On drop, every bpffs mounted there (the
+/// agent under test may mount one again) is unmounted and the directory removed; declare
+/// it before the `PinDir` using it, so the pins are cleaned up first.
+pub struct PrivateBpffs {
+    dir: PathBuf,
+}
+
+impl PrivateBpffs {
+    /// `<tmp>/palisade-bpffs-<tag>-<pid>-<n>`, mounted.
+    pub fn new(tag: &str) -> PrivateBpffs {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "palisade-bpffs-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir for bpffs");
+        let fs = PrivateBpffs { dir };
+        fs.mount();
+        fs
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    /// Whether a bpffs is mounted on the directory.
+    pub fn mounted(&self) -> bool {
+        palisade::dataplane::fs_magic(&self.dir) == Some(palisade::dataplane::BPF_FS_MAGIC)
+    }
+
+    pub fn mount(&self) {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&self.dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount bpffs on {}",
+            self.dir.display()
+        );
+    }
+
+    /// Unmounts the topmost bpffs on the directory; false if that failed.
+    pub fn unmount(&self) -> bool {
+        std::process::Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        // Bounded: a mount that cannot go (busy) is reported, not waited for.
+        for _ in 0..8 {
+            if !self.mounted() || !self.unmount() {
+                break;
+            }
+        }
+        if self.mounted() {
+            eprintln!("bpffs still mounted on {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
     }
 }

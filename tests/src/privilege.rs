@@ -34,3 +34,40 @@ fn effective_caps() -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }
+
+/// Drops CAP_SYS_ADMIN from the calling thread's effective set, as the DaemonSet's agent
+/// runs. Threads it starts inherit that; the rest of the process keeps the capability
+/// (capabilities are per thread on Linux).
+pub fn drop_cap_sys_admin_from_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset of the calling thread with version-3 buffers.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0,
+            "capget"
+        );
+        data[0].effective &= !(1 << CAP_SYS_ADMIN);
+        assert_eq!(
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+            0,
+            "capset"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use palisade::dataplane::{detach, read_counters, Dataplane, LoadOptions};
+use palisade::dataplane::{read_counters, Dataplane, LoadOptions};
 use palisade_common::{Config, Endpoint, EP_ISOLATED_INGRESS};
 use palisade_tests::pins::PinDir;
 use palisade_tests::{require_root, tcp_connect, Family, Flavour, Node, ProbeError, Server};
@@ -70,7 +70,7 @@ fn isolate_ingress_drops_and_counts(flavour: Flavour, tag: &str) {
     );
 
     // Detaching restores traffic.
-    detach(&pins.layout(), ifindex).unwrap();
+    dp.detach(ifindex).unwrap();
     assert_eq!(
         tcp_connect(a.ns(), b.ip(Family::V4), 80, T).as_deref(),
         Ok("x/b")

@@ -9,7 +9,7 @@ mod apiserver;
 
 use std::time::Duration;
 
-use apiserver::{ApiServer, WatchStream, NAMESPACES, NETWORK_POLICIES, PODS};
+use apiserver::{gone, max_requests, ApiServer, WatchStream, NAMESPACES, NETWORK_POLICIES, PODS};
 use palisade::source::{KubeConnection, SourceSpec};
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
@@ -117,12 +117,18 @@ fn model_lists(model: &Model) -> (Value, Value) {
 
 const DENY_INGRESS_X: &str = r#"{"metadata": {"name": "deny-ingress", "namespace": "x",
     "resourceVersion": "600"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}"#;
+const DENY_INGRESS_Y: &str = r#"{"metadata": {"name": "deny-ingress", "namespace": "y",
+    "resourceVersion": "790"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}"#;
 
-fn policy_event(kind: &str, policy: &str) -> Value {
-    let mut obj: Value = serde_json::from_str(policy).unwrap();
+fn policy(json: &str) -> Value {
+    let mut obj: Value = serde_json::from_str(json).unwrap();
     obj["kind"] = json!("NetworkPolicy");
     obj["apiVersion"] = json!("networking.k8s.io/v1");
-    json!({"type": kind, "object": obj})
+    obj
+}
+
+fn policy_event(kind: &str, json: &str) -> Value {
+    json!({"type": kind, "object": policy(json)})
 }
 
 fn programmed(v: &Value, key: &str) -> Option<String> {
@@ -196,4 +202,132 @@ fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
 #[test]
 fn kube_source_drives_the_matrix_on_a_routed_node() {
     kube_source_drives_the_matrix(Flavour::Routed, "kbrt");
+}
+
+/// How long the API server is away in the whole-agent outage test: real time, so short,
+/// but long enough for the backoff to double three times.
+const OUTAGE: Duration = Duration::from_secs(8);
+
+fn kube_outage_keeps_enforcing_then_converges(flavour: Flavour, tag: &str) {
+    require_root();
+    let api_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let model = Model::new(tag, flavour).unwrap();
+    let (client, mut api) = api_rt.block_on(async { ApiServer::start() });
+    let agent = AgentGuard::start(&model, tag, client);
+
+    // First sync: x closed by deny-ingress.
+    let (namespaces, pods) = model_lists(&model);
+    let policies: WatchStream = api_rt.block_on(async {
+        api.expect_list(NAMESPACES, None)
+            .await
+            .reply(200, &namespaces);
+        api.expect_list(PODS, None).await.reply(200, &pods);
+        api.expect_list(NETWORK_POLICIES, None).await.reply(
+            200,
+            &list(
+                "NetworkPolicyList",
+                "networking.k8s.io/v1",
+                vec![policy(DENY_INGRESS_X)],
+            ),
+        );
+        api.expect_watch(NETWORK_POLICIES, "500").await.stream()
+    });
+    agent.wait_status("first sync programmed", |v| {
+        v["synced"] == true
+            && programmed(v, "NetworkPolicy/x/deny-ingress").as_deref() == Some("600")
+            && programmed(v, "Pod/z/c").is_some()
+    });
+    let mut x_closed = model.expect(true);
+    for p in ["x/a", "x/b", "x/c"] {
+        x_closed.set_to(p, false);
+    }
+    model.assert_reach(&x_closed, 80, Proto::Tcp);
+    let before = agent.agent.status().unwrap()["programmed"].clone();
+
+    // The API server goes away (the open watch breaks, every request fails) while the
+    // matrix is probed: enforcement is what it was, and the status says why nothing moves.
+    drop(policies);
+    let outage = api_rt.spawn(async move {
+        let requests = api.outage(OUTAGE, "500").await;
+        (api, requests)
+    });
+    agent.wait_status("outage reported", |v| {
+        v["source_errors"].as_array().is_some_and(|e| e.len() == 3)
+    });
+    model.assert_reach(&x_closed, 80, Proto::Tcp);
+    let (mut api, requests) = api_rt.block_on(outage).unwrap();
+    let st = agent.agent.status().unwrap();
+    assert_eq!(
+        st["programmed"], before,
+        "programmed changed during the outage"
+    );
+    let bound = max_requests(OUTAGE);
+    for resource in [NAMESPACES, NETWORK_POLICIES, PODS] {
+        let n = requests.get(resource).map_or(0, Vec::len);
+        eprintln!("{tag}: {resource}: {n} requests in {OUTAGE:?} (backoff allows {bound})");
+        assert!((2..=bound).contains(&n), "{resource}: {n} requests");
+    }
+
+    // Back, having compacted past the agent's resume point, with a changed world:
+    // deny-ingress moved from x to y, x/b relabelled, y/remote gone.
+    let up_at = std::time::Instant::now();
+    let (namespaces, mut pods) = model_lists(&model);
+    pods["metadata"]["resourceVersion"] = json!("800");
+    let items = pods["items"].as_array_mut().unwrap();
+    items.retain(|p| p["metadata"]["name"] != "remote");
+    for p in items.iter_mut() {
+        if p["metadata"]["namespace"] == "x" && p["metadata"]["name"] == "b" {
+            p["metadata"]["resourceVersion"] = json!("780");
+            p["metadata"]["labels"]["tier"] = json!("db");
+        }
+    }
+    let _watches = api_rt.block_on(async {
+        // Namespaces resume and deliver a change (which also proves the watch is back).
+        let ns_watch = api.expect_watch(NAMESPACES, "500").await.stream();
+        let mut z = namespaces["items"][2].clone();
+        z["metadata"]["resourceVersion"] = json!("810");
+        ns_watch.send(&json!({"type": "MODIFIED", "object": z}));
+        // Pods: the watch request is refused with 410; a new list.
+        api.expect_watch(PODS, "500").await.reply(410, &gone());
+        api.expect_list(PODS, None).await.reply(200, &pods);
+        let pod_watch = api.expect_watch(PODS, "800").await.stream();
+        // Policies: the watch opens and expires with an ERROR event; a new list.
+        let np = api.expect_watch(NETWORK_POLICIES, "500").await.stream();
+        np.send(&json!({"type": "ERROR", "object": gone()}));
+        api.expect_list(NETWORK_POLICIES, None).await.reply(
+            200,
+            &json!({"kind": "NetworkPolicyList", "apiVersion": "networking.k8s.io/v1",
+                    "metadata": {"resourceVersion": "800"}, "items": [policy(DENY_INGRESS_Y)]}),
+        );
+        let np_watch = api.expect_watch(NETWORK_POLICIES, "800").await.stream();
+        (ns_watch, pod_watch, np_watch)
+    });
+    agent.wait_status("the new world programmed, problems cleared", |v| {
+        programmed(v, "NetworkPolicy/y/deny-ingress").as_deref() == Some("790")
+            && programmed(v, "NetworkPolicy/x/deny-ingress").is_none()
+            && programmed(v, "Pod/x/b").as_deref() == Some("780")
+            && programmed(v, "Pod/y/remote").is_none()
+            && programmed(v, "Namespace/z").as_deref() == Some("810")
+            && v["source_errors"] == json!([])
+    });
+    eprintln!(
+        "{tag}: converged {:?} after the API server came back",
+        up_at.elapsed()
+    );
+    let mut y_closed = model.expect(true);
+    for p in ["y/a", "y/b", "y/c"] {
+        y_closed.set_to(p, false);
+    }
+    model.assert_reach(&y_closed, 80, Proto::Tcp);
+    drop(agent);
+    drop(api_rt);
+}
+
+#[test]
+fn kube_api_outage_keeps_enforcing_then_converges_on_a_routed_node() {
+    kube_outage_keeps_enforcing_then_converges(Flavour::Routed, "kbout");
 }

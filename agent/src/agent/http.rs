@@ -1,5 +1,5 @@
 //! The agent's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the agent loop is
-//! turning), `/readyz` (the first full sync is programmed). Plain HTTP/1.1 on one address;
+//! turning), `/readyz` (the first full sync is programmed and the pins are in place). Plain HTTP/1.1 on one address;
 //! it binds to loopback unless told otherwise, since the counters name every local pod.
 
 use std::net::SocketAddr;
@@ -72,12 +72,14 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> 
             "agent loop stalled\n".into(),
             "text/plain",
         ),
-        "/readyz" if health.ready() => (StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "first sync not programmed yet\n".into(),
-            "text/plain",
-        ),
+        "/readyz" => match health.not_ready() {
+            None => (StatusCode::OK, "ready\n".into(), "text/plain"),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{why}\n"),
+                "text/plain",
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "try /metrics, /healthz or /readyz\n".into(),

@@ -117,6 +117,7 @@ pub struct Metrics {
     pub source_errors: Gauge,
     pub reconcile_errors: Counter,
     pub synced: Gauge,
+    pub pin_problems: Gauge,
     health: Health,
     pods: Arc<Mutex<BTreeMap<u32, (String, String)>>>,
 }
@@ -125,6 +126,8 @@ pub struct Metrics {
 #[derive(Clone)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    /// Pins are missing and could not be put back (see `dataplane::repin`).
+    pins_broken: Arc<AtomicBool>,
     /// Milliseconds since `epoch` of the agent loop's last turn.
     heartbeat_ms: Arc<AtomicU64>,
     epoch: Instant,
@@ -134,6 +137,7 @@ impl Default for Health {
     fn default() -> Self {
         Self {
             ready: Arc::default(),
+            pins_broken: Arc::default(),
             heartbeat_ms: Arc::default(),
             epoch: Instant::now(),
         }
@@ -150,9 +154,24 @@ impl Health {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Ready once the first full sync is programmed.
+    pub fn set_pins_broken(&self, broken: bool) {
+        self.pins_broken.store(broken, Ordering::Release);
+    }
+
+    /// Ready once the first full sync is programmed, while the pins are in place.
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.not_ready().is_none()
+    }
+
+    /// Why the agent is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Acquire) {
+            Some("first sync not programmed yet")
+        } else if self.pins_broken.load(Ordering::Acquire) {
+            Some("pins missing and not repairable (see palisade status)")
+        } else {
+            None
+        }
     }
 
     /// Alive while the agent loop keeps turning (it ticks several times a second).
@@ -235,6 +254,12 @@ impl Metrics {
             "1 once the first full sync is programmed",
             synced.clone(),
         );
+        let pin_problems = Gauge::default();
+        registry.register(
+            "pin_problems",
+            "Pins on bpffs that are missing and could not be put back",
+            pin_problems.clone(),
+        );
         let pods = Arc::new(Mutex::new(BTreeMap::new()));
         registry.register_collector(Box::new(PacketCollector {
             maps: Mutex::new(maps),
@@ -253,6 +278,7 @@ impl Metrics {
             source_errors,
             reconcile_errors,
             synced,
+            pin_problems,
             health: Health::default(),
             pods,
         }
@@ -324,6 +350,7 @@ impl Metrics {
         self.rejected.set(status.rejected.len() as i64);
         self.source_errors.set(status.source_errors.len() as i64);
         self.synced.set(i64::from(status.synced));
+        self.pin_problems.set(status.pin_problems.len() as i64);
         let wired = rec
             .endpoints
             .values()

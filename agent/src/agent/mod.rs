@@ -4,6 +4,7 @@ pub mod http;
 mod links;
 pub mod metrics;
 pub mod netdev;
+mod pins;
 mod reconcile;
 mod shortfall;
 pub mod status;
@@ -134,7 +135,8 @@ pub async fn run_until(
     )?;
 
     tokio::pin!(stop);
-    // Liveness for /healthz: the loop turns at least this often.
+    // Liveness for /healthz: the loop turns at least this often. Each turn also puts back
+    // pins that went missing (see `pins`).
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
         tokio::select! {
@@ -188,7 +190,12 @@ pub async fn run_until(
                     publish(&cfg, &rec, &compiler, &versions, &caps, &metrics, &mut status)?;
                 }
             }
-            _ = heartbeat.tick() => health.beat(),
+            _ = heartbeat.tick() => {
+                health.beat();
+                if pins::check(&mut rec.dp, &mut status, &health) {
+                    publish(&cfg, &rec, &compiler, &versions, &caps, &metrics, &mut status)?;
+                }
+            }
             _ = &mut stop => break,
         }
     }

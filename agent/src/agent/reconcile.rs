@@ -68,7 +68,7 @@ use palisade_policy::{Change, LocalPods, Plan, PlanDiff, PodRef};
 use super::links::{NetlinkError, Query};
 use super::netdev::{Event, HostNet};
 use super::shortfall::{self, Shortfall};
-use crate::dataplane::{attached_ifindexes, detach, Dataplane, DataplaneError, Maps};
+use crate::dataplane::{attached_ifindexes, Dataplane, DataplaneError, Maps};
 
 /// The slot of quarantined interfaces: no allow entry ever uses it, so everything an
 /// isolated direction sees there is dropped (and counted under it).
@@ -658,7 +658,7 @@ impl Reconciler {
             return Ok(());
         };
         self.maps.remove_endpoint(ifindex)?;
-        detach(self.dp.layout(), ifindex)?;
+        self.dp.detach(ifindex)?;
         if vanished {
             tracing::info!(pod = %pod, ifindex, "pod interface gone");
             self.lost.insert(pod.clone());
@@ -867,7 +867,7 @@ impl Reconciler {
                 continue; // its pod's entry replaced the quarantine one
             }
             self.maps.remove_endpoint(ifindex)?;
-            detach(self.dp.layout(), ifindex)?;
+            self.dp.detach(ifindex)?;
             tracing::info!(ifindex, "interface released from quarantine");
             changed = true;
         }
@@ -890,7 +890,7 @@ impl Reconciler {
         }
         for ifindex in attached_ifindexes(self.dp.layout()) {
             if !ours.contains(&ifindex) {
-                detach(self.dp.layout(), ifindex)?;
+                self.dp.detach(ifindex)?;
             }
         }
         self.used_slots = self.endpoints.values().map(|e| e.slot).collect();

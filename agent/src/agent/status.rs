@@ -1,7 +1,22 @@
 //! The status the agent publishes after every reconcile, atomically (write + rename), in
 //! its run directory. `palisade status --json` prints it; its shape is a contract:
 //! `programmed` maps `Kind/namespace/name` to the resourceVersion the kernel reflects.
+//!
+//! # Who may write it
+//!
+//! The CLI believes what the status says (which pod a counter belongs to, which source
+//! the agent follows), so only root or the reading user may have written it. The agent
+//! keeps its run directory `0700` and owned by itself (creating it so, tightening it with
+//! a warning otherwise) and writes the status `0600` through a fresh temporary file that
+//! is never a symlink. The CLI refuses a run directory or status file that any user can
+//! write, or that belongs to someone other than root or itself, naming the path and the
+//! fix ([`StatusError::Untrusted`]).
 
+use std::io::Write as _;
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
+use std::path::PathBuf;
 use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +46,10 @@ pub struct Status {
     /// but none is identified yet (see the quarantine rule in the README).
     #[serde(default)]
     pub quarantined: Vec<QuarantinedStatus>,
+    /// Pins on bpffs that are missing and could not be put back: the CLI, the next agent
+    /// and `--cleanup` cannot reach those objects (enforcement is unaffected).
+    #[serde(default)]
+    pub pin_problems: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -93,24 +112,169 @@ pub struct EndpointStatus {
     pub isolated_egress_by: Vec<String>,
 }
 
+/// Why a status cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a status the agent wrote: {source}", path.display())]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("refusing to trust {}: {why}; fix: {fix}", path.display())]
+    Untrusted {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
+}
+
 impl Status {
-    pub fn read(run_dir: &Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(run_dir.join(STATUS_FILE))?;
-        Ok(serde_json::from_slice(&bytes)?)
+    /// Reads the status in `run_dir`, if the directory and the file are trustworthy (see
+    /// the module docs).
+    pub fn read(run_dir: &Path) -> Result<Self, StatusError> {
+        let unreadable = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StatusError::Unreadable { path, source }
+        };
+        let dir = std::fs::metadata(run_dir).map_err(unreadable(run_dir))?;
+        let me = euid();
+        if let Some(why) = distrust(dir.mode(), dir.uid(), me) {
+            return Err(untrusted(
+                run_dir,
+                why,
+                dir.uid() != 0 && dir.uid() != me,
+                true,
+            ));
+        }
+        let path = run_dir.join(STATUS_FILE);
+        let file = std::fs::File::open(&path).map_err(unreadable(&path))?;
+        let meta = file.metadata().map_err(unreadable(&path))?;
+        if let Some(why) = distrust(meta.mode(), meta.uid(), me) {
+            return Err(untrusted(
+                &path,
+                why,
+                meta.uid() != 0 && meta.uid() != me,
+                false,
+            ));
+        }
+        serde_json::from_reader(std::io::BufReader::new(file))
+            .map_err(|source| StatusError::Malformed { path, source })
     }
 
+    /// Publishes the status: run directory `0700`, file `0600`, replaced atomically.
     pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(run_dir)?;
+        private_dir(run_dir)?;
         let tmp = run_dir.join(format!(".{STATUS_FILE}.tmp"));
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // A new file (O_EXCL never follows a symlink), readable by the agent's user only.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
         // Streamed: at 100,000 objects the text is megabytes, not worth holding.
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut out = std::io::BufWriter::new(f);
         serde_json::to_writer_pretty(&mut out, self)?;
-        std::io::Write::flush(&mut out)?;
+        out.flush()?;
         drop(out);
         std::fs::rename(tmp, run_dir.join(STATUS_FILE))
     }
 
     pub fn agent_alive(&self) -> bool {
         Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Why a file or directory with `mode` owned by `owner` cannot be trusted by user `me`.
+fn distrust(mode: u32, owner: u32, me: u32) -> Option<String> {
+    if mode & 0o002 != 0 {
+        return Some(format!(
+            "it is world-writable (mode {:04o}), so any user could have written it",
+            mode & 0o7777
+        ));
+    }
+    if owner != 0 && owner != me {
+        return Some(format!(
+            "it is owned by uid {owner}, neither root nor you (uid {me})"
+        ));
+    }
+    None
+}
+
+fn untrusted(path: &Path, why: String, foreign_owner: bool, dir: bool) -> StatusError {
+    let p = path.display();
+    let fix = match (foreign_owner, dir) {
+        (true, _) => format!("chown root {p} (or pass the agent's --run-dir)"),
+        (false, true) => format!("chmod 0700 {p} (the agent creates it so)"),
+        (false, false) => format!("chmod 0600 {p} (the agent writes it so)"),
+    };
+    StatusError::Untrusted {
+        path: path.to_path_buf(),
+        why,
+        fix,
+    }
+}
+
+/// Creates `dir` `0700`, or makes an existing one `0700` and the agent's own, warning
+/// about what it had to change.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let meta = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        other => other?,
+    };
+    let me = euid();
+    if meta.uid() != me {
+        tracing::warn!(dir = %dir.display(), owner = meta.uid(), "run directory owned by another user; taking it over");
+        std::os::unix::fs::chown(dir, Some(me), None)?;
+    }
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:04o}", meta.mode() & 0o7777),
+            "run directory readable or writable by others; tightening it to 0700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn world_writable_or_foreign_is_distrusted() {
+        assert_eq!(distrust(0o40700, 0, 0), None);
+        assert_eq!(distrust(0o40755, 1000, 1000), None);
+        let why = distrust(0o41777, 0, 0).unwrap();
+        assert!(why.contains("world-writable (mode 1777)"), "{why}");
+        let why = distrust(0o40700, 1000, 0).unwrap();
+        assert!(
+            why.contains("owned by uid 1000, neither root nor you (uid 0)"),
+            "{why}"
+        );
+        // Root's files are trusted by everyone; group-writable is the owner's choice.
+        assert_eq!(distrust(0o100660, 0, 1000), None);
     }
 }

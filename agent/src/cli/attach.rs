@@ -7,7 +7,7 @@ use clap::ValueEnum;
 use palisade_common::{Config, Endpoint, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, MAX_ENDPOINTS};
 
 use super::Dirs;
-use crate::dataplane::{detach, ifindex_of, Dataplane, LoadOptions};
+use crate::dataplane::{ifindex_of, Dataplane, LoadOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct AttachArgs {
@@ -41,9 +41,8 @@ impl Isolate {
 }
 
 pub fn run(args: AttachArgs) -> anyhow::Result<()> {
-    let layout = args.dirs.layout();
     let ifindex = ifindex_of(&args.interface)?;
-    let mut dp = Dataplane::load(layout.clone(), &LoadOptions::default())?;
+    let mut dp = Dataplane::load(args.dirs.layout(), &LoadOptions::default())?;
     let mut maps = dp.maps()?;
     let used: Vec<u32> = maps
         .endpoints
@@ -74,7 +73,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(wait_for_signal())?;
-    detach(&layout, ifindex)?;
+    dp.detach(ifindex)?;
     maps.remove_endpoint(ifindex)?;
     println!("detached from {}", args.interface);
     Ok(())

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{Dirs, Filters};
-use crate::agent::status::Status;
 use crate::dataplane::{read_counters, Maps};
 
 #[derive(clap::Args, Debug)]
@@ -77,7 +76,7 @@ pub fn run(args: DropsArgs) -> anyhow::Result<()> {
 
 fn collect(args: &DropsArgs, maps: &Maps) -> anyhow::Result<Vec<Row>> {
     // Names come from the agent's status; without it, slots are shown as they are.
-    let names: BTreeMap<u32, String> = Status::read(&args.dirs.run_dir)
+    let names: BTreeMap<u32, String> = super::status::for_names(&args.dirs)?
         .map(|s| s.endpoints.into_iter().map(|e| (e.slot, e.pod)).collect())
         .unwrap_or_default();
     let slots: Vec<u32> = maps

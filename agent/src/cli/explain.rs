@@ -178,12 +178,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<bool> {
 /// Points `args` at what the running agent enforces: its source, its node and this node's
 /// addresses (the CLI runs on the node, or with --netns in the node's namespace).
 fn live_source(args: &mut ExplainArgs) -> anyhow::Result<()> {
-    let status = crate::agent::Status::read(&args.dirs.run_dir).with_context(|| {
-        format!(
-            "is the agent running on this node? (no status in {}); or pass --manifests DIR to judge offline",
-            args.dirs.run_dir.display()
-        )
-    })?;
+    let status = super::status::read(&args.dirs, "; or pass --manifests DIR to judge offline")?;
     let Some(dir) = status.source.strip_prefix("manifests:") else {
         anyhow::bail!(
             "the agent follows {}; explaining against it needs its objects: pass --manifests DIR",

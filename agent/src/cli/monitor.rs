@@ -16,7 +16,6 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
 use super::{Dirs, Filters};
-use crate::agent::status::Status;
 use crate::dataplane::{open_pinned, DataplaneError};
 
 #[derive(clap::Args, Debug)]
@@ -66,9 +65,10 @@ struct Names {
 }
 
 impl Names {
-    fn load(dirs: &Dirs) -> Self {
-        let Ok(status) = Status::read(&dirs.run_dir) else {
-            return Self::default();
+    /// Names from the agent's status (none without one; an error if it is untrusted).
+    fn load(dirs: &Dirs) -> anyhow::Result<Self> {
+        let Some(status) = super::status::for_names(dirs)? else {
+            return Ok(Self::default());
         };
         let mut names = Self::default();
         for e in status.endpoints {
@@ -80,7 +80,7 @@ impl Names {
                 .insert(e.slot, (e.isolated_ingress_by, e.isolated_egress_by));
             names.slots.insert(e.slot, e.pod);
         }
-        names
+        Ok(names)
     }
 
     fn addr(&self, ip: IpAddr) -> String {
@@ -158,7 +158,7 @@ pub async fn stream(
     // SAFETY: RingBuf owns its map fd for its whole life, and the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
-    let mut names = Names::load(&args.dirs);
+    let mut names = Names::load(&args.dirs)?;
     let deadline = args
         .duration
         .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
@@ -179,7 +179,7 @@ pub async fn stream(
                     let Some(raw) = parse_event(&item) else { continue };
                     // A pod that appeared after the monitor started: reload names once.
                     if !refreshed && !names.slots.contains_key(&raw.slot) {
-                        names = Names::load(&args.dirs);
+                        names = Names::load(&args.dirs)?;
                         refreshed = true;
                     }
                     let ev = describe(&raw, &names);

@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 
 use super::Dirs;
-use crate::agent::status::Status;
+use crate::agent::status::{Status, StatusError};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -14,13 +14,34 @@ pub struct StatusArgs {
     pub dirs: Dirs,
 }
 
+/// The agent's status for a command that needs it: an untrusted run directory is its own
+/// error (naming the path and the fix); any other failure asks whether the agent runs,
+/// followed by `hint`.
+pub(super) fn read(dirs: &Dirs, hint: &str) -> anyhow::Result<Status> {
+    match Status::read(&dirs.run_dir) {
+        Ok(s) => Ok(s),
+        Err(e @ StatusError::Untrusted { .. }) => Err(e.into()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "is the agent running on this node? (no status in {}){hint}",
+                dirs.run_dir.display()
+            )
+        }),
+    }
+}
+
+/// The agent's status for naming pods, if there is one: commands that read the maps
+/// work without it, but never on an untrusted one.
+pub(super) fn for_names(dirs: &Dirs) -> anyhow::Result<Option<Status>> {
+    match Status::read(&dirs.run_dir) {
+        Ok(s) => Ok(Some(s)),
+        Err(e @ StatusError::Untrusted { .. }) => Err(e.into()),
+        Err(_) => Ok(None),
+    }
+}
+
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let status = Status::read(&args.dirs.run_dir).with_context(|| {
-        format!(
-            "is the agent running on this node? (no status in {})",
-            args.dirs.run_dir.display()
-        )
-    })?;
+    let status = read(&args.dirs, "")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -62,6 +83,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
         if !e.prefixes.is_empty() {
             println!("  prefixes not written: {}", e.prefixes.join(", "));
+        }
+    }
+    if !status.pin_problems.is_empty() {
+        println!(
+            "pin problems (enforcement continues; drops, monitor, restarts cannot reach these):"
+        );
+        for e in &status.pin_problems {
+            println!("  error: {e}");
         }
     }
     if !status.source_errors.is_empty() {

@@ -14,6 +14,7 @@ mod error;
 mod layout;
 mod maps;
 mod preflight;
+mod repin;
 mod service;
 mod sys;
 pub mod testrun;
@@ -31,7 +32,8 @@ pub use error::DataplaneError;
 pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
 pub(crate) use maps::open as open_pinned;
 pub use maps::{map_ids, Maps};
-pub use preflight::TCX_SINCE;
+pub use preflight::{fs_magic, BPF_FS_MAGIC, TCX_SINCE};
+pub use repin::PinReport;
 pub use service::{
     default_route_devices, parse_mark_mask, program_services, MarkedRun, ServiceOptions,
 };
@@ -62,6 +64,9 @@ impl Default for LoadOptions {
 pub struct Dataplane {
     layout: Layout,
     ebpf: Ebpf,
+    /// An fd of every map and link pinned under `layout`, to pin them again if their pins
+    /// go (see `repin`); links attached by this dataplane stay attached while it lives.
+    pins: repin::Keeper,
 }
 
 impl Dataplane {
@@ -114,7 +119,15 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         }
-        let dp = Self { layout, ebpf };
+        repin::raise_fd_limit();
+        let mut dp = Self {
+            layout,
+            ebpf,
+            pins: repin::Keeper::default(),
+        };
+        for name in names::PINNED {
+            dp.hold(dp.layout.map(name))?;
+        }
         dp.retire_unlinked()?;
         Ok(dp)
     }
@@ -130,8 +143,31 @@ impl Dataplane {
         for hook in Hook::ALL {
             let prog = program(&mut self.ebpf, hook)?;
             attach::attach(prog, ifindex, hook, &self.layout)?;
+            self.hold(self.layout.link(ifindex, hook))?;
         }
         self.retire_unlinked()
+    }
+
+    /// Detaches Palisade from the interface (see [`detach`]), letting go of the links
+    /// this dataplane held.
+    pub fn detach(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        for hook in Hook::ALL {
+            self.pins.release(&self.layout.link(ifindex, hook));
+        }
+        detach(&self.layout, ifindex)
+    }
+
+    /// Keeps the object pinned at `path` (see `repin`).
+    fn hold(&mut self, path: std::path::PathBuf) -> Result<(), DataplaneError> {
+        self.pins
+            .hold(path.clone())
+            .map_err(|source| DataplaneError::Io { path, source })
+    }
+
+    /// Puts back every pin of this dataplane that went missing, mounting bpffs again if
+    /// it was unmounted (see `repin`).
+    pub fn check_pins(&mut self) -> PinReport {
+        self.pins.check(self.layout.root())
     }
 
     /// Retires the other layout versions that no longer have links.

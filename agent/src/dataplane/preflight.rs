@@ -19,7 +19,8 @@ use super::{sys, DataplaneError};
 /// First kernel with TCX (`BPF_TCX_INGRESS`/`EGRESS` links).
 pub const TCX_SINCE: KernelVersion = KernelVersion::new(6, 6, 0);
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// `f_type` of bpffs in statfs(2).
+pub const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Runs every check, in the order a person would fix them.
 pub fn preflight(root: &Path) -> Result<(), DataplaneError> {
@@ -51,7 +52,8 @@ fn bpffs(root: &Path) -> Result<(), DataplaneError> {
     }
 }
 
-fn fs_magic(path: &Path) -> Option<i64> {
+/// The filesystem type (statfs `f_type`) of `path`.
+pub fn fs_magic(path: &Path) -> Option<i64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into a zeroed struct we own; the path is NUL-terminated.
     unsafe {

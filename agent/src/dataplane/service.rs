@@ -190,7 +190,8 @@ impl Dataplane {
         let ifindex = super::ifindex_of(ifname)?;
         let pin = self.layout.links_dir().join(format!("uplink-{ifindex}"));
         let prog = self.uplink_program()?;
-        super::attach::attach_pinned(prog, ifname, TcAttachType::Egress, &pin)
+        super::attach::attach_pinned(prog, ifname, TcAttachType::Egress, &pin)?;
+        self.hold(pin)
     }
 
     /// Runs a pod hook (`Some(hook)`) or the uplink program (`None`) once on `frame` with

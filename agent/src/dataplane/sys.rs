@@ -1,6 +1,8 @@
 //! The few bpf(2) commands aya 0.14 does not expose: atomic lookup-and-delete of a hash
 //! map element (garbage collection), byte-level element access (copying a map whose
-//! layout is unchanged into a resized one), and loading a trivial tc program (preflight).
+//! layout is unchanged into a resized one), loading a trivial tc program (preflight), and
+//! pinning any object from a borrowed fd (aya pins a link only by consuming its handle,
+//! which closes the fd if the pin fails: see `repin`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -9,6 +11,9 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 pub const BPF_ANY: u64 = 0;
@@ -149,4 +154,63 @@ pub fn probe_tc_program() -> io::Result<()> {
     // SAFETY: the kernel returned a new program fd that we own.
     drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     Ok(())
+}
+
+/// `union bpf_attr` for BPF_OBJ_PIN and BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Pins the object behind `fd` (map, program or link) at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Opens the object pinned at `path`.
+pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The kernel id of the map, program or link behind `fd` (each info struct starts with
+/// `type` then `id`; the kernel fills only the `info_len` bytes asked for).
+pub fn obj_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u32; 2];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[1])
 }

@@ -23,8 +23,9 @@ use tower_test::mock;
 type ResBody = UnsyncBoxBody<Bytes, Infallible>;
 type Responder = mock::SendResponse<Response<ResBody>>;
 
-/// How long (in the test's clock, paused or not) a step may wait for the source.
-pub const STEP: Duration = Duration::from_secs(60);
+/// How long (in the test's clock, paused or not) a step may wait for the source: more
+/// than the watcher's longest backoff (30 s, jittered up to 60 s).
+pub const STEP: Duration = Duration::from_secs(90);
 
 /// Resources the agent is expected to talk about, by URL path.
 pub const PODS: &str = "/api/v1/pods";
@@ -142,6 +143,47 @@ impl ApiServer {
         self.log.lock().unwrap().clone()
     }
 
+    /// The next request for any resource, or None once `deadline` has passed.
+    pub async fn next_request(&mut self, deadline: tokio::time::Instant) -> Option<Exchange> {
+        let pending = self.routes.values_mut().map(|rx| Box::pin(rx.recv()));
+        let (ex, _, _) = tokio::time::timeout_at(deadline, futures::future::select_all(pending))
+            .await
+            .ok()?;
+        Some(ex.expect("router stopped"))
+    }
+
+    /// The API server is away for `outage` (from now): every request fails, first with a
+    /// refused connection, in the second half with 503 as while it starts up. Each must
+    /// be a watch resuming from `version` (nothing is listed: the agent keeps what it
+    /// has). Returns when each resource's requests came.
+    pub async fn outage(
+        &mut self,
+        outage: Duration,
+        version: &str,
+    ) -> BTreeMap<String, Vec<tokio::time::Instant>> {
+        let down_at = tokio::time::Instant::now();
+        let mut requests: BTreeMap<String, Vec<tokio::time::Instant>> = BTreeMap::new();
+        while let Some(ex) = self.next_request(down_at + outage).await {
+            let q = &ex.call.query;
+            assert!(
+                q.get("watch").map(String::as_str) == Some("true")
+                    && q.get("resourceVersion").map(String::as_str) == Some(version),
+                "during the outage the source only resumes its watches: {:?}",
+                ex.call
+            );
+            requests
+                .entry(ex.call.path.clone())
+                .or_default()
+                .push(tokio::time::Instant::now());
+            if down_at.elapsed() < outage / 2 {
+                ex.fail("connection refused");
+            } else {
+                ex.reply(503, &unavailable());
+            }
+        }
+        requests
+    }
+
     /// The next request for `resource`, which must be a GET with exactly `query`.
     pub async fn expect(&mut self, resource: &str, query: &[(&str, &str)]) -> Exchange {
         let rx = self.routes.get_mut(resource).expect("unknown resource");
@@ -205,6 +247,14 @@ impl Exchange {
     pub fn reply(self, status: u16, body: &serde_json::Value) {
         self.respond
             .send_response(json(StatusCode::from_u16(status).unwrap(), body));
+    }
+
+    /// The connection fails before any response (API server down, connection refused).
+    pub fn fail(self, why: &str) {
+        self.respond.send_error(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            why.to_string(),
+        ));
     }
 
     /// Answers with an open watch stream (200, chunked) that the test feeds.
@@ -299,4 +349,30 @@ pub fn fixture_events(name: &str) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The most requests one kind may make in `outage` under the documented backoff (0.8 s
+/// doubling to 30 s, never shorter than that): the first retry plus one per delay that
+/// fits.
+pub fn max_requests(outage: Duration) -> usize {
+    let (mut delay, mut elapsed, mut n) = (Duration::from_millis(800), Duration::ZERO, 1);
+    while elapsed + delay <= outage {
+        elapsed += delay;
+        n += 1;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+    n
+}
+
+/// What an API server answers while it starts up.
+pub fn unavailable() -> serde_json::Value {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "the server is currently unable to handle the request",
+           "reason": "ServiceUnavailable", "code": 503})
+}
+
+/// The 410 of a resume point the API server no longer has.
+pub fn gone() -> serde_json::Value {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "too old resource version: 1000 (1423)", "reason": "Expired", "code": 410})
 }

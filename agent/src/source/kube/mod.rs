@@ -12,12 +12,17 @@
 //! * **Watching.** Each added, modified or deleted object is one change; an object seen
 //!   again with the resourceVersion already sent is not re-sent. Bookmarks only move the
 //!   resume point.
-//! * **Errors** back off (kube-runtime's default: 0.8 s doubling to 30 s, jittered) and
-//!   the watch resumes from the last resourceVersion seen, so nothing is reprogrammed.
-//!   Each kind's current problem is sent as [`Update::Errors`] (a 403 names the RBAC rule
-//!   the agent lacks) and cleared when that kind delivers again.
-//! * **Expired watch (410 Gone).** The kind is listed again; changed objects are sent and
-//!   objects absent from the new list are deleted, both only once the list is complete.
+//! * **Errors** back off (kube-runtime's default: 0.8 s doubling to 30 s, each delay
+//!   jittered up to twice itself) and the watch resumes from the last resourceVersion
+//!   seen, so nothing is reprogrammed. An API server that is unreachable for minutes
+//!   therefore costs about one request per kind per 30-60 s and changes nothing the agent
+//!   enforces. Each kind's current problem is sent as [`Update::Errors`] (a 403 names the
+//!   RBAC rule the agent lacks) and cleared when that kind delivers again, or when none
+//!   of its requests has failed for [`PROBLEM_QUIET`] (a resumed watch of a kind that
+//!   does not change delivers nothing).
+//! * **Expired watch (410 Gone)**, as an event of an open watch or as the answer to the
+//!   watch request. The kind is listed again; changed objects are sent and objects absent
+//!   from the new list are deleted, both only once the list is complete.
 //!
 //! # Memory
 //!
@@ -31,6 +36,7 @@ mod tracker;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -41,6 +47,7 @@ use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client};
 use palisade_policy::Change;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{object_key, ObjectChange, Update};
@@ -219,7 +226,7 @@ type KindEvent = (Kind, Result<Event<Entry>, Problem>);
 
 fn watch<K: Watched>(kind: Kind, client: Client) -> BoxStream<'static, KindEvent> {
     let config = watcher::Config::default().page_size(PAGE_SIZE);
-    watcher::watcher(Api::<K>::all(client), config)
+    relisting(Api::<K>::all(client), config)
         .default_backoff()
         .map(move |item| {
             let item = match item {
@@ -237,66 +244,159 @@ fn watch<K: Watched>(kind: Kind, client: Client) -> BoxStream<'static, KindEvent
         .boxed()
 }
 
-/// Merges the kinds' events into updates; see the module docs for the rules.
-async fn run(mut events: impl futures::Stream<Item = KindEvent> + Unpin, tx: mpsc::Sender<Update>) {
-    let mut trackers: [Tracker; KINDS] = Default::default();
-    let mut listed = [false; KINDS];
-    let mut held: [Vec<ObjectChange>; KINDS] = Default::default();
-    let mut synced = false;
-    let mut problems: [Option<String>; KINDS] = Default::default();
-    let mut sent_problems: Vec<String> = Vec::new();
-    loop {
-        let (kind, item) = tokio::select! {
-            next = events.next() => match next {
-                Some(next) => next,
-                None => return,
-            },
-            _ = tx.closed() => return,
-        };
-        let k = kind as usize;
-        let mut out = Vec::new();
-        match item {
-            Ok(event) => {
-                // `Init` comes before the list request is made: it proves nothing yet.
-                if !matches!(event, Event::Init) {
-                    problems[k] = None;
-                }
-                if matches!(event, Event::InitDone) {
-                    listed[k] = true;
-                }
-                let changes = trackers[k].handle(event);
-                if synced {
-                    if !changes.is_empty() {
-                        out.push(Update::Changes(changes));
-                    }
-                } else {
-                    held[k].extend(changes);
-                    if listed.iter().all(|&l| l) {
-                        synced = true;
-                        let all: Vec<ObjectChange> =
-                            held.iter_mut().flat_map(std::mem::take).collect();
-                        info!(
-                            namespaces = trackers[Kind::Namespace as usize].len(),
-                            network_policies = trackers[Kind::NetworkPolicy as usize].len(),
-                            pods = trackers[Kind::Pod as usize].len(),
-                            "kubernetes source: first list complete"
-                        );
-                        if !all.is_empty() {
-                            out.push(Update::Changes(all));
-                        }
-                        out.push(Update::Synced);
-                    }
-                }
+/// kube-runtime's watcher, adjusted for what an API server back from an outage does.
+///
+/// * A watch *request* refused with 410 Gone (an API server that compacted past the
+///   agent's resume point can answer so; client-go relists on it) starts a fresh watcher,
+///   i.e. a full list. kube-runtime's watcher relists when the 410 arrives as an event of
+///   an open watch, but retries a refused one from the same expired resourceVersion
+///   forever: the agent would never see the cluster again.
+/// * Any 410 resets the backoff (an `Init`, which the tracker reads as "a list starts",
+///   goes out just before it): the API server answered, and the relist should follow in
+///   about a second, not after the 30-60 s the outage's failures had built up. The
+///   expiry itself still goes out as an error, so the shortest backoff (0.8 s) still
+///   separates the lists of a server that expires every watch at once.
+fn relisting<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = watcher::Result<Event<K>>> + Send {
+    type Inner<K> = BoxStream<'static, watcher::Result<Event<K>>>;
+    type Item<K> = watcher::Result<Event<K>>;
+    let state: (Option<Inner<K>>, Option<Item<K>>) = (None, None);
+    stream::unfold(state, move |(inner, pending)| {
+        let (api, config) = (api.clone(), config.clone());
+        async move {
+            if let Some(item) = pending {
+                return Some((item, (inner, None)));
             }
+            let mut inner = inner.unwrap_or_else(|| watcher::watcher(api, config).boxed());
+            let item = inner.next().await?;
+            let status = match &item {
+                Err(watcher::Error::WatchStartFailed(kube::Error::Api(s))) => Some((s.code, true)),
+                Err(watcher::Error::WatchError(s)) => Some((s.code, false)),
+                _ => None,
+            };
+            Some(match status {
+                Some((410, refused)) => {
+                    let inner = (!refused).then_some(inner);
+                    (Ok(Event::Init), (inner, Some(item)))
+                }
+                _ => (item, (Some(inner), None)),
+            })
+        }
+    })
+}
+
+/// How long a kind must go without a failed request before its problem is cleared
+/// although it delivered nothing: a watch that restarts successfully produces no event,
+/// and a quiet kind (namespaces rarely change) would otherwise report an outage long
+/// over. The watcher retries within 60 s of a failure (30 s backoff, jittered) and a
+/// retry fails within kube's 30 s connect timeout, so silence this long means the
+/// retry succeeded, or is hanging without an answer: an open watch that hangs looks like
+/// a quiet one, which no client can tell apart.
+pub const PROBLEM_QUIET: Duration = Duration::from_secs(120);
+
+/// The kinds' events merged into updates; see the module docs for the rules.
+#[derive(Default)]
+struct Merger {
+    trackers: [Tracker; KINDS],
+    listed: [bool; KINDS],
+    held: [Vec<ObjectChange>; KINDS],
+    synced: bool,
+    /// Each kind's current problem and when its request last failed.
+    problems: [Option<(String, Instant)>; KINDS],
+}
+
+impl Merger {
+    fn event(&mut self, kind: Kind, item: Result<Event<Entry>, Problem>, out: &mut Vec<Update>) {
+        let k = kind as usize;
+        let event = match item {
+            Ok(event) => event,
             Err(p) if p.expired => {
                 info!(kind = ?kind, reason = %p.message, "watch expired; listing again");
+                return;
             }
             Err(p) => {
                 warn!(kind = ?kind, error = %p.message, "kubernetes watch failed; backing off");
-                problems[k] = Some(p.message);
+                self.problems[k] = Some((p.message, Instant::now()));
+                return;
+            }
+        };
+        // `Init` comes before the list request is made: it proves nothing yet.
+        if !matches!(event, Event::Init) {
+            self.problems[k] = None;
+        }
+        if matches!(event, Event::InitDone) {
+            self.listed[k] = true;
+        }
+        let changes = self.trackers[k].handle(event);
+        if self.synced {
+            if !changes.is_empty() {
+                out.push(Update::Changes(changes));
+            }
+            return;
+        }
+        self.held[k].extend(changes);
+        if self.listed.iter().all(|&l| l) {
+            self.synced = true;
+            let all: Vec<ObjectChange> = self.held.iter_mut().flat_map(std::mem::take).collect();
+            info!(
+                namespaces = self.trackers[Kind::Namespace as usize].len(),
+                network_policies = self.trackers[Kind::NetworkPolicy as usize].len(),
+                pods = self.trackers[Kind::Pod as usize].len(),
+                "kubernetes source: first list complete"
+            );
+            if !all.is_empty() {
+                out.push(Update::Changes(all));
+            }
+            out.push(Update::Synced);
+        }
+    }
+
+    /// When the oldest problem has been quiet for [`PROBLEM_QUIET`].
+    fn next_quiet(&self) -> Option<Instant> {
+        let oldest = self.problems.iter().flatten().map(|(_, at)| *at).min()?;
+        Some(oldest + PROBLEM_QUIET)
+    }
+
+    fn clear_quiet(&mut self, now: Instant) {
+        for p in &mut self.problems {
+            if p.as_ref().is_some_and(|(_, at)| now >= *at + PROBLEM_QUIET) {
+                *p = None;
             }
         }
-        let current: Vec<String> = problems.iter().flatten().cloned().collect();
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.problems
+            .iter()
+            .flatten()
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+}
+
+async fn run(mut events: impl futures::Stream<Item = KindEvent> + Unpin, tx: mpsc::Sender<Update>) {
+    let mut merger = Merger::default();
+    let mut sent_problems: Vec<String> = Vec::new();
+    loop {
+        let quiet_at = merger.next_quiet();
+        let quiet = async move {
+            match quiet_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut out = Vec::new();
+        tokio::select! {
+            next = events.next() => match next {
+                Some((kind, item)) => merger.event(kind, item, &mut out),
+                None => return,
+            },
+            _ = tx.closed() => return,
+            _ = quiet => merger.clear_quiet(Instant::now()),
+        }
+        let current = merger.problems();
         if current != sent_problems {
             sent_problems = current.clone();
             out.push(Update::Errors(current));
