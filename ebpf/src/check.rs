@@ -16,8 +16,8 @@ use palisade_common::{
 
 use crate::{
     parse::{parse, Kind, Packet, Parsed, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY_V4,
-    IDENTITY_V6, POLICY, SCRATCH,
+    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY_CIDR_V4,
+    IDENTITY_CIDR_V6, IDENTITY_EXACT_V4, IDENTITY_EXACT_V6, POLICY, SCRATCH,
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -247,14 +247,26 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
     }
 }
 
+/// The identity of `addr`: the longest prefix covering it. A host entry (/32, /128) is the
+/// longest prefix of its address whenever it exists, so the exact hash map answers first
+/// and only addresses without one walk the trie of shorter prefixes; the agent keeps every
+/// entry in exactly one of the two (by its prefix length), so the answer is the one a
+/// single trie of all entries would give.
 #[inline(always)]
 pub(crate) fn identity(family: u8, addr: &[u8; 16]) -> IdentityValue {
     let found = if family == 4 {
-        let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
-        IDENTITY_V4.get(&key).copied()
+        let a = [addr[0], addr[1], addr[2], addr[3]];
+        // SAFETY: the value is copied out at once.
+        match unsafe { IDENTITY_EXACT_V4.get(&a) } {
+            Some(v) => Some(*v),
+            None => IDENTITY_CIDR_V4.get(&Key::new(32, a)).copied(),
+        }
     } else {
-        let key = Key::new(128, *addr);
-        IDENTITY_V6.get(&key).copied()
+        // SAFETY: as above.
+        match unsafe { IDENTITY_EXACT_V6.get(addr) } {
+            Some(v) => Some(*v),
+            None => IDENTITY_CIDR_V6.get(&Key::new(128, *addr)).copied(),
+        }
     };
     found.unwrap_or_default()
 }

@@ -20,7 +20,7 @@ use palisade_policy::Plan;
 
 use super::reconcile::Reconciler;
 use super::status::Status;
-use crate::dataplane::{read_counters, Layout, Maps};
+use crate::dataplane::{holds_exact, read_counters, Layout, Maps};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -38,10 +38,12 @@ pub struct StateLabel {
 }
 
 /// The maps whose fill levels are reported: the ones the agent writes, and conntrack.
-const REPORTED_MAPS: [&str; 5] = [
+const REPORTED_MAPS: [&str; 7] = [
     map_names::ENDPOINTS,
-    map_names::IDENTITY_V4,
-    map_names::IDENTITY_V6,
+    map_names::IDENTITY_EXACT_V4,
+    map_names::IDENTITY_CIDR_V4,
+    map_names::IDENTITY_EXACT_V6,
+    map_names::IDENTITY_CIDR_V6,
     map_names::POLICY,
     map_names::CONNTRACK,
 ];
@@ -75,10 +77,29 @@ pub fn map_fill(
         .filter(|e| e.ifindex.is_some())
         .count();
     let policy_entries: usize = plan.endpoints.values().map(|e| e.entries.len()).sum();
+    // Each identity entry lives in the map of its family that holds its prefix length.
+    let exact_v4 = plan
+        .identities_v4
+        .keys()
+        .filter(|n| holds_exact::<4>(n.prefix().into()))
+        .count();
+    let exact_v6 = plan
+        .identities_v6
+        .keys()
+        .filter(|n| holds_exact::<16>(n.prefix().into()))
+        .count();
     [
         (map_names::ENDPOINTS, wired),
-        (map_names::IDENTITY_V4, plan.identities_v4.len()),
-        (map_names::IDENTITY_V6, plan.identities_v6.len()),
+        (map_names::IDENTITY_EXACT_V4, exact_v4),
+        (
+            map_names::IDENTITY_CIDR_V4,
+            plan.identities_v4.len() - exact_v4,
+        ),
+        (map_names::IDENTITY_EXACT_V6, exact_v6),
+        (
+            map_names::IDENTITY_CIDR_V6,
+            plan.identities_v6.len() - exact_v6,
+        ),
         (map_names::POLICY, policy_entries),
     ]
     .into_iter()

@@ -8,6 +8,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     Array, HashMap, Map, MapData, PerCpuArray,
 };
+
+use super::identity::{Half, IdentityMaps};
 use ipnetwork::IpNetwork;
 use palisade_common::{
     maps as names, Config, Counter, CtKey, CtValue, Endpoint, FragKey, IdentityValue, PolicyKey,
@@ -18,8 +20,9 @@ use super::{DataplaneError, Layout};
 
 pub struct Maps {
     pub endpoints: HashMap<MapData, u32, Endpoint>,
-    pub identity_v4: LpmTrie<MapData, [u8; 4], IdentityValue>,
-    pub identity_v6: LpmTrie<MapData, [u8; 16], IdentityValue>,
+    /// IP→identity, per family: host entries in a hash map, the rest in a trie.
+    pub identity_v4: IdentityMaps<4>,
+    pub identity_v6: IdentityMaps<16>,
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -49,8 +52,14 @@ impl Maps {
     pub fn open(layout: &Layout) -> Result<Self, DataplaneError> {
         Ok(Self {
             endpoints: open(layout, names::ENDPOINTS)?,
-            identity_v4: open(layout, names::IDENTITY_V4)?,
-            identity_v6: open(layout, names::IDENTITY_V6)?,
+            identity_v4: IdentityMaps {
+                exact: open(layout, names::IDENTITY_EXACT_V4)?,
+                cidr: open(layout, names::IDENTITY_CIDR_V4)?,
+            },
+            identity_v6: IdentityMaps {
+                exact: open(layout, names::IDENTITY_EXACT_V6)?,
+                cidr: open(layout, names::IDENTITY_CIDR_V6)?,
+            },
             policy: open(layout, names::POLICY)?,
             counters: open(layout, names::COUNTERS)?,
             conntrack: open(layout, names::CONNTRACK)?,
@@ -75,39 +84,42 @@ impl Maps {
         ignore_missing(self.endpoints.remove(&ifindex)).map_err(|e| map_err(names::ENDPOINTS, e))
     }
 
+    /// Writes an identity entry into the map of its family that holds its prefix length.
     pub fn set_identity(&mut self, net: IpNetwork, v: IdentityValue) -> Result<(), DataplaneError> {
         match net {
             IpNetwork::V4(n) => self
                 .identity_v4
-                .insert(&Key::new(n.prefix() as u32, n.network().octets()), v, 0)
-                .map_err(|e| map_err(names::IDENTITY_V4, e)),
+                .insert(n.prefix() as u32, n.network().octets(), v)
+                .map_err(identity_err::<4>),
             IpNetwork::V6(n) => self
                 .identity_v6
-                .insert(&Key::new(n.prefix() as u32, n.network().octets()), v, 0)
-                .map_err(|e| map_err(names::IDENTITY_V6, e)),
+                .insert(n.prefix() as u32, n.network().octets(), v)
+                .map_err(identity_err::<16>),
         }
     }
 
     pub fn remove_identity(&mut self, net: IpNetwork) -> Result<(), DataplaneError> {
+        // An absent entry is already removed.
+        let missing_ok = |(h, e)| ignore_missing(Err(e)).map_err(|e: aya::maps::MapError| (h, e));
         match net {
-            IpNetwork::V4(n) => ignore_missing(
-                self.identity_v4
-                    .remove(&Key::new(n.prefix() as u32, n.network().octets())),
-            )
-            .map_err(|e| map_err(names::IDENTITY_V4, e)),
-            IpNetwork::V6(n) => ignore_missing(
-                self.identity_v6
-                    .remove(&Key::new(n.prefix() as u32, n.network().octets())),
-            )
-            .map_err(|e| map_err(names::IDENTITY_V6, e)),
+            IpNetwork::V4(n) => self
+                .identity_v4
+                .remove(n.prefix() as u32, n.network().octets())
+                .or_else(missing_ok)
+                .map_err(identity_err::<4>),
+            IpNetwork::V6(n) => self
+                .identity_v6
+                .remove(n.prefix() as u32, n.network().octets())
+                .or_else(missing_ok)
+                .map_err(identity_err::<16>),
         }
     }
 
     /// The identity the programs would find for `ip`.
     pub fn identity_of(&self, ip: IpAddr) -> Option<IdentityValue> {
         match ip {
-            IpAddr::V4(a) => self.identity_v4.get(&Key::new(32, a.octets()), 0).ok(),
-            IpAddr::V6(a) => self.identity_v6.get(&Key::new(128, a.octets()), 0).ok(),
+            IpAddr::V4(a) => self.identity_v4.get(a.octets()),
+            IpAddr::V6(a) => self.identity_v6.get(a.octets()),
         }
     }
 
@@ -164,6 +176,17 @@ fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
         name,
         source: Box::new(source),
     }
+}
+
+/// The error of a write to one of an `N`-byte family's identity maps, naming that map.
+fn identity_err<const N: usize>((half, source): (Half, aya::maps::MapError)) -> DataplaneError {
+    let name = match (N, half) {
+        (4, Half::Exact) => names::IDENTITY_EXACT_V4,
+        (4, Half::Cidr) => names::IDENTITY_CIDR_V4,
+        (_, Half::Exact) => names::IDENTITY_EXACT_V6,
+        (_, Half::Cidr) => names::IDENTITY_CIDR_V6,
+    };
+    map_err(name, source)
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

@@ -5,7 +5,9 @@
 
 /// Bumped whenever a map's key or value layout changes. It is part of the pin directory, so
 /// an agent never reopens a pinned map whose layout it does not understand.
-pub const LAYOUT_VERSION: u32 = 1;
+/// 2: the identity tries became `IDENTITY_EXACT_*` hash maps of host addresses plus
+/// `IDENTITY_CIDR_*` tries of shorter prefixes.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Direction of a check, seen from the local pod.
 pub const DIR_INGRESS: u8 = 0;
@@ -22,8 +24,11 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Value of the IP→identity LPM tries (`IDENTITY_V4`, `IDENTITY_V6`). Keys are
-/// `lpm_trie::Key<[u8; 4]>` / `Key<[u8; 16]>` with the address in network order.
+/// Value of the IP→identity maps. Each family has two: `IDENTITY_EXACT_V4`/`_V6`, hash maps
+/// keyed by a host address (`[u8; 4]` / `[u8; 16]`, network order) holding the /32 and
+/// /128 entries, and `IDENTITY_CIDR_V4`/`_V6`, LPM tries keyed by `lpm_trie::Key<[u8; 4]>` /
+/// `Key<[u8; 16]>` holding every shorter prefix. An entry lives in exactly one of them,
+/// chosen by its prefix length; the programs probe the hash map first, then the trie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityValue {
@@ -280,8 +285,13 @@ pub struct EventBudget {
 /// Map names, shared so the agent finds what the programs define.
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
-    pub const IDENTITY_V4: &str = "IDENTITY_V4";
-    pub const IDENTITY_V6: &str = "IDENTITY_V6";
+    pub const IDENTITY_EXACT_V4: &str = "IDENTITY_EXACT_V4";
+    pub const IDENTITY_EXACT_V6: &str = "IDENTITY_EXACT_V6";
+    /// Named apart from layout 1's `IDENTITY_V4`/`_V6` (one trie of every prefix), whose
+    /// definition they share but whose meaning they do not: an upgrade must not adopt
+    /// those (see the agent's `dataplane::upgrade`).
+    pub const IDENTITY_CIDR_V4: &str = "IDENTITY_CIDR_V4";
+    pub const IDENTITY_CIDR_V6: &str = "IDENTITY_CIDR_V6";
     pub const POLICY: &str = "POLICY";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -290,10 +300,12 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Every map the programs pin (the others are per-program scratch).
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 11] = [
         ENDPOINTS,
-        IDENTITY_V4,
-        IDENTITY_V6,
+        IDENTITY_EXACT_V4,
+        IDENTITY_EXACT_V6,
+        IDENTITY_CIDR_V4,
+        IDENTITY_CIDR_V6,
         POLICY,
         COUNTERS,
         CONNTRACK,
