@@ -4,10 +4,10 @@
 //!
 //! Three paths, each checked against the counter it must move (so a case measures what
 //! its name says):
-//! - allowed new flow: a TCP SYN that misses conntrack, is looked up in both LPM maps and
-//!   inserts a conntrack entry. A repeated frame would hit its own entry from the second
-//!   run on, so every run gets a frame of its own (distinct source port), one
-//!   BPF_PROG_TEST_RUN call per frame, and conntrack is emptied between batches.
+//! - allowed new flow: a TCP SYN that misses conntrack, is looked up in the identity and
+//!   policy maps and inserts a conntrack entry. A repeated frame would hit its own entry
+//!   from the second run on, so every run gets a frame of its own (distinct source port),
+//!   one BPF_PROG_TEST_RUN call per frame, and conntrack is emptied between batches.
 //! - tracked reply: the SYN-ACK of an allowed flow, found by the reverse conntrack lookup;
 //!   the same frame repeated (repeat ≥ 1e6) in one call.
 //! - drop: a SYN to a port no entry allows; repeated in one call.
@@ -433,7 +433,7 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          in {rounds} interleaved rounds (order rotated per round); each round runs every \
          case of every configuration once, and one round is one run.\n\
          - **allowed new flow**: a TCP SYN from an allowed peer: conntrack miss, identity \
-         LPM lookup, policy LPM lookup, conntrack insert. A repeated frame would be \
+         lookup, policy LPM lookup, conntrack insert. A repeated frame would be \
          tracked from its second run on, so every packet is its own frame (source ports \
          1024…{last}) in its own BPF_PROG_TEST_RUN call (repeat = 1): a run is the mean \
          of a batch of {batch} frames ({total} packets per configuration), after which \
@@ -442,8 +442,8 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          inserts faster than one that has seen deletions, and a node's map is the latter.\n\
          - **tracked reply**: the SYN-ACK of an allowed flow through the pod's egress \
          check (forward miss, reverse conntrack hit), repeat = {repeat} per call.\n\
-         - **drop**: a SYN to a port no entry allows (conntrack miss, both LPM lookups, \
-         counter, rate-limited drop event), repeat = {repeat} per call.\n\
+         - **drop**: a SYN to a port no entry allows (conntrack miss, identity lookup, \
+         policy LPM lookup, counter, rate-limited drop event), repeat = {repeat} per call.\n\
          - **tracked reply, 1 frame per call**: the tracked reply timed like the new flow \
          (repeat = 1, batches of {batch}), the like-for-like reference for it: one-call \
          timing includes the kernel's timer reads around a single run and colder caches.",
@@ -458,7 +458,8 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          direction, protocol, port)`: the one that allows the measured flow plus \
          distinct others, either all on the measured pod's slot or spread over the other \
          2,047 slots. *Identity* entries are /32 addresses of 198.18.0.0/15 (the peer's \
-         plus others). Ratios are against the 1-policy/1-identity configuration of the \
+         plus others), which the agent writes to the IDENTITY_EXACT_V4 hash map (only \
+         shorter prefixes, ipBlock CIDRs, go to the IDENTITY_CIDR_V4 trie). Ratios are against the 1-policy/1-identity configuration of the \
          same case, measured in the same run."
             .to_string(),
     );
@@ -551,8 +552,9 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         .find(|r| r.cfg.policy == 1 && r.cfg.identities >= 100_000)
     {
         s.notes.push(format!(
-            "Where the growth comes from: IDENTITY_V4 is an LPM trie of /32 pod addresses, \
-             and its lookup gets longer with its size: with {} identity entries and a \
+            "Identity growth: /32 pod addresses are found in the IDENTITY_EXACT_V4 hash \
+             map, whose lookup does not walk a trie (until layout 1 they were in an LPM \
+             trie whose lookup got longer with its size): with {} identity entries and a \
              single policy entry, a drop costs {} ns more and a new flow {} ns more than \
              with one of each in this run, while {} POLICY entries alone move the drop by \
              {} ns.",
@@ -568,10 +570,10 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         ));
     }
     s.notes.push(
-        "How to read it: the tracked reply never touches the LPM maps, so its movement \
-         between configurations (a few %) is this machine's noise floor between separately \
-         loaded map instances; a new flow and a drop each do one IDENTITY lookup and one \
-         POLICY lookup."
+        "How to read it: the tracked reply never touches the identity or policy maps, so \
+         its movement between configurations (a few %) is this machine's noise floor \
+         between separately loaded map instances; a new flow and a drop each do one identity lookup (a hash \
+         hit here) and one POLICY lookup."
             .into(),
     );
     s.data = json!({
