@@ -2,7 +2,7 @@
 //! right after start (the first sync) and right after a manifest change. An allowed TCP
 //! connection per family streams throughout and a denied client sprays TCP and UDP at the
 //! same server. Then the last agent converges and every map (ENDPOINTS, IDENTITY_EXACT_V4/V6,
-//! IDENTITY_CIDR_V4/V6, POLICY) is compared with the maps a clean agent builds from the same manifests.
+//! IDENTITY_CIDR_V4/V6, POLICY_EXACT, POLICY_WILDCARD) is compared with the maps a clean agent builds from the same manifests.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -51,7 +51,7 @@ fn dump(maps: &Maps) -> Dump {
         let (a, v) = r.unwrap();
         ids.push((format!("{}/32", std::net::Ipv4Addr::from(a)), "exact", v));
     }
-    for r in maps.identity_v4.cidr.iter() {
+    for r in maps.identity_v4.trie.iter() {
         let (k, v) = r.unwrap();
         let net = format!("{}/{}", std::net::Ipv4Addr::from(k.data()), k.prefix_len());
         ids.push((net, "cidr", v));
@@ -60,7 +60,7 @@ fn dump(maps: &Maps) -> Dump {
         let (a, v) = r.unwrap();
         ids.push((format!("{}/128", std::net::Ipv6Addr::from(a)), "exact", v));
     }
-    for r in maps.identity_v6.cidr.iter() {
+    for r in maps.identity_v6.trie.iter() {
         let (k, v) = r.unwrap();
         let net = format!("{}/{}", std::net::Ipv6Addr::from(k.data()), k.prefix_len());
         ids.push((net, "cidr", v));

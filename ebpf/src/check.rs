@@ -17,7 +17,7 @@ use palisade_common::{
 use crate::{
     parse::{parse, Kind, Packet, Parsed, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY_CIDR_V4,
-    IDENTITY_CIDR_V6, IDENTITY_EXACT_V4, IDENTITY_EXACT_V6, POLICY, SCRATCH,
+    IDENTITY_CIDR_V6, IDENTITY_EXACT_V4, IDENTITY_EXACT_V6, POLICY_EXACT, POLICY_WILDCARD, SCRATCH,
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -233,11 +233,13 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
             Err(()) => REASON_DROPPED_CT_FULL,
         };
     }
-    let pkey = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKey::new(c.slot, peer.id, c.dir, t.proto, p.policy_port),
-    );
-    if POLICY.get(&pkey).is_none() {
+    if !policy_allows(PolicyKey::new(
+        c.slot,
+        peer.id,
+        c.dir,
+        t.proto,
+        p.policy_port,
+    )) {
         return REASON_DROPPED_NO_RULE;
     }
     match track(&key, now, 0) {
@@ -269,6 +271,20 @@ pub(crate) fn identity(family: u8, addr: &[u8; 16]) -> IdentityValue {
         }
     };
     found.unwrap_or_default()
+}
+
+/// Whether an allow entry of the pod covers `key` (a packet's full key). Exact-port entries
+/// live in a hash map, every wildcard one (any protocol, any port, a port-range block) in
+/// the trie; the agent puts each entry in exactly one of them by its prefix length. Only
+/// whether some entry matches decides, so a hash hit answers, and a miss leaves the trie,
+/// which holds every other entry that could cover the key.
+#[inline(always)]
+pub(crate) fn policy_allows(key: PolicyKey) -> bool {
+    // SAFETY: only the presence of the value is read.
+    unsafe { POLICY_EXACT.get(&key) }.is_some()
+        || POLICY_WILDCARD
+            .get(&Key::new(POLICY_PREFIX_FULL, key))
+            .is_some()
 }
 
 #[inline(always)]

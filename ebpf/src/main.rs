@@ -37,8 +37,14 @@ static IDENTITY_EXACT_V6: HashMap<[u8; 16], IdentityValue> =
 static IDENTITY_CIDR_V4: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::pinned(262_144, 0);
 #[map]
 static IDENTITY_CIDR_V6: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::pinned(262_144, 0);
+// Allow entries, split the same way: exact-port entries (the full key, nearly all of them)
+// in a hash map probed first, wildcard ones (any protocol, any port, port-range blocks) in
+// an LPM trie probed on a miss. See `check::policy_allows`.
 #[map]
-static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576, 0);
+static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(1_048_576, BPF_F_NO_PREALLOC as u32);
+#[map]
+static POLICY_WILDCARD: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
 #[map]

@@ -12,9 +12,10 @@
 //! packet to a drop, every denied packet is counted (the counters carry over), and each
 //! step shares or copies exactly the maps it should.
 //!
-//! A second scene upgrades from layout 1 itself, whose identity maps were one LPM trie per
-//! family (`IDENTITY_V4`/`_V6`, every prefix): the new agent must rebuild its split maps
-//! (`IDENTITY_EXACT_*` hash maps, `IDENTITY_CIDR_*` tries) rather than adopt the old tries,
+//! A second scene upgrades from layout 1 itself, whose identity and allow maps were one LPM
+//! trie each (`IDENTITY_V4`/`_V6`, `POLICY`: every prefix): the new agent must rebuild its
+//! split maps (`IDENTITY_EXACT_*`, `POLICY_EXACT` hash maps of full-length entries,
+//! `IDENTITY_CIDR_*`, `POLICY_WILDCARD` tries of the rest) rather than adopt the old tries,
 //! share everything else, and keep allowed traffic flowing and denied traffic out.
 
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ use aya::maps::{Map, MapData, MapInfo};
 use palisade::dataplane::{link_ids, map_ids, Hook, Layout, Maps};
 use palisade::source::SourceSpec;
 use palisade_common::maps as names;
-use palisade_common::IdentityValue;
+use palisade_common::{IdentityValue, PolicyKey, PolicyValue, POLICY_PREFIX_FULL};
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
@@ -246,8 +247,8 @@ fn layout_upgrades_under_traffic_on_a_routed_node() {
     upgrade_under_traffic(Flavour::Routed, "uprt");
 }
 
-/// Layout 1's identity maps: one trie per family holding every prefix.
-const LAYOUT1_IDENTITY: [(&str, &str, &str); 2] = [
+/// Layout 1's LPM maps of every prefix, and the (trie, hash map) pairs they became.
+const LAYOUT1_TRIES: [(&str, &str, &str); 3] = [
     (
         "IDENTITY_V4",
         names::IDENTITY_CIDR_V4,
@@ -258,17 +259,20 @@ const LAYOUT1_IDENTITY: [(&str, &str, &str); 2] = [
         names::IDENTITY_CIDR_V6,
         names::IDENTITY_EXACT_V6,
     ),
+    ("POLICY", names::POLICY_WILDCARD, names::POLICY_EXACT),
 ];
 
-/// The split identity maps of this layout.
-const SPLIT_IDENTITY: [&str; 4] = [
+/// The split maps of this layout.
+const SPLIT_MAPS: [&str; 6] = [
     names::IDENTITY_EXACT_V4,
     names::IDENTITY_CIDR_V4,
     names::IDENTITY_EXACT_V6,
     names::IDENTITY_CIDR_V6,
+    names::POLICY_EXACT,
+    names::POLICY_WILDCARD,
 ];
 
-fn trie<const N: usize>(path: PathBuf) -> LpmTrie<MapData, [u8; N], IdentityValue> {
+fn trie<K: aya::Pod, V: aya::Pod>(path: PathBuf) -> LpmTrie<MapData, K, V> {
     let data = MapData::from_pin(path).unwrap();
     LpmTrie::try_from(Map::from_map_data(data).unwrap()).unwrap()
 }
@@ -292,29 +296,35 @@ fn identity_nets(maps: &Maps) -> Vec<String> {
 }
 
 /// Turns `v1`'s pins into what an agent of layout 1 leaves behind: each family's identity
-/// entries all in one trie pinned as `IDENTITY_V4`/`_V6`, and no split maps. The attached
-/// programs keep the maps they were loaded with; an upgrading agent only reads pins.
+/// entries all in one trie pinned as `IDENTITY_V4`/`_V6`, every allow entry in one trie
+/// pinned as `POLICY`, and no split maps. The attached programs keep the maps they were
+/// loaded with; an upgrading agent only reads pins.
 fn pin_as_layout_1(v1: &Layout) {
     let maps = Maps::open(v1).unwrap();
     let hosts4: Vec<_> = maps.identity_v4.exact.iter().map(Result::unwrap).collect();
     let hosts6: Vec<_> = maps.identity_v6.exact.iter().map(Result::unwrap).collect();
+    let exact_policy: Vec<_> = maps.policy.exact.iter().map(Result::unwrap).collect();
     drop(maps);
-    for (old, cidr, exact) in LAYOUT1_IDENTITY {
-        std::fs::rename(v1.map(cidr), v1.map(old)).unwrap();
+    for (old, trie, exact) in LAYOUT1_TRIES {
+        std::fs::rename(v1.map(trie), v1.map(old)).unwrap();
         std::fs::remove_file(v1.map(exact)).unwrap();
     }
-    let mut t4 = trie::<4>(v1.map(LAYOUT1_IDENTITY[0].0));
+    let mut t4 = trie::<[u8; 4], IdentityValue>(v1.map(LAYOUT1_TRIES[0].0));
     for (a, v) in hosts4 {
         t4.insert(&Key::new(32, a), v, 0).unwrap();
     }
-    let mut t6 = trie::<16>(v1.map(LAYOUT1_IDENTITY[1].0));
+    let mut t6 = trie::<[u8; 16], IdentityValue>(v1.map(LAYOUT1_TRIES[1].0));
     for (a, v) in hosts6 {
         t6.insert(&Key::new(128, a), v, 0).unwrap();
+    }
+    let mut p = trie::<PolicyKey, PolicyValue>(v1.map(LAYOUT1_TRIES[2].0));
+    for (k, v) in exact_policy {
+        p.insert(&Key::new(POLICY_PREFIX_FULL, k), v, 0).unwrap();
     }
 }
 
 #[test]
-fn upgrade_from_layout_1_rebuilds_the_identity_maps_split_under_traffic() {
+fn upgrade_from_layout_1_rebuilds_the_identity_and_allow_maps_split_under_traffic() {
     require_root();
     let tag = "upl1";
     const { assert!(palisade_common::LAYOUT_VERSION > 1) };
@@ -337,6 +347,8 @@ fn upgrade_from_layout_1_rebuilds_the_identity_maps_split_under_traffic() {
     let agent = Agent::start(&node, v1.clone(), &dirs, 65_536, ALLOWING);
     let slot_b = dirs.slot("x/b");
     let nets_v1 = identity_nets(&Maps::open(&v1).unwrap());
+    let policy_v1 = Maps::open(&v1).unwrap().policy.keys().count();
+    assert!(policy_v1 > 0);
     assert!(
         nets_v1.iter().any(|n| n.ends_with("/32")) && nets_v1.iter().any(|n| n.ends_with("/128")),
         "no pod addresses among the identities: {nets_v1:?}"
@@ -347,7 +359,7 @@ fn upgrade_from_layout_1_rebuilds_the_identity_maps_split_under_traffic() {
     agent.stop();
     pin_as_layout_1(&v1);
     let ids_v1 = map_ids(&v1);
-    let old_tries: Vec<u32> = LAYOUT1_IDENTITY
+    let old_tries: Vec<u32> = LAYOUT1_TRIES
         .iter()
         .map(|(old, _, _)| MapInfo::from_pin(v1.map(old)).unwrap().id())
         .collect();
@@ -361,10 +373,10 @@ fn upgrade_from_layout_1_rebuilds_the_identity_maps_split_under_traffic() {
     for (name, id) in &ids_v1 {
         assert_eq!(ids_v2[name], *id, "{name} was not shared");
     }
-    for name in SPLIT_IDENTITY {
+    for name in SPLIT_MAPS {
         assert!(
             !old_tries.contains(&ids_v2[name]),
-            "{name} adopted layout 1's trie of every prefix"
+            "{name} adopted a layout 1 trie of every prefix"
         );
     }
     let maps = Maps::open(&v2).unwrap();
@@ -373,13 +385,24 @@ fn upgrade_from_layout_1_rebuilds_the_identity_maps_split_under_traffic() {
         nets_v1,
         "identities rebuilt differently"
     );
-    for k in maps.identity_v4.cidr.keys() {
+    assert_eq!(
+        maps.policy.keys().count(),
+        policy_v1,
+        "allow entries rebuilt differently"
+    );
+    for k in maps.policy.trie.keys() {
+        assert!(
+            k.unwrap().prefix_len() < POLICY_PREFIX_FULL,
+            "an exact entry in the trie"
+        );
+    }
+    for k in maps.identity_v4.trie.keys() {
         assert!(
             k.unwrap().prefix_len() < 32,
             "a host entry in the IPv4 trie"
         );
     }
-    for k in maps.identity_v6.cidr.keys() {
+    for k in maps.identity_v6.trie.keys() {
         assert!(
             k.unwrap().prefix_len() < 128,
             "a host entry in the IPv6 trie"

@@ -20,7 +20,8 @@ use palisade_policy::Plan;
 
 use super::reconcile::Reconciler;
 use super::status::Status;
-use crate::dataplane::{holds_exact, read_counters, Layout, Maps};
+use crate::dataplane::{is_full_prefix, read_counters, Layout, Maps};
+use palisade_common::PolicyKey;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -38,13 +39,14 @@ pub struct StateLabel {
 }
 
 /// The maps whose fill levels are reported: the ones the agent writes, and conntrack.
-const REPORTED_MAPS: [&str; 7] = [
+const REPORTED_MAPS: [&str; 8] = [
     map_names::ENDPOINTS,
     map_names::IDENTITY_EXACT_V4,
     map_names::IDENTITY_CIDR_V4,
     map_names::IDENTITY_EXACT_V6,
     map_names::IDENTITY_CIDR_V6,
-    map_names::POLICY,
+    map_names::POLICY_EXACT,
+    map_names::POLICY_WILDCARD,
     map_names::CONNTRACK,
 ];
 
@@ -76,17 +78,25 @@ pub fn map_fill(
         .values()
         .filter(|e| e.ifindex.is_some())
         .count();
-    let policy_entries: usize = plan.endpoints.values().map(|e| e.entries.len()).sum();
-    // Each identity entry lives in the map of its family that holds its prefix length.
+    // Each entry lives in the map (exact hash or trie) its prefix length selects.
+    let (mut policy_exact, mut policy_wildcard) = (0, 0);
+    for e in plan.endpoints.values().flat_map(|e| &e.entries) {
+        let (prefix, _) = e.lpm_key(0);
+        if is_full_prefix::<PolicyKey>(prefix) {
+            policy_exact += 1;
+        } else {
+            policy_wildcard += 1;
+        }
+    }
     let exact_v4 = plan
         .identities_v4
         .keys()
-        .filter(|n| holds_exact::<4>(n.prefix().into()))
+        .filter(|n| is_full_prefix::<[u8; 4]>(n.prefix().into()))
         .count();
     let exact_v6 = plan
         .identities_v6
         .keys()
-        .filter(|n| holds_exact::<16>(n.prefix().into()))
+        .filter(|n| is_full_prefix::<[u8; 16]>(n.prefix().into()))
         .count();
     [
         (map_names::ENDPOINTS, wired),
@@ -100,7 +110,8 @@ pub fn map_fill(
             map_names::IDENTITY_CIDR_V6,
             plan.identities_v6.len() - exact_v6,
         ),
-        (map_names::POLICY, policy_entries),
+        (map_names::POLICY_EXACT, policy_exact),
+        (map_names::POLICY_WILDCARD, policy_wildcard),
     ]
     .into_iter()
     .map(|(name, entries)| {

@@ -4,26 +4,26 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{
-    lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, PerCpuArray,
-};
-
-use super::identity::{Half, IdentityMaps};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use ipnetwork::IpNetwork;
 use palisade_common::{
     maps as names, Config, Counter, CtKey, CtValue, Endpoint, FragKey, IdentityValue, PolicyKey,
     PolicyValue,
 };
 
+use super::split::SplitLpm;
 use super::{DataplaneError, Layout};
+
+/// One family's IP→identity maps: host entries in a hash map, the rest in a trie.
+pub type IdentityMaps<const N: usize> = SplitLpm<[u8; N], IdentityValue>;
 
 pub struct Maps {
     pub endpoints: HashMap<MapData, u32, Endpoint>,
     /// IP→identity, per family: host entries in a hash map, the rest in a trie.
     pub identity_v4: IdentityMaps<4>,
     pub identity_v6: IdentityMaps<16>,
-    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// Allow entries: exact-port ones in a hash map, wildcards in a trie.
+    pub policy: SplitLpm<PolicyKey, PolicyValue>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     /// First fragments a check allowed (value: when), for their later fragments.
@@ -52,15 +52,9 @@ impl Maps {
     pub fn open(layout: &Layout) -> Result<Self, DataplaneError> {
         Ok(Self {
             endpoints: open(layout, names::ENDPOINTS)?,
-            identity_v4: IdentityMaps {
-                exact: open(layout, names::IDENTITY_EXACT_V4)?,
-                cidr: open(layout, names::IDENTITY_CIDR_V4)?,
-            },
-            identity_v6: IdentityMaps {
-                exact: open(layout, names::IDENTITY_EXACT_V6)?,
-                cidr: open(layout, names::IDENTITY_CIDR_V6)?,
-            },
-            policy: open(layout, names::POLICY)?,
+            identity_v4: split(layout, names::IDENTITY_EXACT_V4, names::IDENTITY_CIDR_V4)?,
+            identity_v6: split(layout, names::IDENTITY_EXACT_V6, names::IDENTITY_CIDR_V6)?,
+            policy: split(layout, names::POLICY_EXACT, names::POLICY_WILDCARD)?,
             counters: open(layout, names::COUNTERS)?,
             conntrack: open(layout, names::CONNTRACK)?,
             fragments: open(layout, names::FRAGMENTS)?,
@@ -89,29 +83,21 @@ impl Maps {
         match net {
             IpNetwork::V4(n) => self
                 .identity_v4
-                .insert(n.prefix() as u32, n.network().octets(), v)
-                .map_err(identity_err::<4>),
+                .insert(n.prefix().into(), n.network().octets(), v),
             IpNetwork::V6(n) => self
                 .identity_v6
-                .insert(n.prefix() as u32, n.network().octets(), v)
-                .map_err(identity_err::<16>),
+                .insert(n.prefix().into(), n.network().octets(), v),
         }
     }
 
     pub fn remove_identity(&mut self, net: IpNetwork) -> Result<(), DataplaneError> {
-        // An absent entry is already removed.
-        let missing_ok = |(h, e)| ignore_missing(Err(e)).map_err(|e: aya::maps::MapError| (h, e));
         match net {
             IpNetwork::V4(n) => self
                 .identity_v4
-                .remove(n.prefix() as u32, n.network().octets())
-                .or_else(missing_ok)
-                .map_err(identity_err::<4>),
+                .remove(n.prefix().into(), n.network().octets()),
             IpNetwork::V6(n) => self
                 .identity_v6
-                .remove(n.prefix() as u32, n.network().octets())
-                .or_else(missing_ok)
-                .map_err(identity_err::<16>),
+                .remove(n.prefix().into(), n.network().octets()),
         }
     }
 
@@ -124,14 +110,11 @@ impl Maps {
     }
 
     pub fn insert_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), DataplaneError> {
-        self.policy
-            .insert(&Key::new(prefix, key), PolicyValue { flags: 1 }, 0)
-            .map_err(|e| map_err(names::POLICY, e))
+        self.policy.insert(prefix, key, PolicyValue { flags: 1 })
     }
 
     pub fn remove_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), DataplaneError> {
-        ignore_missing(self.policy.remove(&Key::new(prefix, key)))
-            .map_err(|e| map_err(names::POLICY, e))
+        self.policy.remove(prefix, key)
     }
 
     /// Zeroes the counters of a slot, so a reused slot does not inherit a gone pod's counts.
@@ -171,25 +154,28 @@ pub fn map_ids(layout: &Layout) -> std::collections::BTreeMap<&'static str, u32>
         .collect()
 }
 
-fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
+pub(super) fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
     DataplaneError::Map {
         name,
         source: Box::new(source),
     }
 }
 
-/// The error of a write to one of an `N`-byte family's identity maps, naming that map.
-fn identity_err<const N: usize>((half, source): (Half, aya::maps::MapError)) -> DataplaneError {
-    let name = match (N, half) {
-        (4, Half::Exact) => names::IDENTITY_EXACT_V4,
-        (4, Half::Cidr) => names::IDENTITY_CIDR_V4,
-        (_, Half::Exact) => names::IDENTITY_EXACT_V6,
-        (_, Half::Cidr) => names::IDENTITY_CIDR_V6,
-    };
-    map_err(name, source)
+fn split<K: aya::Pod, V: aya::Pod>(
+    layout: &Layout,
+    exact: &'static str,
+    trie: &'static str,
+) -> Result<SplitLpm<K, V>, DataplaneError> {
+    Ok(SplitLpm {
+        exact: open(layout, exact)?,
+        trie: open(layout, trie)?,
+        names: (exact, trie),
+    })
 }
 
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+pub(super) fn ignore_missing(
+    r: Result<(), aya::maps::MapError>,
+) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(aya::maps::MapError::SyscallError(e))

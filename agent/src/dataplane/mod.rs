@@ -11,11 +11,11 @@ mod attach;
 mod conntrack;
 mod counters;
 mod error;
-mod identity;
 mod layout;
 mod maps;
 mod preflight;
 mod service;
+mod split;
 mod sys;
 pub mod testrun;
 pub mod upgrade;
@@ -29,14 +29,14 @@ pub use attach::{attached_ifindexes, detach, ifindex_of, link_ids, LinkIds};
 pub use conntrack::{monotonic_now_ns, GcStats, GC_GRACE, GC_INTERVAL};
 pub use counters::{read_counters, CounterRow};
 pub use error::DataplaneError;
-pub use identity::{holds_exact, IdentityMaps};
 pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
 pub(crate) use maps::open as open_pinned;
-pub use maps::{map_ids, Maps};
+pub use maps::{map_ids, IdentityMaps, Maps};
 pub use preflight::TCX_SINCE;
 pub use service::{
     default_route_devices, parse_mark_mask, program_services, MarkedRun, ServiceOptions,
 };
+pub use split::{full_prefix, is_full_prefix, SplitLpm};
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));

@@ -335,14 +335,14 @@ mod tests {
         let kept = plan(&[
             (names::ENDPOINTS, Some(ep), Some(ep)),
             (names::CONNTRACK, Some(ct), Some(ct)),
-            (names::POLICY, None, Some(ep)),
+            (names::POLICY_WILDCARD, None, Some(ep)),
         ]);
         assert_eq!(
             kept,
             vec![
                 (names::ENDPOINTS, MapPlan::Share),
                 (names::CONNTRACK, MapPlan::Share),
-                (names::POLICY, MapPlan::Rebuild),
+                (names::POLICY_WILDCARD, MapPlan::Rebuild),
             ]
         );
         let new_ep = MapSpec {

@@ -6,7 +6,8 @@
 /// Bumped whenever a map's key or value layout changes. It is part of the pin directory, so
 /// an agent never reopens a pinned map whose layout it does not understand.
 /// 2: the identity tries became `IDENTITY_EXACT_*` hash maps of host addresses plus
-/// `IDENTITY_CIDR_*` tries of shorter prefixes.
+/// `IDENTITY_CIDR_*` tries of shorter prefixes, and `POLICY` became `POLICY_EXACT` (a hash
+/// map of exact-port entries) plus `POLICY_WILDCARD` (a trie of the others).
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// Direction of a check, seen from the local pod.
@@ -56,9 +57,11 @@ pub const EP_ISOLATED_INGRESS: u32 = 1 << 0;
 /// Egress from the pod is default-deny.
 pub const EP_ISOLATED_EGRESS: u32 = 1 << 1;
 
-/// Data part of the `POLICY` LPM key: one allow entry of a local pod. The prefix covers
-/// the fields in declaration order, so a shorter prefix wildcards the port (or port range
-/// block) and then the protocol. `slot`, `identity` and `port` are big-endian.
+/// One allow entry of a local pod: the key of `POLICY_EXACT` (an exact-port entry,
+/// prefix `POLICY_PREFIX_FULL`) or the data part of the `POLICY_WILDCARD` LPM key (any
+/// other prefix). The prefix covers the fields in declaration order, so a shorter prefix
+/// wildcards the port (or port range block) and then the protocol. `slot`, `identity` and
+/// `port` are big-endian.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -292,7 +295,11 @@ pub mod maps {
     /// those (see the agent's `dataplane::upgrade`).
     pub const IDENTITY_CIDR_V4: &str = "IDENTITY_CIDR_V4";
     pub const IDENTITY_CIDR_V6: &str = "IDENTITY_CIDR_V6";
-    pub const POLICY: &str = "POLICY";
+    /// Exact-port allow entries (prefix `POLICY_PREFIX_FULL`), keyed by `PolicyKey`.
+    pub const POLICY_EXACT: &str = "POLICY_EXACT";
+    /// Every other allow entry (any protocol, any port, port-range blocks): an LPM trie.
+    /// Named apart from layout 1's `POLICY` (every entry), like the identity tries.
+    pub const POLICY_WILDCARD: &str = "POLICY_WILDCARD";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CONFIG: &str = "CONFIG";
@@ -300,13 +307,14 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Every map the programs pin (the others are per-program scratch).
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 12] = [
         ENDPOINTS,
         IDENTITY_EXACT_V4,
         IDENTITY_EXACT_V6,
         IDENTITY_CIDR_V4,
         IDENTITY_CIDR_V6,
-        POLICY,
+        POLICY_EXACT,
+        POLICY_WILDCARD,
         COUNTERS,
         CONNTRACK,
         FRAGMENTS,

@@ -119,9 +119,9 @@ fn check_all(fx: &mut Fx, rng: &mut Rng, set: &BTreeMap<IpNetwork, u32>, when: &
 fn counts(maps: &Maps) -> [usize; 4] {
     [
         maps.identity_v4.exact.keys().count(),
-        maps.identity_v4.cidr.keys().count(),
+        maps.identity_v4.trie.keys().count(),
         maps.identity_v6.exact.keys().count(),
-        maps.identity_v6.cidr.keys().count(),
+        maps.identity_v6.trie.keys().count(),
     ]
 }
 
