@@ -433,7 +433,7 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          in {rounds} interleaved rounds (order rotated per round); each round runs every \
          case of every configuration once, and one round is one run.\n\
          - **allowed new flow**: a TCP SYN from an allowed peer: conntrack miss, identity \
-         lookup, policy LPM lookup, conntrack insert. A repeated frame would be \
+         lookup, policy lookup, conntrack insert. A repeated frame would be \
          tracked from its second run on, so every packet is its own frame (source ports \
          1024…{last}) in its own BPF_PROG_TEST_RUN call (repeat = 1): a run is the mean \
          of a batch of {batch} frames ({total} packets per configuration), after which \
@@ -443,7 +443,7 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          - **tracked reply**: the SYN-ACK of an allowed flow through the pod's egress \
          check (forward miss, reverse conntrack hit), repeat = {repeat} per call.\n\
          - **drop**: a SYN to a port no entry allows (conntrack miss, identity lookup, \
-         policy LPM lookup, counter, rate-limited drop event), repeat = {repeat} per call.\n\
+         policy lookup missing both policy maps, counter, rate-limited drop event), repeat = {repeat} per call.\n\
          - **tracked reply, 1 frame per call**: the tracked reply timed like the new flow \
          (repeat = 1, batches of {batch}), the like-for-like reference for it: one-call \
          timing includes the kernel's timer reads around a single run and colder caches.",
@@ -454,13 +454,16 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         repeat = int(opts.repeat as usize),
     ));
     s.method.push(
-        "Map sizes: *policy* entries are exact-port LPM entries `(slot, identity, \
-         direction, protocol, port)`: the one that allows the measured flow plus \
-         distinct others, either all on the measured pod's slot or spread over the other \
-         2,047 slots. *Identity* entries are /32 addresses of 198.18.0.0/15 (the peer's \
-         plus others), which the agent writes to the IDENTITY_EXACT_V4 hash map (only \
-         shorter prefixes, ipBlock CIDRs, go to the IDENTITY_CIDR_V4 trie). Ratios are against the 1-policy/1-identity configuration of the \
-         same case, measured in the same run."
+        "Map sizes: *policy* entries are exact-port entries `(slot, identity, \
+         direction, protocol, port)`, which the agent writes to the POLICY_EXACT hash map \
+         (wildcards, i.e. any protocol, any port and port ranges, go to the \
+         POLICY_WILDCARD trie): the one that allows the measured flow plus distinct \
+         others, either all on the measured pod's slot or spread over the other 2,047 \
+         slots. *Identity* entries are /32 addresses of 198.18.0.0/15 (the peer's plus \
+         others), which the agent writes to the IDENTITY_EXACT_V4 hash map (only shorter \
+         prefixes, ipBlock CIDRs, go to the IDENTITY_CIDR_V4 trie). Ratios are against \
+         the 1-policy/1-identity configuration of the same case, measured in the same \
+         run."
             .to_string(),
     );
     let Some(base) = rows.iter().find(|r| r.cfg.is_baseline()) else {
@@ -573,7 +576,8 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         "How to read it: the tracked reply never touches the identity or policy maps, so \
          its movement between configurations (a few %) is this machine's noise floor \
          between separately loaded map instances; a new flow and a drop each do one identity lookup (a hash \
-         hit here) and one POLICY lookup."
+         hit here) and one policy lookup (a POLICY_EXACT hash hit for the new flow; for the \
+         drop a hash miss and a POLICY_WILDCARD trie miss)."
             .into(),
     );
     s.data = json!({
