@@ -1,8 +1,9 @@
 //! `kill -9` of the agent 20 times in a row at random moments (seeded) during reconciles:
 //! right after start (the first sync) and right after a manifest change. An allowed TCP
 //! connection per family streams throughout and a denied client sprays TCP and UDP at the
-//! same server. Then the last agent converges and every map (ENDPOINTS, IDENTITY_EXACT_V4/V6,
-//! IDENTITY_CIDR_V4/V6, POLICY_EXACT, POLICY_WILDCARD) is compared with the maps a clean agent builds from the same manifests.
+//! same server. Then the last agent converges and every map (ENDPOINTS, IDENTITY{4,6}_EXACT,
+//! IDENTITY{4,6}_CIDR, POLICY_EXACT, POLICY_WILDCARD) is compared with the maps a clean
+//! agent builds from the same manifests.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -16,8 +16,8 @@ use palisade_common::{
 
 use crate::{
     parse::{parse, Kind, Packet, Parsed, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY_CIDR_V4,
-    IDENTITY_CIDR_V6, IDENTITY_EXACT_V4, IDENTITY_EXACT_V6, POLICY_EXACT, POLICY_WILDCARD, SCRATCH,
+    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY4_CIDR,
+    IDENTITY4_EXACT, IDENTITY6_CIDR, IDENTITY6_EXACT, POLICY_EXACT, POLICY_WILDCARD, SCRATCH,
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -259,15 +259,15 @@ pub(crate) fn identity(family: u8, addr: &[u8; 16]) -> IdentityValue {
     let found = if family == 4 {
         let a = [addr[0], addr[1], addr[2], addr[3]];
         // SAFETY: the value is copied out at once.
-        match unsafe { IDENTITY_EXACT_V4.get(&a) } {
+        match unsafe { IDENTITY4_EXACT.get(&a) } {
             Some(v) => Some(*v),
-            None => IDENTITY_CIDR_V4.get(&Key::new(32, a)).copied(),
+            None => IDENTITY4_CIDR.get(&Key::new(32, a)).copied(),
         }
     } else {
         // SAFETY: as above.
-        match unsafe { IDENTITY_EXACT_V6.get(addr) } {
+        match unsafe { IDENTITY6_EXACT.get(addr) } {
             Some(v) => Some(*v),
-            None => IDENTITY_CIDR_V6.get(&Key::new(128, *addr)).copied(),
+            None => IDENTITY6_CIDR.get(&Key::new(128, *addr)).copied(),
         }
     };
     found.unwrap_or_default()

@@ -28,15 +28,15 @@ static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
 // trie probed when the hash misses. See `check::identity`. The hash maps grow with their
 // entries like the tries (no preallocation: 262,144 entries would pin ~34 MiB up front).
 #[map]
-static IDENTITY_EXACT_V4: HashMap<[u8; 4], IdentityValue> =
+static IDENTITY4_EXACT: HashMap<[u8; 4], IdentityValue> =
     HashMap::pinned(262_144, BPF_F_NO_PREALLOC as u32);
 #[map]
-static IDENTITY_EXACT_V6: HashMap<[u8; 16], IdentityValue> =
+static IDENTITY6_EXACT: HashMap<[u8; 16], IdentityValue> =
     HashMap::pinned(262_144, BPF_F_NO_PREALLOC as u32);
 #[map]
-static IDENTITY_CIDR_V4: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::pinned(262_144, 0);
+static IDENTITY4_CIDR: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::pinned(262_144, 0);
 #[map]
-static IDENTITY_CIDR_V6: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::pinned(262_144, 0);
+static IDENTITY6_CIDR: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::pinned(262_144, 0);
 // Allow entries, split the same way: exact-port entries (the full key, nearly all of them)
 // in a hash map probed first, wildcard ones (any protocol, any port, port-range blocks) in
 // an LPM trie probed on a miss. See `check::policy_allows`.

@@ -14,8 +14,8 @@
 //!
 //! A second scene upgrades from layout 1 itself, whose identity and allow maps were one LPM
 //! trie each (`IDENTITY_V4`/`_V6`, `POLICY`: every prefix): the new agent must rebuild its
-//! split maps (`IDENTITY_EXACT_*`, `POLICY_EXACT` hash maps of full-length entries,
-//! `IDENTITY_CIDR_*`, `POLICY_WILDCARD` tries of the rest) rather than adopt the old tries,
+//! split maps (`IDENTITY{4,6}_EXACT`, `POLICY_EXACT` hash maps of full-length entries,
+//! `IDENTITY{4,6}_CIDR`, `POLICY_WILDCARD` tries of the rest) rather than adopt the old tries,
 //! share everything else, and keep allowed traffic flowing and denied traffic out.
 
 use std::path::PathBuf;
@@ -249,25 +249,17 @@ fn layout_upgrades_under_traffic_on_a_routed_node() {
 
 /// Layout 1's LPM maps of every prefix, and the (trie, hash map) pairs they became.
 const LAYOUT1_TRIES: [(&str, &str, &str); 3] = [
-    (
-        "IDENTITY_V4",
-        names::IDENTITY_CIDR_V4,
-        names::IDENTITY_EXACT_V4,
-    ),
-    (
-        "IDENTITY_V6",
-        names::IDENTITY_CIDR_V6,
-        names::IDENTITY_EXACT_V6,
-    ),
+    ("IDENTITY_V4", names::IDENTITY4_CIDR, names::IDENTITY4_EXACT),
+    ("IDENTITY_V6", names::IDENTITY6_CIDR, names::IDENTITY6_EXACT),
     ("POLICY", names::POLICY_WILDCARD, names::POLICY_EXACT),
 ];
 
 /// The split maps of this layout.
 const SPLIT_MAPS: [&str; 6] = [
-    names::IDENTITY_EXACT_V4,
-    names::IDENTITY_CIDR_V4,
-    names::IDENTITY_EXACT_V6,
-    names::IDENTITY_CIDR_V6,
+    names::IDENTITY4_EXACT,
+    names::IDENTITY4_CIDR,
+    names::IDENTITY6_EXACT,
+    names::IDENTITY6_CIDR,
     names::POLICY_EXACT,
     names::POLICY_WILDCARD,
 ];

@@ -41,10 +41,10 @@ pub struct StateLabel {
 /// The maps whose fill levels are reported: the ones the agent writes, and conntrack.
 const REPORTED_MAPS: [&str; 8] = [
     map_names::ENDPOINTS,
-    map_names::IDENTITY_EXACT_V4,
-    map_names::IDENTITY_CIDR_V4,
-    map_names::IDENTITY_EXACT_V6,
-    map_names::IDENTITY_CIDR_V6,
+    map_names::IDENTITY4_EXACT,
+    map_names::IDENTITY4_CIDR,
+    map_names::IDENTITY6_EXACT,
+    map_names::IDENTITY6_CIDR,
     map_names::POLICY_EXACT,
     map_names::POLICY_WILDCARD,
     map_names::CONNTRACK,
@@ -100,14 +100,14 @@ pub fn map_fill(
         .count();
     [
         (map_names::ENDPOINTS, wired),
-        (map_names::IDENTITY_EXACT_V4, exact_v4),
+        (map_names::IDENTITY4_EXACT, exact_v4),
         (
-            map_names::IDENTITY_CIDR_V4,
+            map_names::IDENTITY4_CIDR,
             plan.identities_v4.len() - exact_v4,
         ),
-        (map_names::IDENTITY_EXACT_V6, exact_v6),
+        (map_names::IDENTITY6_EXACT, exact_v6),
         (
-            map_names::IDENTITY_CIDR_V6,
+            map_names::IDENTITY6_CIDR,
             plan.identities_v6.len() - exact_v6,
         ),
         (map_names::POLICY_EXACT, policy_exact),

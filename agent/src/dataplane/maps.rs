@@ -52,8 +52,8 @@ impl Maps {
     pub fn open(layout: &Layout) -> Result<Self, DataplaneError> {
         Ok(Self {
             endpoints: open(layout, names::ENDPOINTS)?,
-            identity_v4: split(layout, names::IDENTITY_EXACT_V4, names::IDENTITY_CIDR_V4)?,
-            identity_v6: split(layout, names::IDENTITY_EXACT_V6, names::IDENTITY_CIDR_V6)?,
+            identity_v4: split(layout, names::IDENTITY4_EXACT, names::IDENTITY4_CIDR)?,
+            identity_v6: split(layout, names::IDENTITY6_EXACT, names::IDENTITY6_CIDR)?,
             policy: split(layout, names::POLICY_EXACT, names::POLICY_WILDCARD)?,
             counters: open(layout, names::COUNTERS)?,
             conntrack: open(layout, names::CONNTRACK)?,

@@ -352,14 +352,14 @@ mod tests {
         let rebuilt = plan(&[
             (names::ENDPOINTS, Some(ep), Some(new_ep)),
             (names::CONNTRACK, Some(ct), Some(ct)),
-            (names::IDENTITY_CIDR_V4, Some(ct), Some(ct)),
+            (names::IDENTITY4_CIDR, Some(ct), Some(ct)),
         ]);
         assert_eq!(
             rebuilt,
             vec![
                 (names::ENDPOINTS, MapPlan::Rebuild),
                 (names::CONNTRACK, MapPlan::Rebuild),
-                (names::IDENTITY_CIDR_V4, MapPlan::Share),
+                (names::IDENTITY4_CIDR, MapPlan::Share),
             ]
         );
     }

@@ -5,8 +5,8 @@
 
 /// Bumped whenever a map's key or value layout changes. It is part of the pin directory, so
 /// an agent never reopens a pinned map whose layout it does not understand.
-/// 2: the identity tries became `IDENTITY_EXACT_*` hash maps of host addresses plus
-/// `IDENTITY_CIDR_*` tries of shorter prefixes, and `POLICY` became `POLICY_EXACT` (a hash
+/// 2: the identity tries became `IDENTITY{4,6}_EXACT` hash maps of host addresses plus
+/// `IDENTITY{4,6}_CIDR` tries of shorter prefixes, and `POLICY` became `POLICY_EXACT` (a hash
 /// map of exact-port entries) plus `POLICY_WILDCARD` (a trie of the others).
 pub const LAYOUT_VERSION: u32 = 2;
 
@@ -25,9 +25,9 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Value of the IP→identity maps. Each family has two: `IDENTITY_EXACT_V4`/`_V6`, hash maps
+/// Value of the IP→identity maps. Each family has two: `IDENTITY4_EXACT`/`IDENTITY6_EXACT`, hash maps
 /// keyed by a host address (`[u8; 4]` / `[u8; 16]`, network order) holding the /32 and
-/// /128 entries, and `IDENTITY_CIDR_V4`/`_V6`, LPM tries keyed by `lpm_trie::Key<[u8; 4]>` /
+/// /128 entries, and `IDENTITY4_CIDR`/`IDENTITY6_CIDR`, LPM tries keyed by `lpm_trie::Key<[u8; 4]>` /
 /// `Key<[u8; 16]>` holding every shorter prefix. An entry lives in exactly one of them,
 /// chosen by its prefix length; the programs probe the hash map first, then the trie.
 #[repr(C)]
@@ -285,16 +285,18 @@ pub struct EventBudget {
     pub lost: u32,
 }
 
-/// Map names, shared so the agent finds what the programs define.
+/// Map names, shared so the agent finds what the programs define. At most 15 bytes each:
+/// the kernel keeps that much of a map's name (`BPF_OBJ_NAME_LEN`), and bpftool, fdinfo and
+/// the memory benchmark show that.
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
-    pub const IDENTITY_EXACT_V4: &str = "IDENTITY_EXACT_V4";
-    pub const IDENTITY_EXACT_V6: &str = "IDENTITY_EXACT_V6";
+    pub const IDENTITY4_EXACT: &str = "IDENTITY4_EXACT";
+    pub const IDENTITY6_EXACT: &str = "IDENTITY6_EXACT";
     /// Named apart from layout 1's `IDENTITY_V4`/`_V6` (one trie of every prefix), whose
     /// definition they share but whose meaning they do not: an upgrade must not adopt
     /// those (see the agent's `dataplane::upgrade`).
-    pub const IDENTITY_CIDR_V4: &str = "IDENTITY_CIDR_V4";
-    pub const IDENTITY_CIDR_V6: &str = "IDENTITY_CIDR_V6";
+    pub const IDENTITY4_CIDR: &str = "IDENTITY4_CIDR";
+    pub const IDENTITY6_CIDR: &str = "IDENTITY6_CIDR";
     /// Exact-port allow entries (prefix `POLICY_PREFIX_FULL`), keyed by `PolicyKey`.
     pub const POLICY_EXACT: &str = "POLICY_EXACT";
     /// Every other allow entry (any protocol, any port, port-range blocks): an LPM trie.
@@ -309,10 +311,10 @@ pub mod maps {
     /// Every map the programs pin (the others are per-program scratch).
     pub const PINNED: [&str; 12] = [
         ENDPOINTS,
-        IDENTITY_EXACT_V4,
-        IDENTITY_EXACT_V6,
-        IDENTITY_CIDR_V4,
-        IDENTITY_CIDR_V6,
+        IDENTITY4_EXACT,
+        IDENTITY6_EXACT,
+        IDENTITY4_CIDR,
+        IDENTITY6_CIDR,
         POLICY_EXACT,
         POLICY_WILDCARD,
         COUNTERS,
@@ -451,6 +453,13 @@ mod tests {
         assert_eq!(size_of::<DropEvent>(), 64);
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<FragKey>(), 44);
+    }
+
+    #[test]
+    fn pinned_map_names_fit_the_kernels_name_length() {
+        for name in maps::PINNED {
+            assert!(name.len() <= 15, "{name} would be cut to {}", &name[..15]);
+        }
     }
 
     #[test]

@@ -460,8 +460,8 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          POLICY_WILDCARD trie): the one that allows the measured flow plus distinct \
          others, either all on the measured pod's slot or spread over the other 2,047 \
          slots. *Identity* entries are /32 addresses of 198.18.0.0/15 (the peer's plus \
-         others), which the agent writes to the IDENTITY_EXACT_V4 hash map (only shorter \
-         prefixes, ipBlock CIDRs, go to the IDENTITY_CIDR_V4 trie). Ratios are against \
+         others), which the agent writes to the IDENTITY4_EXACT hash map (only shorter \
+         prefixes, ipBlock CIDRs, go to the IDENTITY4_CIDR trie). Ratios are against \
          the 1-policy/1-identity configuration of the same case, measured in the same \
          run."
             .to_string(),
@@ -555,7 +555,7 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         .find(|r| r.cfg.policy == 1 && r.cfg.identities >= 100_000)
     {
         s.notes.push(format!(
-            "Identity growth: /32 pod addresses are found in the IDENTITY_EXACT_V4 hash \
+            "Identity growth: /32 pod addresses are found in the IDENTITY4_EXACT hash \
              map, whose lookup does not walk a trie (until layout 1 they were in an LPM \
              trie whose lookup got longer with its size): with {} identity entries and a \
              single policy entry, a drop costs {} ns more and a new flow {} ns more than \
