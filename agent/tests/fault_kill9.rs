@@ -1,8 +1,9 @@
 //! `kill -9` of the agent 20 times in a row at random moments (seeded) during reconciles:
 //! right after start (the first sync) and right after a manifest change. An allowed TCP
 //! connection per family streams throughout and a denied client sprays TCP and UDP at the
-//! same server. Then the last agent converges and every map (ENDPOINTS, IDENTITY_V4/V6,
-//! POLICY) is compared with the maps a clean agent builds from the same manifests.
+//! same server. Then the last agent converges and every map (ENDPOINTS, IDENTITY{4,6}_EXACT,
+//! IDENTITY{4,6}_CIDR, POLICY_EXACT, POLICY_WILDCARD) is compared with the maps a clean
+//! agent builds from the same manifests.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,17 +47,26 @@ fn dump(maps: &Maps) -> Dump {
     }
     let mut id_name = BTreeMap::<u32, String>::new();
     let mut ids = Vec::new();
-    for r in maps.identity_v4.iter() {
+    // Both maps of each family, each entry named with the map that holds it.
+    for r in maps.identity_v4.exact.iter() {
+        let (a, v) = r.unwrap();
+        ids.push((format!("{}/32", std::net::Ipv4Addr::from(a)), "exact", v));
+    }
+    for r in maps.identity_v4.trie.iter() {
         let (k, v) = r.unwrap();
         let net = format!("{}/{}", std::net::Ipv4Addr::from(k.data()), k.prefix_len());
-        ids.push((net, v));
+        ids.push((net, "cidr", v));
     }
-    for r in maps.identity_v6.iter() {
+    for r in maps.identity_v6.exact.iter() {
+        let (a, v) = r.unwrap();
+        ids.push((format!("{}/128", std::net::Ipv6Addr::from(a)), "exact", v));
+    }
+    for r in maps.identity_v6.trie.iter() {
         let (k, v) = r.unwrap();
         let net = format!("{}/{}", std::net::Ipv6Addr::from(k.data()), k.prefix_len());
-        ids.push((net, v));
+        ids.push((net, "cidr", v));
     }
-    for (net, v) in &ids {
+    for (net, _, v) in &ids {
         let e = id_name.entry(v.id).or_insert_with(|| net.clone());
         if net < e {
             *e = net.clone();
@@ -72,9 +82,9 @@ fn dump(maps: &Maps) -> Dump {
                 .unwrap_or(format!("unknown-id-{id}"))
         }
     };
-    for (net, v) in &ids {
+    for (net, map, v) in &ids {
         out.insert(
-            format!("IDENTITY {net}"),
+            format!("IDENTITY {map} {net}"),
             format!("{} flags {:#x}", name(v.id), v.flags),
         );
     }

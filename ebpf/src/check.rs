@@ -16,8 +16,8 @@ use palisade_common::{
 
 use crate::{
     parse::{parse, Kind, Packet, Parsed, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY_V4,
-    IDENTITY_V6, POLICY, SCRATCH,
+    CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, EVENT_BUDGET, FRAGMENTS, IDENTITY4_CIDR,
+    IDENTITY4_EXACT, IDENTITY6_CIDR, IDENTITY6_EXACT, POLICY_EXACT, POLICY_WILDCARD, SCRATCH,
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -233,11 +233,13 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
             Err(()) => REASON_DROPPED_CT_FULL,
         };
     }
-    let pkey = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKey::new(c.slot, peer.id, c.dir, t.proto, p.policy_port),
-    );
-    if POLICY.get(&pkey).is_none() {
+    if !policy_allows(PolicyKey::new(
+        c.slot,
+        peer.id,
+        c.dir,
+        t.proto,
+        p.policy_port,
+    )) {
         return REASON_DROPPED_NO_RULE;
     }
     match track(&key, now, 0) {
@@ -247,16 +249,42 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
     }
 }
 
+/// The identity of `addr`: the longest prefix covering it. A host entry (/32, /128) is the
+/// longest prefix of its address whenever it exists, so the exact hash map answers first
+/// and only addresses without one walk the trie of shorter prefixes; the agent keeps every
+/// entry in exactly one of the two (by its prefix length), so the answer is the one a
+/// single trie of all entries would give.
 #[inline(always)]
 pub(crate) fn identity(family: u8, addr: &[u8; 16]) -> IdentityValue {
     let found = if family == 4 {
-        let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
-        IDENTITY_V4.get(&key).copied()
+        let a = [addr[0], addr[1], addr[2], addr[3]];
+        // SAFETY: the value is copied out at once.
+        match unsafe { IDENTITY4_EXACT.get(&a) } {
+            Some(v) => Some(*v),
+            None => IDENTITY4_CIDR.get(&Key::new(32, a)).copied(),
+        }
     } else {
-        let key = Key::new(128, *addr);
-        IDENTITY_V6.get(&key).copied()
+        // SAFETY: as above.
+        match unsafe { IDENTITY6_EXACT.get(addr) } {
+            Some(v) => Some(*v),
+            None => IDENTITY6_CIDR.get(&Key::new(128, *addr)).copied(),
+        }
     };
     found.unwrap_or_default()
+}
+
+/// Whether an allow entry of the pod covers `key` (a packet's full key). Exact-port entries
+/// live in a hash map, every wildcard one (any protocol, any port, a port-range block) in
+/// the trie; the agent puts each entry in exactly one of them by its prefix length. Only
+/// whether some entry matches decides, so a hash hit answers, and a miss leaves the trie,
+/// which holds every other entry that could cover the key.
+#[inline(always)]
+pub(crate) fn policy_allows(key: PolicyKey) -> bool {
+    // SAFETY: only the presence of the value is read.
+    unsafe { POLICY_EXACT.get(&key) }.is_some()
+        || POLICY_WILDCARD
+            .get(&Key::new(POLICY_PREFIX_FULL, key))
+            .is_some()
 }
 
 #[inline(always)]

@@ -9,6 +9,7 @@ mod parse;
 mod service;
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -22,12 +23,28 @@ use palisade_common::{
 // replacing it, and enforcement continues while no agent runs.
 #[map]
 static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
+// IP -> identity, per family: host addresses (pod and node IPs, nearly every entry) in a
+// hash map probed first, shorter prefixes (ipBlock CIDRs and their except holes) in an LPM
+// trie probed when the hash misses. See `check::identity`. The hash maps grow with their
+// entries like the tries (no preallocation: 262,144 entries would pin ~34 MiB up front).
 #[map]
-static IDENTITY_V4: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::pinned(262_144, 0);
+static IDENTITY4_EXACT: HashMap<[u8; 4], IdentityValue> =
+    HashMap::pinned(262_144, BPF_F_NO_PREALLOC as u32);
 #[map]
-static IDENTITY_V6: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::pinned(262_144, 0);
+static IDENTITY6_EXACT: HashMap<[u8; 16], IdentityValue> =
+    HashMap::pinned(262_144, BPF_F_NO_PREALLOC as u32);
 #[map]
-static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576, 0);
+static IDENTITY4_CIDR: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::pinned(262_144, 0);
+#[map]
+static IDENTITY6_CIDR: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::pinned(262_144, 0);
+// Allow entries, split the same way: exact-port entries (the full key, nearly all of them)
+// in a hash map probed first, wildcard ones (any protocol, any port, port-range blocks) in
+// an LPM trie probed on a miss. See `check::policy_allows`.
+#[map]
+static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(1_048_576, BPF_F_NO_PREALLOC as u32);
+#[map]
+static POLICY_WILDCARD: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
 #[map]

@@ -23,17 +23,17 @@ use aya_ebpf::{
 };
 use palisade_common::{
     CtKey, Endpoint, PolicyKey, SvcConfig, SvcPendingKey, CT_ADOPTED, DIR_EGRESS,
-    EP_ISOLATED_EGRESS, MAX_ENDPOINTS, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    REASON_ALLOWED_POLICY, REASON_ALLOWED_TRACKED, REASON_DROPPED_CT_FULL, REASON_DROPPED_NO_RULE,
+    EP_ISOLATED_EGRESS, MAX_ENDPOINTS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_ALLOWED_POLICY,
+    REASON_ALLOWED_TRACKED, REASON_DROPPED_CT_FULL, REASON_DROPPED_NO_RULE,
 };
 
 use crate::{
     check::{
-        adopt_mid_stream, alive, config, ct_key, finish, identity, later_fragment,
+        adopt_mid_stream, alive, config, ct_key, finish, identity, later_fragment, policy_allows,
         remember_first_fragment, touch, track, Ctx,
     },
     parse::{parse, Kind, Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONNTRACK, POLICY, SCRATCH,
+    CONNTRACK, SCRATCH,
 };
 
 #[map]
@@ -215,11 +215,13 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
     }
 
     let peer = identity(t.family, &t.daddr);
-    let policy = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKey::new(slot, peer.id, DIR_EGRESS, t.proto, p.policy_port),
-    );
-    if POLICY.get(&policy).is_none() {
+    if !policy_allows(PolicyKey::new(
+        slot,
+        peer.id,
+        DIR_EGRESS,
+        t.proto,
+        p.policy_port,
+    )) {
         // Nothing of the denied flow may keep letting replies or packets through.
         let _ = CONNTRACK.remove(&key);
         if let Some(o) = orig {

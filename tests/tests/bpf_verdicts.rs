@@ -1185,6 +1185,22 @@ fn random_frames_match_an_independent_parser() {
     oracle::run();
 }
 
+#[path = "bpf_verdicts/identity_split.rs"]
+mod identity_split;
+
+#[test]
+fn split_identity_maps_judge_random_identity_sets_like_one_longest_prefix_table() {
+    identity_split::run();
+}
+
+#[path = "bpf_verdicts/policy_split.rs"]
+mod policy_split;
+
+#[test]
+fn split_policy_maps_judge_random_entry_sets_like_one_trie_of_every_entry() {
+    policy_split::run();
+}
+
 // ---------------------------------------------------------------------------------------
 // Conntrack lifetime: dead entries, garbage collection, a full map
 // ---------------------------------------------------------------------------------------

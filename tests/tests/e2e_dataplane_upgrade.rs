@@ -11,14 +11,22 @@
 //! UDP. Asserted: no denied packet reaches the server, no connection breaks or loses a
 //! packet to a drop, every denied packet is counted (the counters carry over), and each
 //! step shares or copies exactly the maps it should.
+//!
+//! A second scene upgrades from layout 1 itself, whose identity and allow maps were one LPM
+//! trie each (`IDENTITY_V4`/`_V6`, `POLICY`: every prefix): the new agent must rebuild its
+//! split maps (`IDENTITY{4,6}_EXACT`, `POLICY_EXACT` hash maps of full-length entries,
+//! `IDENTITY{4,6}_CIDR`, `POLICY_WILDCARD` tries of the rest) rather than adopt the old tries,
+//! share everything else, and keep allowed traffic flowing and denied traffic out.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aya::maps::MapInfo;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Map, MapData, MapInfo};
 use palisade::dataplane::{link_ids, map_ids, Hook, Layout, Maps};
 use palisade::source::SourceSpec;
 use palisade_common::maps as names;
+use palisade_common::{IdentityValue, PolicyKey, PolicyValue, POLICY_PREFIX_FULL};
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
@@ -237,4 +245,176 @@ fn layout_upgrades_under_traffic_on_a_bridged_node() {
 #[test]
 fn layout_upgrades_under_traffic_on_a_routed_node() {
     upgrade_under_traffic(Flavour::Routed, "uprt");
+}
+
+/// Layout 1's LPM maps of every prefix, and the (trie, hash map) pairs they became.
+const LAYOUT1_TRIES: [(&str, &str, &str); 3] = [
+    ("IDENTITY_V4", names::IDENTITY4_CIDR, names::IDENTITY4_EXACT),
+    ("IDENTITY_V6", names::IDENTITY6_CIDR, names::IDENTITY6_EXACT),
+    ("POLICY", names::POLICY_WILDCARD, names::POLICY_EXACT),
+];
+
+/// The split maps of this layout.
+const SPLIT_MAPS: [&str; 6] = [
+    names::IDENTITY4_EXACT,
+    names::IDENTITY4_CIDR,
+    names::IDENTITY6_EXACT,
+    names::IDENTITY6_CIDR,
+    names::POLICY_EXACT,
+    names::POLICY_WILDCARD,
+];
+
+fn trie<K: aya::Pod, V: aya::Pod>(path: PathBuf) -> LpmTrie<MapData, K, V> {
+    let data = MapData::from_pin(path).unwrap();
+    LpmTrie::try_from(Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// Every identity entry of `maps` as "network/prefix" (both maps of both families).
+fn identity_nets(maps: &Maps) -> Vec<String> {
+    let mut out: Vec<String> = maps
+        .identity_v4
+        .keys()
+        .map(|k| {
+            let k = k.unwrap();
+            format!("{}/{}", std::net::Ipv4Addr::from(k.data()), k.prefix_len())
+        })
+        .chain(maps.identity_v6.keys().map(|k| {
+            let k = k.unwrap();
+            format!("{}/{}", std::net::Ipv6Addr::from(k.data()), k.prefix_len())
+        }))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Turns `v1`'s pins into what an agent of layout 1 leaves behind: each family's identity
+/// entries all in one trie pinned as `IDENTITY_V4`/`_V6`, every allow entry in one trie
+/// pinned as `POLICY`, and no split maps. The attached programs keep the maps they were
+/// loaded with; an upgrading agent only reads pins.
+fn pin_as_layout_1(v1: &Layout) {
+    let maps = Maps::open(v1).unwrap();
+    let hosts4: Vec<_> = maps.identity_v4.exact.iter().map(Result::unwrap).collect();
+    let hosts6: Vec<_> = maps.identity_v6.exact.iter().map(Result::unwrap).collect();
+    let exact_policy: Vec<_> = maps.policy.exact.iter().map(Result::unwrap).collect();
+    drop(maps);
+    for (old, trie, exact) in LAYOUT1_TRIES {
+        std::fs::rename(v1.map(trie), v1.map(old)).unwrap();
+        std::fs::remove_file(v1.map(exact)).unwrap();
+    }
+    let mut t4 = trie::<[u8; 4], IdentityValue>(v1.map(LAYOUT1_TRIES[0].0));
+    for (a, v) in hosts4 {
+        t4.insert(&Key::new(32, a), v, 0).unwrap();
+    }
+    let mut t6 = trie::<[u8; 16], IdentityValue>(v1.map(LAYOUT1_TRIES[1].0));
+    for (a, v) in hosts6 {
+        t6.insert(&Key::new(128, a), v, 0).unwrap();
+    }
+    let mut p = trie::<PolicyKey, PolicyValue>(v1.map(LAYOUT1_TRIES[2].0));
+    for (k, v) in exact_policy {
+        p.insert(&Key::new(POLICY_PREFIX_FULL, k), v, 0).unwrap();
+    }
+}
+
+#[test]
+fn upgrade_from_layout_1_rebuilds_the_identity_and_allow_maps_split_under_traffic() {
+    require_root();
+    let tag = "upl1";
+    const { assert!(palisade_common::LAYOUT_VERSION > 1) };
+    let node = Node::new(tag, Flavour::Routed).unwrap();
+    let trio = Trio::new(&node).unwrap();
+    let (a, b) = (&trio.a, &trio.b);
+    let tmp = TempDir::new(tag).unwrap();
+    let dirs = Dirs {
+        manifests: tmp.path().join("manifests"),
+        run: tmp.path().join("run"),
+        _tmp: tmp,
+    };
+    std::fs::create_dir_all(&dirs.manifests).unwrap();
+    manifests::write(&dirs.manifests, "00-objects.yaml", &trio.objects(NODE)).unwrap();
+    manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
+
+    let pins = PinDir::new(tag);
+    let root = pins.path();
+    let v1 = Layout::with_version(&root, 1);
+    let agent = Agent::start(&node, v1.clone(), &dirs, 65_536, ALLOWING);
+    let slot_b = dirs.slot("x/b");
+    let nets_v1 = identity_nets(&Maps::open(&v1).unwrap());
+    let policy_v1 = Maps::open(&v1).unwrap().policy.keys().count();
+    assert!(policy_v1 > 0);
+    assert!(
+        nets_v1.iter().any(|n| n.ends_with("/32")) && nets_v1.iter().any(|n| n.ends_with("/128")),
+        "no pod addresses among the identities: {nets_v1:?}"
+    );
+    let drops_before = dropped(&Maps::open(&v1).unwrap(), slot_b, Some("ingress"));
+    let traffic = Traffic::start(&trio, Duration::from_millis(20)).unwrap();
+    traffic.progress("under layout 1", 10);
+    agent.stop();
+    pin_as_layout_1(&v1);
+    let ids_v1 = map_ids(&v1);
+    let old_tries: Vec<u32> = LAYOUT1_TRIES
+        .iter()
+        .map(|(old, _, _)| MapInfo::from_pin(v1.map(old)).unwrap().id())
+        .collect();
+    traffic.progress("with layout 1's pins and no agent", 10);
+
+    let v2 = Layout::new(&root);
+    let agent = Agent::start(&node, v2.clone(), &dirs, 65_536, ALLOWING);
+    assert!(!v1.versioned().exists(), "layout 1 pins left behind");
+    let ids_v2 = map_ids(&v2);
+    assert_eq!(ids_v2.len(), names::PINNED.len());
+    for (name, id) in &ids_v1 {
+        assert_eq!(ids_v2[name], *id, "{name} was not shared");
+    }
+    for name in SPLIT_MAPS {
+        assert!(
+            !old_tries.contains(&ids_v2[name]),
+            "{name} adopted a layout 1 trie of every prefix"
+        );
+    }
+    let maps = Maps::open(&v2).unwrap();
+    assert_eq!(
+        identity_nets(&maps),
+        nets_v1,
+        "identities rebuilt differently"
+    );
+    assert_eq!(
+        maps.policy.keys().count(),
+        policy_v1,
+        "allow entries rebuilt differently"
+    );
+    for k in maps.policy.trie.keys() {
+        assert!(
+            k.unwrap().prefix_len() < POLICY_PREFIX_FULL,
+            "an exact entry in the trie"
+        );
+    }
+    for k in maps.identity_v4.trie.keys() {
+        assert!(
+            k.unwrap().prefix_len() < 32,
+            "a host entry in the IPv4 trie"
+        );
+    }
+    for k in maps.identity_v6.trie.keys() {
+        assert!(
+            k.unwrap().prefix_len() < 128,
+            "a host entry in the IPv6 trie"
+        );
+    }
+    traffic.progress("under layout 2", 10);
+
+    // New flows are judged through the rebuilt identity maps.
+    for f in Family::BOTH {
+        a.ns().run(|| echo_once(b.addr(f, 80), T)).unwrap();
+        assert_eq!(udp_probe(a.ns(), b.ip(f), 80, T).as_deref(), Ok("x/b"));
+    }
+    let report = traffic.stop();
+    let counted = || dropped(&maps, slot_b, Some("ingress")) - drops_before;
+    eprintln!(
+        "{tag}: {}; counted as dropped {}",
+        report.summary(),
+        counted()
+    );
+    report.assert_no_leak_no_break(&trio);
+    report.assert_all_counted(counted);
+    agent.stop();
 }

@@ -179,7 +179,7 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
     for p in [&cli, &srv, &oth] {
         objects += &manifests::pod(p, NODE);
     }
-    let agent = Agent::start(&node, "mfpol", &[(names::POLICY, 2)], &objects, true);
+    let agent = Agent::start(&node, "mfpol", &[(names::POLICY_EXACT, 2)], &objects, true);
     agent.write("10-srv.yaml", SRV_FROM_CLI);
     agent
         .agent
@@ -191,7 +191,7 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
 
     // The second policy's entries: one fits, one does not.
     agent.write("20-oth.yaml", OTH_FROM_CLI);
-    let err = agent.wait_map_error(Some(names::POLICY));
+    let err = agent.wait_map_error(Some(names::POLICY_EXACT));
     assert_eq!(err["capacity"], 2, "{err}");
     assert_eq!(err["missing"], 1, "{err}");
     assert_eq!(err["pods"], serde_json::json!(["y/oth"]), "{err}");
@@ -224,11 +224,16 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
     // (c) /metrics names the map.
     let text = metrics(&node);
     assert!(
-        sample(&text, "palisade_map_write_failures_total", names::POLICY).is_some_and(|n| n >= 1.0),
+        sample(
+            &text,
+            "palisade_map_write_failures_total",
+            names::POLICY_EXACT
+        )
+        .is_some_and(|n| n >= 1.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, "palisade_map_entries_missing", names::POLICY),
+        sample(&text, "palisade_map_entries_missing", names::POLICY_EXACT),
         Some(1.0),
         "{text}"
     );
@@ -247,7 +252,7 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
     );
     let text = metrics(&node);
     assert_eq!(
-        sample(&text, "palisade_map_entries_missing", names::POLICY),
+        sample(&text, "palisade_map_entries_missing", names::POLICY_EXACT),
         Some(0.0),
         "{text}"
     );
@@ -277,7 +282,7 @@ spec:
 
 /// x/srv admits 198.18.0.0/15 on port 80 (policy `any`) and, except a /28 holding
 /// `stranger` (an address no pod object claims, so only prefixes judge it), on port 81
-/// (policy `most`). IDENTITY_V4 is full once `any` is in: `most`'s except does not fit.
+/// (policy `most`). IDENTITY4_CIDR is full once `any` is in: `most`'s except does not fit.
 /// Left as it is, the /15 (now carrying both blocks) would hand the stranger port 81; the
 /// agent withholds what would grant more.
 #[test]
@@ -304,7 +309,7 @@ fn identity_full_never_lets_an_excepted_address_in() {
     let any = block_policy("any", 80, None);
     let most = block_policy("most", 81, Some(&except));
 
-    // How many entries IDENTITY_V4 holds with `any`, on a first agent.
+    // How many entries IDENTITY4_CIDR holds with `any`, on a first agent.
     let full = {
         let first = Agent::start(&node, "mfid0", &[], &objects, false);
         first.write("10-any.yaml", &any);
@@ -312,10 +317,17 @@ fn identity_full_never_lets_an_excepted_address_in() {
             .agent
             .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
         let maps = Maps::open(&first._pins.layout()).unwrap();
-        let n = maps.identity_v4.keys().filter_map(Result::ok).count() as u32;
+        // The except is a shorter-than-host prefix: it goes to the CIDR trie.
+        let n = maps.identity_v4.trie.keys().filter_map(Result::ok).count() as u32;
         n // the first agent stops here
     };
-    let agent = Agent::start(&node, "mfid", &[(names::IDENTITY_V4, full)], &objects, true);
+    let agent = Agent::start(
+        &node,
+        "mfid",
+        &[(names::IDENTITY4_CIDR, full)],
+        &objects,
+        true,
+    );
     agent.write("10-any.yaml", &any);
     agent
         .agent
@@ -324,7 +336,7 @@ fn identity_full_never_lets_an_excepted_address_in() {
     assert!(dropped(&stranger, &srv, 81), "nothing admits port 81 yet");
 
     agent.write("20-most.yaml", &most);
-    let err = agent.wait_map_error(Some(names::IDENTITY_V4));
+    let err = agent.wait_map_error(Some(names::IDENTITY4_CIDR));
     assert_eq!(err["capacity"], full, "{err}");
     assert!(err["missing"].as_u64().is_some_and(|n| n >= 1), "{err}");
     // The excepted address never gets port 81; the pod in both blocks keeps its own entry
@@ -337,14 +349,15 @@ fn identity_full_never_lets_an_excepted_address_in() {
     assert!(passes(&oth, &srv, 81), "y/oth is in x/most's block: {err}");
     let text = metrics(&node);
     assert!(
-        sample(&text, "palisade_map_entries_missing", names::IDENTITY_V4).is_some_and(|n| n >= 1.0),
+        sample(&text, "palisade_map_entries_missing", names::IDENTITY4_CIDR)
+            .is_some_and(|n| n >= 1.0),
         "{text}"
     );
     assert!(
         sample(
             &text,
             "palisade_map_write_failures_total",
-            names::IDENTITY_V4
+            names::IDENTITY4_CIDR
         )
         .is_some_and(|n| n >= 1.0),
         "{text}"

@@ -20,7 +20,8 @@ use palisade_policy::Plan;
 
 use super::reconcile::Reconciler;
 use super::status::Status;
-use crate::dataplane::{read_counters, Layout, Maps};
+use crate::dataplane::{is_full_prefix, read_counters, Layout, Maps};
+use palisade_common::PolicyKey;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -38,11 +39,14 @@ pub struct StateLabel {
 }
 
 /// The maps whose fill levels are reported: the ones the agent writes, and conntrack.
-const REPORTED_MAPS: [&str; 5] = [
+const REPORTED_MAPS: [&str; 8] = [
     map_names::ENDPOINTS,
-    map_names::IDENTITY_V4,
-    map_names::IDENTITY_V6,
-    map_names::POLICY,
+    map_names::IDENTITY4_EXACT,
+    map_names::IDENTITY4_CIDR,
+    map_names::IDENTITY6_EXACT,
+    map_names::IDENTITY6_CIDR,
+    map_names::POLICY_EXACT,
+    map_names::POLICY_WILDCARD,
     map_names::CONNTRACK,
 ];
 
@@ -74,28 +78,51 @@ pub fn map_fill(
         .values()
         .filter(|e| e.ifindex.is_some())
         .count();
-    let policy_entries: usize = plan.endpoints.values().map(|e| e.entries.len()).sum();
+    // Each entry lives in the map (exact hash or trie) its prefix length selects.
+    let (mut policy_exact, mut policy_wildcard) = (0, 0);
+    for e in plan.endpoints.values().flat_map(|e| &e.entries) {
+        let (prefix, _) = e.lpm_key(0);
+        if is_full_prefix::<PolicyKey>(prefix) {
+            policy_exact += 1;
+        } else {
+            policy_wildcard += 1;
+        }
+    }
+    let exact_v4 = plan
+        .identities_v4
+        .keys()
+        .filter(|n| is_full_prefix::<[u8; 4]>(n.prefix().into()))
+        .count();
+    let exact_v6 = plan
+        .identities_v6
+        .keys()
+        .filter(|n| is_full_prefix::<[u8; 16]>(n.prefix().into()))
+        .count();
     // What the maps hold: the plan minus what a full map did not take.
     let missing = rec.missing_by_map(plan);
     let held =
         |map: &str, planned: usize| planned.saturating_sub(missing.get(map).copied().unwrap_or(0));
-    let policy_entries = held(map_names::POLICY, policy_entries);
-    let (v4, v6) = (
-        held(map_names::IDENTITY_V4, plan.identities_v4.len()),
-        held(map_names::IDENTITY_V6, plan.identities_v6.len()),
-    );
     [
         (map_names::ENDPOINTS, wired),
-        (map_names::IDENTITY_V4, v4),
-        (map_names::IDENTITY_V6, v6),
-        (map_names::POLICY, policy_entries),
+        (map_names::IDENTITY4_EXACT, exact_v4),
+        (
+            map_names::IDENTITY4_CIDR,
+            plan.identities_v4.len() - exact_v4,
+        ),
+        (map_names::IDENTITY6_EXACT, exact_v6),
+        (
+            map_names::IDENTITY6_CIDR,
+            plan.identities_v6.len() - exact_v6,
+        ),
+        (map_names::POLICY_EXACT, policy_exact),
+        (map_names::POLICY_WILDCARD, policy_wildcard),
     ]
     .into_iter()
-    .map(|(name, entries)| {
+    .map(|(name, planned)| {
         (
             name.to_string(),
             super::status::MapFill {
-                entries,
+                entries: held(name, planned),
                 capacity: caps.get(name).copied().unwrap_or(0),
             },
         )

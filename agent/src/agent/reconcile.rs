@@ -478,12 +478,19 @@ impl Reconciler {
     /// Entries the plan wants that the maps do not hold, by map.
     pub fn missing_by_map(&self, plan: &Plan) -> BTreeMap<&'static str, usize> {
         let sf = &self.shortfall;
-        let slotless: usize = sf
+        // Allow entries live in the exact map or the wildcard trie by their prefix length.
+        let (mut exact, mut wildcard) = (0, 0);
+        let slotless = sf
             .no_slot
             .iter()
             .filter_map(|p| plan.endpoints.get(p))
-            .map(|e| e.entries.len())
-            .sum();
+            .flat_map(|e| &e.entries);
+        for e in sf.policy.values().flatten().chain(slotless) {
+            match policy_map_of(e) {
+                names::POLICY_EXACT => exact += 1,
+                _ => wildcard += 1,
+            }
+        }
         // Left out: under the map that refused them; withheld: under the family's trie.
         let mut identity: BTreeMap<&'static str, usize> = BTreeMap::new();
         let refused = sf.identities.values().copied();
@@ -510,9 +517,12 @@ impl Reconciler {
                 names::ENDPOINTS,
                 sf.no_slot.len() + sf.no_endpoint.len() + strays,
             ),
-            (names::POLICY, sf.missing_policy_entries() + slotless),
-            (names::IDENTITY_V4, 0),
-            (names::IDENTITY_V6, 0),
+            (names::POLICY_EXACT, exact),
+            (names::POLICY_WILDCARD, wildcard),
+            (names::IDENTITY4_EXACT, 0),
+            (names::IDENTITY4_CIDR, 0),
+            (names::IDENTITY6_EXACT, 0),
+            (names::IDENTITY6_CIDR, 0),
         ]);
         out.extend(identity);
         out
@@ -534,14 +544,14 @@ impl Reconciler {
                 let mut policies = BTreeSet::new();
                 // An identity shortfall concerns the policies naming those pods as peers,
                 // which only the compiler could tell: none listed.
-                let selecting = map == names::POLICY || map == names::ENDPOINTS;
+                let selecting = is_policy_map(map) || map == names::ENDPOINTS;
                 for p in pods.iter().filter(|_| selecting) {
                     let (i, e) = self.isolating(p);
                     policies.extend(i.into_iter().chain(e));
                 }
                 let mut prefixes = Vec::new();
                 let error = match map {
-                    names::POLICY => format!(
+                    names::POLICY_EXACT | names::POLICY_WILDCARD => format!(
                         "{map} is full ({capacity} entries): {missing} allow entries of {} pods \
                          are not programmed; they stay isolated but allow fewer flows than \
                          their policies say",
@@ -622,7 +632,13 @@ impl Reconciler {
     pub fn short_pods(&self, map: &str) -> impl Iterator<Item = &PodRef> + '_ {
         let sf = &self.shortfall;
         let pods: Vec<&PodRef> = match map {
-            names::POLICY => sf.policy.keys().chain(&sf.no_slot).collect(),
+            names::POLICY_EXACT | names::POLICY_WILDCARD => sf
+                .policy
+                .iter()
+                .filter(|(_, entries)| entries.iter().any(|e| policy_map_of(e) == map))
+                .map(|(p, _)| p)
+                .chain(&sf.no_slot)
+                .collect(),
             names::ENDPOINTS => sf.no_slot.iter().chain(&sf.no_endpoint).collect(),
             _ => {
                 let short: BTreeSet<&IpNetwork> = self.short_prefixes(map).collect();
@@ -951,10 +967,24 @@ impl Reconciler {
 /// The identity trie of a prefix's family (withheld prefixes are never full-length).
 fn trie_of(n: IpNetwork) -> &'static str {
     if n.is_ipv4() {
-        names::IDENTITY_V4
+        names::IDENTITY4_CIDR
     } else {
-        names::IDENTITY_V6
+        names::IDENTITY6_CIDR
     }
+}
+
+/// The map an allow entry is written to: exact ports to the hash, the rest to the trie.
+fn policy_map_of(e: &palisade_policy::PolicyEntry) -> &'static str {
+    let (prefix, _) = e.lpm_key(0);
+    if crate::dataplane::is_full_prefix::<palisade_common::PolicyKey>(prefix) {
+        names::POLICY_EXACT
+    } else {
+        names::POLICY_WILDCARD
+    }
+}
+
+fn is_policy_map(map: &str) -> bool {
+    map == names::POLICY_EXACT || map == names::POLICY_WILDCARD
 }
 
 fn max_len(ip: IpAddr) -> u8 {

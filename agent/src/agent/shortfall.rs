@@ -8,7 +8,7 @@
 //! * **POLICY**: every entry allows; a missing one allows less (a shorter match that is
 //!   present is itself an entry the plan wants). Safe as it is.
 //! * **ENDPOINTS**: see the reconciler: a pod without its entry is not bound.
-//! * **IDENTITY_V4/V6**: an address whose prefix p is missing gets the identity of the
+//! * **IDENTITY4/6 (exact and CIDR)**: an address whose prefix p is missing gets the identity of the
 //!   longest prefix present that contains p (or the world). That can allow *more*: an
 //!   ipBlock's `except` is a prefix whose class lacks the block, the cidr around it has it.
 //!   So a present prefix f that such a fallback lands on is **withheld** (removed from the
@@ -202,7 +202,7 @@ mod tests {
     }
 
     fn lost(nets: &[&str]) -> Missing {
-        nets.iter().map(|n| (net(n), "IDENTITY_V4")).collect()
+        nets.iter().map(|n| (net(n), "IDENTITY4_CIDR")).collect()
     }
 
     fn block(cidr: &str, except: &[&str]) -> Arc<IpBlock> {

@@ -68,7 +68,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 fill.entries as f64 * 100.0 / f64::from(fill.capacity)
             };
             println!(
-                "  {:<14} {:>9} / {:<9} ({pct:.1}%)",
+                "  {:<15} {:>9} / {:<9} ({pct:.1}%)",
                 name, fill.entries, fill.capacity
             );
         }

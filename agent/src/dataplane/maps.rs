@@ -4,23 +4,26 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{
-    lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, PerCpuArray,
-};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use ipnetwork::IpNetwork;
 use palisade_common::{
     maps as names, Config, Counter, CtKey, CtValue, Endpoint, FragKey, IdentityValue, PolicyKey,
     PolicyValue,
 };
 
+use super::split::SplitLpm;
 use super::{DataplaneError, Layout};
+
+/// One family's IP→identity maps: host entries in a hash map, the rest in a trie.
+pub type IdentityMaps<const N: usize> = SplitLpm<[u8; N], IdentityValue>;
 
 pub struct Maps {
     pub endpoints: HashMap<MapData, u32, Endpoint>,
-    pub identity_v4: LpmTrie<MapData, [u8; 4], IdentityValue>,
-    pub identity_v6: LpmTrie<MapData, [u8; 16], IdentityValue>,
-    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// IP→identity, per family: host entries in a hash map, the rest in a trie.
+    pub identity_v4: IdentityMaps<4>,
+    pub identity_v6: IdentityMaps<16>,
+    /// Allow entries: exact-port ones in a hash map, wildcards in a trie.
+    pub policy: SplitLpm<PolicyKey, PolicyValue>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     /// First fragments a check allowed (value: when), for their later fragments.
@@ -49,9 +52,9 @@ impl Maps {
     pub fn open(layout: &Layout) -> Result<Self, DataplaneError> {
         Ok(Self {
             endpoints: open(layout, names::ENDPOINTS)?,
-            identity_v4: open(layout, names::IDENTITY_V4)?,
-            identity_v6: open(layout, names::IDENTITY_V6)?,
-            policy: open(layout, names::POLICY)?,
+            identity_v4: split(layout, names::IDENTITY4_EXACT, names::IDENTITY4_CIDR)?,
+            identity_v6: split(layout, names::IDENTITY6_EXACT, names::IDENTITY6_CIDR)?,
+            policy: split(layout, names::POLICY_EXACT, names::POLICY_WILDCARD)?,
             counters: open(layout, names::COUNTERS)?,
             conntrack: open(layout, names::CONNTRACK)?,
             fragments: open(layout, names::FRAGMENTS)?,
@@ -75,51 +78,43 @@ impl Maps {
         ignore_missing(self.endpoints.remove(&ifindex)).map_err(|e| map_err(names::ENDPOINTS, e))
     }
 
+    /// Writes an identity entry into the map of its family that holds its prefix length.
     pub fn set_identity(&mut self, net: IpNetwork, v: IdentityValue) -> Result<(), DataplaneError> {
         match net {
             IpNetwork::V4(n) => self
                 .identity_v4
-                .insert(&Key::new(n.prefix() as u32, n.network().octets()), v, 0)
-                .map_err(|e| map_err(names::IDENTITY_V4, e)),
+                .insert(n.prefix().into(), n.network().octets(), v),
             IpNetwork::V6(n) => self
                 .identity_v6
-                .insert(&Key::new(n.prefix() as u32, n.network().octets()), v, 0)
-                .map_err(|e| map_err(names::IDENTITY_V6, e)),
+                .insert(n.prefix().into(), n.network().octets(), v),
         }
     }
 
     pub fn remove_identity(&mut self, net: IpNetwork) -> Result<(), DataplaneError> {
         match net {
-            IpNetwork::V4(n) => ignore_missing(
-                self.identity_v4
-                    .remove(&Key::new(n.prefix() as u32, n.network().octets())),
-            )
-            .map_err(|e| map_err(names::IDENTITY_V4, e)),
-            IpNetwork::V6(n) => ignore_missing(
-                self.identity_v6
-                    .remove(&Key::new(n.prefix() as u32, n.network().octets())),
-            )
-            .map_err(|e| map_err(names::IDENTITY_V6, e)),
+            IpNetwork::V4(n) => self
+                .identity_v4
+                .remove(n.prefix().into(), n.network().octets()),
+            IpNetwork::V6(n) => self
+                .identity_v6
+                .remove(n.prefix().into(), n.network().octets()),
         }
     }
 
     /// The identity the programs would find for `ip`.
     pub fn identity_of(&self, ip: IpAddr) -> Option<IdentityValue> {
         match ip {
-            IpAddr::V4(a) => self.identity_v4.get(&Key::new(32, a.octets()), 0).ok(),
-            IpAddr::V6(a) => self.identity_v6.get(&Key::new(128, a.octets()), 0).ok(),
+            IpAddr::V4(a) => self.identity_v4.get(a.octets()),
+            IpAddr::V6(a) => self.identity_v6.get(a.octets()),
         }
     }
 
     pub fn insert_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), DataplaneError> {
-        self.policy
-            .insert(&Key::new(prefix, key), PolicyValue { flags: 1 }, 0)
-            .map_err(|e| map_err(names::POLICY, e))
+        self.policy.insert(prefix, key, PolicyValue { flags: 1 })
     }
 
     pub fn remove_policy(&mut self, prefix: u32, key: PolicyKey) -> Result<(), DataplaneError> {
-        ignore_missing(self.policy.remove(&Key::new(prefix, key)))
-            .map_err(|e| map_err(names::POLICY, e))
+        self.policy.remove(prefix, key)
     }
 
     /// Zeroes the counters of a slot, so a reused slot does not inherit a gone pod's counts.
@@ -159,14 +154,28 @@ pub fn map_ids(layout: &Layout) -> std::collections::BTreeMap<&'static str, u32>
         .collect()
 }
 
-fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
+pub(super) fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
     DataplaneError::Map {
         name,
         source: Box::new(source),
     }
 }
 
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+fn split<K: aya::Pod, V: aya::Pod>(
+    layout: &Layout,
+    exact: &'static str,
+    trie: &'static str,
+) -> Result<SplitLpm<K, V>, DataplaneError> {
+    Ok(SplitLpm {
+        exact: open(layout, exact)?,
+        trie: open(layout, trie)?,
+        names: (exact, trie),
+    })
+}
+
+pub(super) fn ignore_missing(
+    r: Result<(), aya::maps::MapError>,
+) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(aya::maps::MapError::SyscallError(e))

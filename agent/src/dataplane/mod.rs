@@ -16,6 +16,7 @@ mod maps;
 mod preflight;
 mod repin;
 mod service;
+mod split;
 mod sys;
 pub mod testrun;
 pub mod upgrade;
@@ -31,12 +32,13 @@ pub use counters::{read_counters, CounterRow};
 pub use error::DataplaneError;
 pub use layout::{Hook, Layout, DEFAULT_BPFFS_DIR};
 pub(crate) use maps::open as open_pinned;
-pub use maps::{map_ids, Maps};
+pub use maps::{map_ids, IdentityMaps, Maps};
 pub use preflight::{fs_magic, BPF_FS_MAGIC, TCX_SINCE};
 pub use repin::PinReport;
 pub use service::{
     default_route_devices, parse_mark_mask, program_services, MarkedRun, ServiceOptions,
 };
+pub use split::{full_prefix, is_full_prefix, SplitLpm};
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));

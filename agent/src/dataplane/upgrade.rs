@@ -335,14 +335,14 @@ mod tests {
         let kept = plan(&[
             (names::ENDPOINTS, Some(ep), Some(ep)),
             (names::CONNTRACK, Some(ct), Some(ct)),
-            (names::POLICY, None, Some(ep)),
+            (names::POLICY_WILDCARD, None, Some(ep)),
         ]);
         assert_eq!(
             kept,
             vec![
                 (names::ENDPOINTS, MapPlan::Share),
                 (names::CONNTRACK, MapPlan::Share),
-                (names::POLICY, MapPlan::Rebuild),
+                (names::POLICY_WILDCARD, MapPlan::Rebuild),
             ]
         );
         let new_ep = MapSpec {
@@ -352,14 +352,14 @@ mod tests {
         let rebuilt = plan(&[
             (names::ENDPOINTS, Some(ep), Some(new_ep)),
             (names::CONNTRACK, Some(ct), Some(ct)),
-            (names::IDENTITY_V4, Some(ct), Some(ct)),
+            (names::IDENTITY4_CIDR, Some(ct), Some(ct)),
         ]);
         assert_eq!(
             rebuilt,
             vec![
                 (names::ENDPOINTS, MapPlan::Rebuild),
                 (names::CONNTRACK, MapPlan::Rebuild),
-                (names::IDENTITY_V4, MapPlan::Share),
+                (names::IDENTITY4_CIDR, MapPlan::Share),
             ]
         );
     }

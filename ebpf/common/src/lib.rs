@@ -5,7 +5,10 @@
 
 /// Bumped whenever a map's key or value layout changes. It is part of the pin directory, so
 /// an agent never reopens a pinned map whose layout it does not understand.
-pub const LAYOUT_VERSION: u32 = 1;
+/// 2: the identity tries became `IDENTITY{4,6}_EXACT` hash maps of host addresses plus
+/// `IDENTITY{4,6}_CIDR` tries of shorter prefixes, and `POLICY` became `POLICY_EXACT` (a hash
+/// map of exact-port entries) plus `POLICY_WILDCARD` (a trie of the others).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Direction of a check, seen from the local pod.
 pub const DIR_INGRESS: u8 = 0;
@@ -22,8 +25,11 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Value of the IP→identity LPM tries (`IDENTITY_V4`, `IDENTITY_V6`). Keys are
-/// `lpm_trie::Key<[u8; 4]>` / `Key<[u8; 16]>` with the address in network order.
+/// Value of the IP→identity maps. Each family has two: `IDENTITY4_EXACT`/`IDENTITY6_EXACT`, hash maps
+/// keyed by a host address (`[u8; 4]` / `[u8; 16]`, network order) holding the /32 and
+/// /128 entries, and `IDENTITY4_CIDR`/`IDENTITY6_CIDR`, LPM tries keyed by `lpm_trie::Key<[u8; 4]>` /
+/// `Key<[u8; 16]>` holding every shorter prefix. An entry lives in exactly one of them,
+/// chosen by its prefix length; the programs probe the hash map first, then the trie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityValue {
@@ -51,9 +57,11 @@ pub const EP_ISOLATED_INGRESS: u32 = 1 << 0;
 /// Egress from the pod is default-deny.
 pub const EP_ISOLATED_EGRESS: u32 = 1 << 1;
 
-/// Data part of the `POLICY` LPM key: one allow entry of a local pod. The prefix covers
-/// the fields in declaration order, so a shorter prefix wildcards the port (or port range
-/// block) and then the protocol. `slot`, `identity` and `port` are big-endian.
+/// One allow entry of a local pod: the key of `POLICY_EXACT` (an exact-port entry,
+/// prefix `POLICY_PREFIX_FULL`) or the data part of the `POLICY_WILDCARD` LPM key (any
+/// other prefix). The prefix covers the fields in declaration order, so a shorter prefix
+/// wildcards the port (or port range block) and then the protocol. `slot`, `identity` and
+/// `port` are big-endian.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -277,12 +285,23 @@ pub struct EventBudget {
     pub lost: u32,
 }
 
-/// Map names, shared so the agent finds what the programs define.
+/// Map names, shared so the agent finds what the programs define. At most 15 bytes each:
+/// the kernel keeps that much of a map's name (`BPF_OBJ_NAME_LEN`), and bpftool, fdinfo and
+/// the memory benchmark show that.
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
-    pub const IDENTITY_V4: &str = "IDENTITY_V4";
-    pub const IDENTITY_V6: &str = "IDENTITY_V6";
-    pub const POLICY: &str = "POLICY";
+    pub const IDENTITY4_EXACT: &str = "IDENTITY4_EXACT";
+    pub const IDENTITY6_EXACT: &str = "IDENTITY6_EXACT";
+    /// Named apart from layout 1's `IDENTITY_V4`/`_V6` (one trie of every prefix), whose
+    /// definition they share but whose meaning they do not: an upgrade must not adopt
+    /// those (see the agent's `dataplane::upgrade`).
+    pub const IDENTITY4_CIDR: &str = "IDENTITY4_CIDR";
+    pub const IDENTITY6_CIDR: &str = "IDENTITY6_CIDR";
+    /// Exact-port allow entries (prefix `POLICY_PREFIX_FULL`), keyed by `PolicyKey`.
+    pub const POLICY_EXACT: &str = "POLICY_EXACT";
+    /// Every other allow entry (any protocol, any port, port-range blocks): an LPM trie.
+    /// Named apart from layout 1's `POLICY` (every entry), like the identity tries.
+    pub const POLICY_WILDCARD: &str = "POLICY_WILDCARD";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CONFIG: &str = "CONFIG";
@@ -290,11 +309,14 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Every map the programs pin (the others are per-program scratch).
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 12] = [
         ENDPOINTS,
-        IDENTITY_V4,
-        IDENTITY_V6,
-        POLICY,
+        IDENTITY4_EXACT,
+        IDENTITY6_EXACT,
+        IDENTITY4_CIDR,
+        IDENTITY6_CIDR,
+        POLICY_EXACT,
+        POLICY_WILDCARD,
         COUNTERS,
         CONNTRACK,
         FRAGMENTS,
@@ -431,6 +453,13 @@ mod tests {
         assert_eq!(size_of::<DropEvent>(), 64);
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<FragKey>(), 44);
+    }
+
+    #[test]
+    fn pinned_map_names_fit_the_kernels_name_length() {
+        for name in maps::PINNED {
+            assert!(name.len() <= 15, "{name} would be cut to {}", &name[..15]);
+        }
     }
 
     #[test]

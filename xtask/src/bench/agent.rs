@@ -176,7 +176,10 @@ impl AgentProc {
             .filter(|v| v["fields"]["message"] == "heap after a large batch")
             .filter_map(|v| {
                 let f = &v["fields"];
-                Some((f["heap_in_use_bytes"].as_u64()?, f["heap_held_bytes"].as_u64()?))
+                Some((
+                    f["heap_in_use_bytes"].as_u64()?,
+                    f["heap_held_bytes"].as_u64()?,
+                ))
             })
             .last()
     }

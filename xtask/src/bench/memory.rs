@@ -93,7 +93,7 @@ pub fn run() -> anyhow::Result<Section> {
     let _ = palisade::dataplane::cleanup(&pins.layout());
     let dp = Dataplane::load(pins.layout(), &LoadOptions::default())?;
     let mut maps = dp.maps()?;
-    let policy_id = MapInfo::from_pin(pins.layout().map(names::POLICY))?.id();
+    let policy_id = MapInfo::from_pin(pins.layout().map(names::POLICY_EXACT))?.id();
     let empty = maps_of(policy_id)?;
 
     for slot in 0..LOCAL_PODS {

@@ -4,10 +4,10 @@
 //!
 //! Three paths, each checked against the counter it must move (so a case measures what
 //! its name says):
-//! - allowed new flow: a TCP SYN that misses conntrack, is looked up in both LPM maps and
-//!   inserts a conntrack entry. A repeated frame would hit its own entry from the second
-//!   run on, so every run gets a frame of its own (distinct source port), one
-//!   BPF_PROG_TEST_RUN call per frame, and conntrack is emptied between batches.
+//! - allowed new flow: a TCP SYN that misses conntrack, is looked up in the identity and
+//!   policy maps and inserts a conntrack entry. A repeated frame would hit its own entry
+//!   from the second run on, so every run gets a frame of its own (distinct source port),
+//!   one BPF_PROG_TEST_RUN call per frame, and conntrack is emptied between batches.
 //! - tracked reply: the SYN-ACK of an allowed flow, found by the reverse conntrack lookup;
 //!   the same frame repeated (repeat ≥ 1e6) in one call.
 //! - drop: a SYN to a port no entry allows; repeated in one call.
@@ -434,7 +434,7 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          in {rounds} interleaved rounds (order rotated per round); each round runs every \
          case of every configuration once, and one round is one run.\n\
          - **allowed new flow**: a TCP SYN from an allowed peer: conntrack miss, identity \
-         LPM lookup, policy LPM lookup, conntrack insert. A repeated frame would be \
+         lookup, policy lookup, conntrack insert. A repeated frame would be \
          tracked from its second run on, so every packet is its own frame (source ports \
          1024…{last}) in its own BPF_PROG_TEST_RUN call (repeat = 1): a run is the mean \
          of a batch of {batch} frames ({total} packets per configuration), after which \
@@ -443,8 +443,8 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
          inserts faster than one that has seen deletions, and a node's map is the latter.\n\
          - **tracked reply**: the SYN-ACK of an allowed flow through the pod's egress \
          check (forward miss, reverse conntrack hit), repeat = {repeat} per call.\n\
-         - **drop**: a SYN to a port no entry allows (conntrack miss, both LPM lookups, \
-         counter, rate-limited drop event), repeat = {repeat} per call.\n\
+         - **drop**: a SYN to a port no entry allows (conntrack miss, identity lookup, \
+         policy lookup missing both policy maps, counter, rate-limited drop event), repeat = {repeat} per call.\n\
          - **tracked reply, 1 frame per call**: the tracked reply timed like the new flow \
          (repeat = 1, batches of {batch}), the like-for-like reference for it: one-call \
          timing includes the kernel's timer reads around a single run and colder caches.",
@@ -455,12 +455,16 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         repeat = int(opts.repeat as usize),
     ));
     s.method.push(
-        "Map sizes: *policy* entries are exact-port LPM entries `(slot, identity, \
-         direction, protocol, port)`: the one that allows the measured flow plus \
-         distinct others, either all on the measured pod's slot or spread over the other \
-         2,047 slots. *Identity* entries are /32 addresses of 198.18.0.0/15 (the peer's \
-         plus others). Ratios are against the 1-policy/1-identity configuration of the \
-         same case, measured in the same run."
+        "Map sizes: *policy* entries are exact-port entries `(slot, identity, \
+         direction, protocol, port)`, which the agent writes to the POLICY_EXACT hash map \
+         (wildcards, i.e. any protocol, any port and port ranges, go to the \
+         POLICY_WILDCARD trie): the one that allows the measured flow plus distinct \
+         others, either all on the measured pod's slot or spread over the other 2,047 \
+         slots. *Identity* entries are /32 addresses of 198.18.0.0/15 (the peer's plus \
+         others), which the agent writes to the IDENTITY4_EXACT hash map (only shorter \
+         prefixes, ipBlock CIDRs, go to the IDENTITY4_CIDR trie). Ratios are against \
+         the 1-policy/1-identity configuration of the same case, measured in the same \
+         run."
             .to_string(),
     );
     let Some(base) = rows.iter().find(|r| r.cfg.is_baseline()) else {
@@ -552,8 +556,9 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         .find(|r| r.cfg.policy == 1 && r.cfg.identities >= 100_000)
     {
         s.notes.push(format!(
-            "Where the growth comes from: IDENTITY_V4 is an LPM trie of /32 pod addresses, \
-             and its lookup gets longer with its size: with {} identity entries and a \
+            "Identity growth: /32 pod addresses are found in the IDENTITY4_EXACT hash \
+             map, whose lookup does not walk a trie (until layout 1 they were in an LPM \
+             trie whose lookup got longer with its size): with {} identity entries and a \
              single policy entry, a drop costs {} ns more and a new flow {} ns more than \
              with one of each in this run, while {} POLICY entries alone move the drop by \
              {} ns.",
@@ -569,10 +574,11 @@ fn section(opts: &Opts, rows: &[Row]) -> Section {
         ));
     }
     s.notes.push(
-        "How to read it: the tracked reply never touches the LPM maps, so its movement \
-         between configurations (a few %) is this machine's noise floor between separately \
-         loaded map instances; a new flow and a drop each do one IDENTITY lookup and one \
-         POLICY lookup."
+        "How to read it: the tracked reply never touches the identity or policy maps, so \
+         its movement between configurations (a few %) is this machine's noise floor \
+         between separately loaded map instances; a new flow and a drop each do one identity lookup (a hash \
+         hit here) and one policy lookup (a POLICY_EXACT hash hit for the new flow; for the \
+         drop a hash miss and a POLICY_WILDCARD trie miss)."
             .into(),
     );
     s.data = json!({
