@@ -172,6 +172,7 @@ impl AgentProc {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["fields"]["message"] == "heap after a large batch")
             .filter_map(|v| {
@@ -181,7 +182,7 @@ impl AgentProc {
                     f["heap_held_bytes"].as_u64()?,
                 ))
             })
-            .last()
+            .next()
     }
 
     /// `elapsed_ms` of the agent's "reconciled" log records, in order.
