@@ -3,6 +3,12 @@
 use clap::{CommandFactory as _, FromArgMatches as _};
 use palisade::cli::Cli;
 
+/// A large first sync interleaves megabytes of short-lived parsed objects with the
+/// compiler's long-lived entries; glibc's arenas keep the pages that mixture pins (RSS three
+/// times the heap in use at 100,000 pods), mimalloc's size-segregated pages give them back.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let mut cmd = Cli::command();
     // Installed (or symlinked) as kubectl-palisade, kubectl runs it for `kubectl palisade`;

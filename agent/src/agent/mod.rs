@@ -48,32 +48,6 @@ pub fn node_ips() -> anyhow::Result<Vec<std::net::IpAddr>> {
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// A batch this large (a first sync, a relist) leaves megabytes of parsed objects freed.
-const BIG_BATCH: usize = 1000;
-
-/// (bytes allocated, bytes the allocator holds from the kernel), where glibc can say: the
-/// gap between the first and the RSS is what fragmentation costs.
-fn heap_bytes() -> Option<(usize, usize)> {
-    #[cfg(target_env = "gnu")]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's statistics.
-        let m = unsafe { libc::mallinfo2() };
-        Some((m.uordblks + m.hblkhd, m.arena + m.hblkhd))
-    }
-    #[cfg(not(target_env = "gnu"))]
-    None
-}
-
-/// Returns freed heap to the kernel. glibc keeps what a large batch freed (parsed objects,
-/// diffs) in its arenas, so without this the agent's RSS stays at its high-water mark.
-fn give_back_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -176,16 +150,6 @@ pub async fn run_until(
                     health.set_ready();
                 }
                 metrics.observe_programming(started);
-                if n >= BIG_BATCH || synced_now {
-                    give_back_freed_memory();
-                    if let Some((in_use, held)) = heap_bytes() {
-                        tracing::info!(
-                            heap_in_use_bytes = in_use,
-                            heap_held_bytes = held,
-                            "heap after a large batch"
-                        );
-                    }
-                }
                 tracing::info!(
                     changes = n,
                     map_writes = diff.len(),

@@ -18,7 +18,9 @@ const FIRST_READ_FILES_PER_UPDATE: usize = 8;
 /// missed between the two. The task ends when the receiver is dropped.
 pub fn spawn_directory(dir: PathBuf) -> Result<mpsc::Receiver<Update>, SourceError> {
     let mut watcher = DirWatcher::new(&dir)?;
-    let (tx, rx) = mpsc::channel(16);
+    // Room for two slices: parsing runs ahead of compiling by at most that much, which
+    // bounds the first read's peak memory at ~2 x 8 files' objects.
+    let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
         let mut index = DirIndex::default();
         let mut synced = false;

@@ -167,24 +167,6 @@ impl AgentProc {
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
-    /// The agent's last "heap after a large batch" record: (bytes in use, bytes held).
-    fn heap(&self) -> Option<(u64, u64)> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["fields"]["message"] == "heap after a large batch")
-            .filter_map(|v| {
-                let f = &v["fields"];
-                Some((
-                    f["heap_in_use_bytes"].as_u64()?,
-                    f["heap_held_bytes"].as_u64()?,
-                ))
-            })
-            .next()
-    }
-
     /// `elapsed_ms` of the agent's "reconciled" log records, in order.
     fn reconcile_times(&self) -> Vec<f64> {
         std::fs::read_to_string(&self.log)
@@ -507,8 +489,6 @@ struct SizeResult {
     one_file_ms: Option<f64>,
     rss_kib: u64,
     hwm_kib: u64,
-    /// (in use, held) bytes of the agent's heap after its last large batch (glibc only).
-    heap: Option<(u64, u64)>,
     latency: Option<LatencyResult>,
 }
 
@@ -572,7 +552,6 @@ pub fn run(quick: bool, bin: &Path) -> anyhow::Result<Section> {
             one_file_ms,
             rss_kib,
             hwm_kib,
-            heap: agent.heap(),
             latency,
         });
         drop(agent);
@@ -656,7 +635,6 @@ fn section(o: &Opts, bin: &Path, local: usize, create_s: f64, results: &[SizeRes
             "start → synced (s)",
             "VmRSS (MiB)",
             "VmHWM (MiB)",
-            "heap in use / held (MiB)",
             "load_dir alone (ms)",
         ],
     );
@@ -671,20 +649,10 @@ fn section(o: &Opts, bin: &Path, local: usize, create_s: f64, results: &[SizeRes
             },
             format!("{:.1}", r.rss_kib as f64 / 1024.0),
             format!("{:.1}", r.hwm_kib as f64 / 1024.0),
-            match r.heap {
-                Some((used, held)) => format!(
-                    "{:.1} / {:.1}",
-                    used as f64 / 1048576.0,
-                    held as f64 / 1048576.0
-                ),
-                None => "–".into(),
-            },
             num(r.load_dir_ms),
         ]);
         let mut d = json!({"cluster_pods": r.cluster, "local_pods": local, "sync_seconds": r.sync_s,
                            "vm_rss_kib": r.rss_kib, "vm_hwm_kib": r.hwm_kib,
-                           "heap_in_use_bytes": r.heap.map(|h| h.0),
-                           "heap_held_bytes": r.heap.map(|h| h.1),
                            "load_dir_ms": r.load_dir_ms,
                            "load_dir_one_file_ms": r.one_file_ms});
         if let Some(ms) = r.one_file_ms {
