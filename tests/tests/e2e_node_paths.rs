@@ -1,0 +1,433 @@
+//! Issue #7's node paths through the whole agent, with real traffic: a NodePort reached from
+//! outside the node, a pod reaching its own node, and the node reaching a pod (kubelet
+//! probes). On a bridged node with kube-proxy in iptables mode and on a routed node with
+//! kube-proxy in nftables mode (`palisade_tests::kube_proxy`); the agent runs in-process on
+//! a manifest directory with `--service-cidr` and the node's outside link as `--uplink`, as
+//! a real deployment would.
+//!
+//! Outside the node: an "external client" namespace joined to the node's namespace by a
+//! veth pair (node address `N`, client address `C`, a /30 of 198.19.201.0/24 per flavour).
+//! Two NodePorts DNAT `N:30080` (`externalTrafficPolicy: Local`: no masquerade, the backend
+//! sees `C`) and `N:30081` (`Cluster`: masqueraded, the backend sees the node's address on
+//! the pod side, the pods' gateway `G`) to the backend x/web on port 80, which answers each
+//! connection with the source address its socket saw.
+//!
+//! What the API and every enforcer do with these: a NodePort packet is judged by the
+//! backend's ingress check on whatever source it carries after kube-proxy's NAT. Without
+//! masquerade that is the client, matched by `ipBlock`s; after masquerade it is the node,
+//! and traffic from the node into its pods is always allowed (Palisade, like Calico's
+//! default and Cilium's `host` entity for the local node, lets node traffic in so kubelet
+//! probes work). So `Cluster` NodePorts cannot be restricted by client address — the
+//! policy only sees the node — which the Kubernetes docs state for `externalTrafficPolicy`.
+//!
+//! A pod reaching its node is judged by the pod's egress check like any destination:
+//! host-network peers are identified by the node's IPs, so only an `ipBlock` covering the
+//! address used allows it, and a `podSelector` matching a hostNetwork pod does not (the
+//! compiler's choice, see the README: hostNetwork pods are not pod peers).
+
+#[path = "e2e_netpol/common.rs"]
+mod common;
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::{labels, namespace, pod, policy, programmed, Agent};
+use palisade::dataplane::{read_counters, Maps, ServiceOptions};
+use palisade_common::SVC_DEFAULT_MARK_MASK;
+use palisade_tests::kube_proxy::{
+    install_iptables_with_nodeports, install_nftables_with_nodeports, NodePort, TrafficPolicy,
+};
+use palisade_tests::probe::expecting_reply;
+use palisade_tests::{require_root, tcp_connect, Family, Flavour, NetNs, Node, ProbeError, Proto};
+use palisade_tests::{Pod, Server};
+use serde_json::{json, Value};
+
+/// What a blocked connection costs; connections expected through are retried on timeouts.
+const T: Duration = Duration::from_millis(700);
+const BACKEND_PORT: u16 = 80;
+const NODE_PORT_LOCAL: u16 = 30080;
+const NODE_PORT_CLUSTER: u16 = 30081;
+/// A server in the node's own namespace (host network), on the kubelet's port.
+const HOST_PORT: u16 = 10250;
+/// Nothing is sent to it: it is set so the agent runs as it would on a cluster.
+const SERVICE_CIDR: &str = "198.19.202.0/24";
+/// The node's end of the outside link (its client's end is `eth0` in the client's netns).
+const EXT_IF: &str = "npext0";
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Iptables,
+    Nftables,
+}
+
+/// The external client: its own namespace on a veth pair to the node, default route via
+/// the node. Dropping it deletes the pair, then the namespace.
+struct External {
+    node_ns: String,
+    node_ip: Ipv4Addr,
+    client_ip: Ipv4Addr,
+    ns: NetNs,
+}
+
+impl External {
+    /// Joins a new namespace to `node` on the `k`-th /30 of 198.19.201.0/24.
+    fn connect(node: &Node, tag: &str, k: u8) -> External {
+        let ns = NetNs::new(&format!("{tag}x")).unwrap();
+        let ext = External {
+            node_ns: node.ns().name().to_string(),
+            node_ip: Ipv4Addr::new(198, 19, 201, 4 * k + 1),
+            client_ip: Ipv4Addr::new(198, 19, 201, 4 * k + 2),
+            ns,
+        };
+        let n = node.ns();
+        n.ip(&[
+            "link",
+            "add",
+            EXT_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ext.ns.name(),
+        ])
+        .unwrap();
+        n.ip(&["addr", "add", &format!("{}/30", ext.node_ip), "dev", EXT_IF])
+            .unwrap();
+        n.ip(&["link", "set", EXT_IF, "up"]).unwrap();
+        let c = &ext.ns;
+        c.ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ext.client_ip),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+        c.ip(&["link", "set", "eth0", "up"]).unwrap();
+        c.ip(&["route", "add", "default", "via", &ext.node_ip.to_string()])
+            .unwrap();
+        ext
+    }
+
+    /// Connects to the node's outside address on `port`; the backend's answer is the
+    /// source address it saw.
+    fn node_port(&self, port: u16, timeout: Duration) -> Result<String, ProbeError> {
+        tcp_connect(&self.ns, self.node_ip.into(), port, timeout)
+    }
+
+    fn node_port_expecting_reply(&self, port: u16) -> Result<String, ProbeError> {
+        expecting_reply(T, |t| self.node_port(port, t))
+    }
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        // Deleting one end removes both; the node namespace may already be gone.
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &self.node_ns, "link", "del", EXT_IF])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A TCP server in a pod that answers every connection with the peer address its socket
+/// saw (what the backend learns of the client after kube-proxy's NAT). Stopped on drop.
+struct PeerEcho {
+    fd: RawFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PeerEcho {
+    fn start(ns: &NetNs, port: u16) -> PeerEcho {
+        let listener = ns
+            .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
+            .unwrap();
+        let fd = listener.as_raw_fd();
+        let thread = std::thread::spawn(move || {
+            // accept() fails once Drop shuts the socket down.
+            while let Ok((mut s, peer)) = listener.accept() {
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = s.write_all(peer.ip().to_canonical().to_string().as_bytes());
+            }
+        });
+        PeerEcho {
+            fd,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PeerEcho {
+    fn drop(&mut self) {
+        // SAFETY: the thread owns the listener, so `fd` stays open until it is joined;
+        // shutdown() on a listening socket wakes a blocked accept() with EINVAL.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Packets of `pod` counted under `reason` in `direction` by the pinned counters.
+fn counted(agent: &Agent, pod: &str, direction: &str, reason: &str) -> u64 {
+    let status = agent.status().unwrap();
+    let slot = status["endpoints"]
+        .as_array()
+        .and_then(|eps| eps.iter().find(|e| e["pod"] == pod))
+        .and_then(|e| e["slot"].as_u64())
+        .unwrap_or_else(|| panic!("{pod} has no slot: {status}")) as u32;
+    let maps = Maps::open(&agent.layout()).unwrap();
+    read_counters(&maps, Some(&[slot]))
+        .unwrap()
+        .iter()
+        .filter(|r| r.direction == direction && r.reason == reason)
+        .map(|r| r.packets)
+        .sum()
+}
+
+/// The pod object of harness pod `p` labelled `app: <app>`.
+fn pod_object(p: &Pod, app: &str, rv: u64) -> Value {
+    let (ns, name) = p.name().split_once('/').unwrap();
+    pod(
+        ns,
+        name,
+        &labels(&[("app", app)]),
+        &[p.ipv4().into(), p.ipv6().into()],
+        rv,
+    )
+}
+
+/// Writes `spec` as policy `x/<name>` and waits until it is programmed.
+fn apply(agent: &Agent, name: &str, spec: Value, rv: u64) {
+    let o = policy("x", name, spec, rv);
+    agent.write(&format!("np-{name}.json"), std::slice::from_ref(&o));
+    agent.wait(&[programmed(&o)]);
+}
+
+fn delete(agent: &Agent, name: &str) {
+    agent.remove(&format!("np-{name}.json"));
+    agent.wait(&[(format!("NetworkPolicy/x/{name}"), None)]);
+}
+
+fn tcp80_from(peer: Value) -> Value {
+    json!([{"from": [peer], "ports": [{"protocol": "TCP", "port": BACKEND_PORT}]}])
+}
+
+fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
+    require_root();
+    let node = Node::new(tag, flavour).unwrap();
+    let web = node.add_pod("x/web").unwrap();
+    let client = node.add_pod("x/client").unwrap();
+    let ext = External::connect(&node, tag, k);
+    let _echo = PeerEcho::start(web.ns(), BACKEND_PORT);
+    let _host_srv = Server::tcp(node.ns(), HOST_PORT, "node").unwrap();
+    let (node_ip, client_ip) = (ext.node_ip, ext.client_ip);
+    // The node's address on the pods' side: where masquerade and the node's own
+    // connections to pods come from.
+    let gw4 = node.gateway(Family::V4);
+    let gw6 = node.gateway(Family::V6);
+
+    let to_web = vec![SocketAddr::new(web.ipv4().into(), BACKEND_PORT)];
+    let nodeports = [
+        NodePort {
+            proto: Proto::Tcp,
+            port: NODE_PORT_LOCAL,
+            policy: TrafficPolicy::Local,
+            endpoints: to_web.clone(),
+        },
+        NodePort {
+            proto: Proto::Tcp,
+            port: NODE_PORT_CLUSTER,
+            policy: TrafficPolicy::Cluster,
+            endpoints: to_web,
+        },
+    ];
+    match mode {
+        Mode::Iptables => install_iptables_with_nodeports(node.ns(), &[], &nodeports).unwrap(),
+        Mode::Nftables => install_nftables_with_nodeports(node.ns(), &[], &nodeports).unwrap(),
+    }
+    // kube-proxy's rules alone: Local keeps the client's address, Cluster shows the node's.
+    assert_eq!(
+        ext.node_port_expecting_reply(NODE_PORT_LOCAL),
+        Ok(client_ip.to_string()),
+        "Local NodePort before the agent"
+    );
+    assert_eq!(
+        ext.node_port_expecting_reply(NODE_PORT_CLUSTER),
+        Ok(gw4.to_string()),
+        "Cluster NodePort before the agent"
+    );
+
+    // A hostNetwork pod on this node: its IP is the node's, its label `app: hostsrv`.
+    let mut hostsrv = pod(
+        "x",
+        "hostsrv",
+        &labels(&[("app", "hostsrv")]),
+        &[node_ip.into()],
+        1,
+    );
+    hostsrv["spec"]["hostNetwork"] = json!(true);
+    // x/web is ingress-isolated, allowing TCP 80 from pods of x only; x/client is
+    // egress-isolated, allowed nothing.
+    let web_from_pods = policy(
+        "x",
+        "web-from-pods",
+        json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
+            "ingress": tcp80_from(json!({"podSelector": {}}))}),
+        1,
+    );
+    let client_no_egress = policy(
+        "x",
+        "client-no-egress",
+        json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"]}),
+        1,
+    );
+    let objects = vec![
+        namespace("x", &labels(&[]), 1),
+        pod_object(&web, "web", 1),
+        pod_object(&client, "client", 1),
+        hostsrv,
+        web_from_pods,
+        client_no_egress,
+    ];
+    let want: Vec<_> = objects.iter().map(programmed).collect();
+    let files = vec![("00-objects.json".to_string(), objects)];
+    let services = ServiceOptions {
+        cidrs: vec![SERVICE_CIDR.parse().unwrap()],
+        mark_mask: SVC_DEFAULT_MARK_MASK,
+        uplinks: vec![EXT_IF.to_string()],
+    };
+    let agent = Agent::start_with_services(node.ns(), tag, &files, services);
+    agent.wait(&want);
+    let mut rv = 1;
+
+    // --- NodePort, Cluster: masqueraded to the node's address, let in as node traffic.
+    let from_node = counted(&agent, "x/web", "ingress", "allowed-from-node");
+    assert_eq!(
+        ext.node_port_expecting_reply(NODE_PORT_CLUSTER),
+        Ok(gw4.to_string()),
+        "Cluster NodePort: the backend sees the node, and node traffic is let in"
+    );
+    assert!(
+        counted(&agent, "x/web", "ingress", "allowed-from-node") > from_node,
+        "the Cluster NodePort connection was not judged as node traffic"
+    );
+    // --- NodePort, Local: the same request with the client's address, which no rule allows.
+    let no_rule = counted(&agent, "x/web", "ingress", "dropped-no-rule");
+    assert_eq!(
+        ext.node_port(NODE_PORT_LOCAL, T),
+        Err(ProbeError::Timeout),
+        "Local NodePort without an ipBlock for the client"
+    );
+    let after = counted(&agent, "x/web", "ingress", "dropped-no-rule");
+    assert!(
+        after > no_rule,
+        "Local NodePort drop not counted on x/web's ingress"
+    );
+
+    // --- Node → pod (kubelet probes) into the ingress-isolated x/web, both families.
+    for (gw, ip) in [(gw4, IpAddr::from(web.ipv4())), (gw6, web.ipv6().into())] {
+        assert_eq!(
+            expecting_reply(T, |t| tcp_connect(node.ns(), ip, BACKEND_PORT, t)),
+            Ok(gw.to_string()),
+            "node -> {ip}"
+        );
+    }
+
+    // An ipBlock covering the client lets the Local NodePort in, with the client's address.
+    rv += 1;
+    apply(
+        &agent,
+        "web-from-client",
+        json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
+            "ingress": tcp80_from(json!({"ipBlock": {"cidr": format!("{client_ip}/32")}}))}),
+        rv,
+    );
+    assert_eq!(
+        ext.node_port_expecting_reply(NODE_PORT_LOCAL),
+        Ok(client_ip.to_string()),
+        "Local NodePort with an ipBlock for the client"
+    );
+    // Removing it closes the NodePort again.
+    delete(&agent, "web-from-client");
+    assert_eq!(
+        ext.node_port(NODE_PORT_LOCAL, T),
+        Err(ProbeError::Timeout),
+        "Local NodePort after the ipBlock went"
+    );
+    assert!(counted(&agent, "x/web", "ingress", "dropped-no-rule") > after);
+    assert_eq!(
+        ext.node_port_expecting_reply(NODE_PORT_CLUSTER),
+        Ok(gw4.to_string()),
+        "Cluster NodePort after the ipBlock went"
+    );
+
+    // --- Pod → its own node: judged by the pod's egress like any destination.
+    let host = |ip: Ipv4Addr, t: Duration| tcp_connect(client.ns(), ip.into(), HOST_PORT, t);
+    let gw4_v4 = match gw4 {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => unreachable!(),
+    };
+    let no_rule = counted(&agent, "x/client", "egress", "dropped-no-rule");
+    assert_eq!(host(node_ip, T), Err(ProbeError::Timeout), "no egress rule");
+    assert!(
+        counted(&agent, "x/client", "egress", "dropped-no-rule") > no_rule,
+        "pod -> node drop not counted on x/client's egress"
+    );
+    // A podSelector matching the hostNetwork pod does not reach it: not a pod peer.
+    rv += 1;
+    apply(
+        &agent,
+        "client-to-hostsrv",
+        json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "hostsrv"}}}],
+                "ports": [{"protocol": "TCP", "port": HOST_PORT}]}]}),
+        rv,
+    );
+    assert_eq!(
+        host(node_ip, T),
+        Err(ProbeError::Timeout),
+        "a podSelector matching a hostNetwork pod"
+    );
+    // An ipBlock with the node's IP does; the node's other address stays closed.
+    rv += 1;
+    apply(
+        &agent,
+        "client-to-node",
+        json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": format!("{node_ip}/32")}}],
+                "ports": [{"protocol": "TCP", "port": HOST_PORT}]}]}),
+        rv,
+    );
+    assert_eq!(
+        expecting_reply(T, |t| host(node_ip, t)).as_deref(),
+        Ok("node"),
+        "egress ipBlock {node_ip}/32"
+    );
+    assert_eq!(
+        host(gw4_v4, T),
+        Err(ProbeError::Timeout),
+        "the node's address {gw4} outside the ipBlock"
+    );
+    delete(&agent, "client-to-node");
+    assert_eq!(
+        host(node_ip, T),
+        Err(ProbeError::Timeout),
+        "after the ipBlock went"
+    );
+}
+
+#[test]
+fn node_paths_bridged_iptables() {
+    node_paths(Flavour::Bridged, Mode::Iptables, "npb", 0);
+}
+
+#[test]
+fn node_paths_routed_nftables() {
+    node_paths(Flavour::Routed, Mode::Nftables, "npr", 1);
+}
