@@ -63,23 +63,27 @@ enum Mode {
     Nftables,
 }
 
-/// The external client: its own namespace on a veth pair to the node, default route via
+/// The external client: its own namespace on a veth pair to the node, default routes via
 /// the node. Dropping it deletes the pair, then the namespace.
 struct External {
     node_ns: String,
-    node_ip: Ipv4Addr,
-    client_ip: Ipv4Addr,
+    /// The node's and the client's addresses on the link: (IPv4, IPv6).
+    node_ips: (Ipv4Addr, Ipv6Addr),
+    client_ips: (Ipv4Addr, Ipv6Addr),
     ns: NetNs,
 }
 
 impl External {
-    /// Joins a new namespace to `node` on the `k`-th /30 of 198.19.201.0/24.
+    /// Joins a new namespace to `node` on the `k`-th /30 of 198.19.201.0/24 and /126 of
+    /// fd00:198:18:e1::/64 (no node subnet or underlay takes that group, see
+    /// `palisade_tests::cni`).
     fn connect(node: &Node, tag: &str, k: u8) -> External {
         let ns = NetNs::new(&format!("{tag}x")).unwrap();
+        let v6 = |n: u8| Ipv6Addr::new(0xfd00, 0x198, 0x18, 0xe1, 0, 0, 0, n.into());
         let ext = External {
             node_ns: node.ns().name().to_string(),
-            node_ip: Ipv4Addr::new(198, 19, 201, 4 * k + 1),
-            client_ip: Ipv4Addr::new(198, 19, 201, 4 * k + 2),
+            node_ips: (Ipv4Addr::new(198, 19, 201, 4 * k + 1), v6(4 * k + 1)),
+            client_ips: (Ipv4Addr::new(198, 19, 201, 4 * k + 2), v6(4 * k + 2)),
             ns,
         };
         let n = node.ns();
@@ -96,32 +100,50 @@ impl External {
             ext.ns.name(),
         ])
         .unwrap();
-        n.ip(&["addr", "add", &format!("{}/30", ext.node_ip), "dev", EXT_IF])
+        for (ns, dev, (v4, v6)) in [(n, EXT_IF, ext.node_ips), (&ext.ns, "eth0", ext.client_ips)] {
+            ns.ip(&["addr", "add", &format!("{v4}/30"), "dev", dev])
+                .unwrap();
+            ns.ip(&["addr", "add", &format!("{v6}/126"), "dev", dev, "nodad"])
+                .unwrap();
+            ns.ip(&["link", "set", dev, "up"]).unwrap();
+        }
+        let (gw4, gw6) = ext.node_ips;
+        ext.ns
+            .ip(&["route", "add", "default", "via", &gw4.to_string()])
             .unwrap();
-        n.ip(&["link", "set", EXT_IF, "up"]).unwrap();
-        let c = &ext.ns;
-        c.ip(&[
-            "addr",
-            "add",
-            &format!("{}/30", ext.client_ip),
-            "dev",
-            "eth0",
-        ])
-        .unwrap();
-        c.ip(&["link", "set", "eth0", "up"]).unwrap();
-        c.ip(&["route", "add", "default", "via", &ext.node_ip.to_string()])
+        ext.ns
+            .ip(&["-6", "route", "add", "default", "via", &gw6.to_string()])
             .unwrap();
         ext
     }
 
-    /// Connects to the node's outside address on `port`; the backend's answer is the
-    /// source address it saw.
-    fn node_port(&self, port: u16, timeout: Duration) -> Result<String, ProbeError> {
-        tcp_connect(&self.ns, self.node_ip.into(), port, timeout)
+    fn node_ip(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => self.node_ips.0.into(),
+            Family::V6 => self.node_ips.1.into(),
+        }
     }
 
-    fn node_port_expecting_reply(&self, port: u16) -> Result<String, ProbeError> {
-        expecting_reply(T, |t| self.node_port(port, t))
+    fn client_ip(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => self.client_ips.0.into(),
+            Family::V6 => self.client_ips.1.into(),
+        }
+    }
+
+    /// Connects to the node's outside address of `family` on `port`; the backend's
+    /// answer is the source address it saw.
+    fn node_port(
+        &self,
+        family: Family,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<String, ProbeError> {
+        tcp_connect(&self.ns, self.node_ip(family), port, timeout)
+    }
+
+    fn node_port_expecting_reply(&self, family: Family, port: u16) -> Result<String, ProbeError> {
+        expecting_reply(T, |t| self.node_port(family, port, t))
     }
 }
 
@@ -214,8 +236,9 @@ fn delete(agent: &Agent, name: &str) {
     agent.wait(&[(format!("NetworkPolicy/x/{name}"), None)]);
 }
 
-fn tcp80_from(peer: Value) -> Value {
-    json!([{"from": [peer], "ports": [{"protocol": "TCP", "port": BACKEND_PORT}]}])
+/// Ingress rules allowing TCP to the backend port from `peers`.
+fn tcp80_from(peers: Value) -> Value {
+    json!([{"from": peers, "ports": [{"protocol": "TCP", "port": BACKEND_PORT}]}])
 }
 
 fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
@@ -226,49 +249,47 @@ fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
     let ext = External::connect(&node, tag, k);
     let _echo = PeerEcho::start(web.ns(), BACKEND_PORT);
     let _host_srv = Server::tcp(node.ns(), HOST_PORT, "node").unwrap();
-    let (node_ip, client_ip) = (ext.node_ip, ext.client_ip);
-    // The node's address on the pods' side: where masquerade and the node's own
-    // connections to pods come from.
-    let gw4 = node.gateway(Family::V4);
-    let gw6 = node.gateway(Family::V6);
+    // The node's address on the pods' side (`node.gateway`) is where masquerade and the
+    // node's own connections to pods come from.
 
-    let to_web = vec![SocketAddr::new(web.ipv4().into(), BACKEND_PORT)];
-    let nodeports = [
-        NodePort {
-            proto: Proto::Tcp,
-            port: NODE_PORT_LOCAL,
-            policy: TrafficPolicy::Local,
-            endpoints: to_web.clone(),
-        },
-        NodePort {
-            proto: Proto::Tcp,
-            port: NODE_PORT_CLUSTER,
-            policy: TrafficPolicy::Cluster,
-            endpoints: to_web,
-        },
-    ];
+    let mut nodeports = Vec::new();
+    for ip in [IpAddr::from(web.ipv4()), web.ipv6().into()] {
+        for (port, policy) in [
+            (NODE_PORT_LOCAL, TrafficPolicy::Local),
+            (NODE_PORT_CLUSTER, TrafficPolicy::Cluster),
+        ] {
+            nodeports.push(NodePort {
+                proto: Proto::Tcp,
+                port,
+                policy,
+                endpoints: vec![SocketAddr::new(ip, BACKEND_PORT)],
+            });
+        }
+    }
     match mode {
         Mode::Iptables => install_iptables_with_nodeports(node.ns(), &[], &nodeports).unwrap(),
         Mode::Nftables => install_nftables_with_nodeports(node.ns(), &[], &nodeports).unwrap(),
     }
     // kube-proxy's rules alone: Local keeps the client's address, Cluster shows the node's.
-    assert_eq!(
-        ext.node_port_expecting_reply(NODE_PORT_LOCAL),
-        Ok(client_ip.to_string()),
-        "Local NodePort before the agent"
-    );
-    assert_eq!(
-        ext.node_port_expecting_reply(NODE_PORT_CLUSTER),
-        Ok(gw4.to_string()),
-        "Cluster NodePort before the agent"
-    );
+    for f in Family::BOTH {
+        assert_eq!(
+            ext.node_port_expecting_reply(f, NODE_PORT_LOCAL),
+            Ok(ext.client_ip(f).to_string()),
+            "{f:?} Local NodePort before the agent"
+        );
+        assert_eq!(
+            ext.node_port_expecting_reply(f, NODE_PORT_CLUSTER),
+            Ok(node.gateway(f).to_string()),
+            "{f:?} Cluster NodePort before the agent"
+        );
+    }
 
     // A hostNetwork pod on this node: its IP is the node's, its label `app: hostsrv`.
     let mut hostsrv = pod(
         "x",
         "hostsrv",
         &labels(&[("app", "hostsrv")]),
-        &[node_ip.into()],
+        &[ext.node_ip(Family::V4), ext.node_ip(Family::V6)],
         1,
     );
     hostsrv["spec"]["hostNetwork"] = json!(true);
@@ -278,7 +299,7 @@ fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
         "x",
         "web-from-pods",
         json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
-            "ingress": tcp80_from(json!({"podSelector": {}}))}),
+            "ingress": tcp80_from(json!([{"podSelector": {}}]))}),
         1,
     );
     let client_no_egress = policy(
@@ -306,79 +327,89 @@ fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
     agent.wait(&want);
     let mut rv = 1;
 
-    // --- NodePort, Cluster: masqueraded to the node's address, let in as node traffic.
-    let from_node = counted(&agent, "x/web", "ingress", "allowed-from-node");
-    assert_eq!(
-        ext.node_port_expecting_reply(NODE_PORT_CLUSTER),
-        Ok(gw4.to_string()),
-        "Cluster NodePort: the backend sees the node, and node traffic is let in"
-    );
-    assert!(
-        counted(&agent, "x/web", "ingress", "allowed-from-node") > from_node,
-        "the Cluster NodePort connection was not judged as node traffic"
-    );
-    // --- NodePort, Local: the same request with the client's address, which no rule allows.
-    let no_rule = counted(&agent, "x/web", "ingress", "dropped-no-rule");
-    assert_eq!(
-        ext.node_port(NODE_PORT_LOCAL, T),
-        Err(ProbeError::Timeout),
-        "Local NodePort without an ipBlock for the client"
-    );
-    let after = counted(&agent, "x/web", "ingress", "dropped-no-rule");
-    assert!(
-        after > no_rule,
-        "Local NodePort drop not counted on x/web's ingress"
-    );
-
-    // --- Node → pod (kubelet probes) into the ingress-isolated x/web, both families.
-    for (gw, ip) in [(gw4, IpAddr::from(web.ipv4())), (gw6, web.ipv6().into())] {
+    for f in Family::BOTH {
+        // --- NodePort, Cluster: masqueraded to the node's address, let in as node traffic.
+        let from_node = counted(&agent, "x/web", "ingress", "allowed-from-node");
+        assert_eq!(
+            ext.node_port_expecting_reply(f, NODE_PORT_CLUSTER),
+            Ok(node.gateway(f).to_string()),
+            "{f:?} Cluster NodePort: the backend sees the node, and node traffic is let in"
+        );
+        assert!(
+            counted(&agent, "x/web", "ingress", "allowed-from-node") > from_node,
+            "{f:?} Cluster NodePort connection not judged as node traffic"
+        );
+        // --- NodePort, Local: the same request with the client's address, no rule for it.
+        let no_rule = counted(&agent, "x/web", "ingress", "dropped-no-rule");
+        assert_eq!(
+            ext.node_port(f, NODE_PORT_LOCAL, T),
+            Err(ProbeError::Timeout),
+            "{f:?} Local NodePort without an ipBlock for the client"
+        );
+        assert!(
+            counted(&agent, "x/web", "ingress", "dropped-no-rule") > no_rule,
+            "{f:?} Local NodePort drop not counted on x/web's ingress"
+        );
+        // --- Node → pod (kubelet probes) into the ingress-isolated x/web.
+        let ip = web.ip(f);
         assert_eq!(
             expecting_reply(T, |t| tcp_connect(node.ns(), ip, BACKEND_PORT, t)),
-            Ok(gw.to_string()),
+            Ok(node.gateway(f).to_string()),
             "node -> {ip}"
         );
     }
 
     // An ipBlock covering the client lets the Local NodePort in, with the client's address.
+    let client_blocks: Vec<Value> = [(Family::V4, 32), (Family::V6, 128)]
+        .iter()
+        .map(|(f, len)| json!({"ipBlock": {"cidr": format!("{}/{len}", ext.client_ip(*f))}}))
+        .collect();
     rv += 1;
     apply(
         &agent,
         "web-from-client",
         json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
-            "ingress": tcp80_from(json!({"ipBlock": {"cidr": format!("{client_ip}/32")}}))}),
+            "ingress": tcp80_from(json!(client_blocks))}),
         rv,
     );
-    assert_eq!(
-        ext.node_port_expecting_reply(NODE_PORT_LOCAL),
-        Ok(client_ip.to_string()),
-        "Local NodePort with an ipBlock for the client"
-    );
-    // Removing it closes the NodePort again.
+    for f in Family::BOTH {
+        assert_eq!(
+            ext.node_port_expecting_reply(f, NODE_PORT_LOCAL),
+            Ok(ext.client_ip(f).to_string()),
+            "{f:?} Local NodePort with an ipBlock for the client"
+        );
+    }
+    // Removing it closes the NodePort again; the Cluster one stays open.
     delete(&agent, "web-from-client");
-    assert_eq!(
-        ext.node_port(NODE_PORT_LOCAL, T),
-        Err(ProbeError::Timeout),
-        "Local NodePort after the ipBlock went"
-    );
-    assert!(counted(&agent, "x/web", "ingress", "dropped-no-rule") > after);
-    assert_eq!(
-        ext.node_port_expecting_reply(NODE_PORT_CLUSTER),
-        Ok(gw4.to_string()),
-        "Cluster NodePort after the ipBlock went"
-    );
+    for f in Family::BOTH {
+        let no_rule = counted(&agent, "x/web", "ingress", "dropped-no-rule");
+        assert_eq!(
+            ext.node_port(f, NODE_PORT_LOCAL, T),
+            Err(ProbeError::Timeout),
+            "{f:?} Local NodePort after the ipBlock went"
+        );
+        assert!(counted(&agent, "x/web", "ingress", "dropped-no-rule") > no_rule);
+        assert_eq!(
+            ext.node_port_expecting_reply(f, NODE_PORT_CLUSTER),
+            Ok(node.gateway(f).to_string()),
+            "{f:?} Cluster NodePort after the ipBlock went"
+        );
+    }
 
     // --- Pod → its own node: judged by the pod's egress like any destination.
-    let host = |ip: Ipv4Addr, t: Duration| tcp_connect(client.ns(), ip.into(), HOST_PORT, t);
-    let gw4_v4 = match gw4 {
-        IpAddr::V4(a) => a,
-        IpAddr::V6(_) => unreachable!(),
-    };
-    let no_rule = counted(&agent, "x/client", "egress", "dropped-no-rule");
-    assert_eq!(host(node_ip, T), Err(ProbeError::Timeout), "no egress rule");
-    assert!(
-        counted(&agent, "x/client", "egress", "dropped-no-rule") > no_rule,
-        "pod -> node drop not counted on x/client's egress"
-    );
+    let host = |ip: IpAddr, t: Duration| tcp_connect(client.ns(), ip, HOST_PORT, t);
+    for f in Family::BOTH {
+        let no_rule = counted(&agent, "x/client", "egress", "dropped-no-rule");
+        assert_eq!(
+            host(ext.node_ip(f), T),
+            Err(ProbeError::Timeout),
+            "{f:?} pod -> node without an egress rule"
+        );
+        assert!(
+            counted(&agent, "x/client", "egress", "dropped-no-rule") > no_rule,
+            "{f:?} pod -> node drop not counted on x/client's egress"
+        );
+    }
     // A podSelector matching the hostNetwork pod does not reach it: not a pod peer.
     rv += 1;
     apply(
@@ -389,37 +420,49 @@ fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
                 "ports": [{"protocol": "TCP", "port": HOST_PORT}]}]}),
         rv,
     );
-    assert_eq!(
-        host(node_ip, T),
-        Err(ProbeError::Timeout),
-        "a podSelector matching a hostNetwork pod"
-    );
+    for f in Family::BOTH {
+        assert_eq!(
+            host(ext.node_ip(f), T),
+            Err(ProbeError::Timeout),
+            "{f:?} pod -> node allowed by a podSelector matching a hostNetwork pod"
+        );
+    }
     // An ipBlock with the node's IP does; the node's other address stays closed.
+    let node_blocks: Vec<Value> = [(Family::V4, 32), (Family::V6, 128)]
+        .iter()
+        .map(|(f, len)| json!({"ipBlock": {"cidr": format!("{}/{len}", ext.node_ip(*f))}}))
+        .collect();
     rv += 1;
     apply(
         &agent,
         "client-to-node",
         json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": format!("{node_ip}/32")}}],
+            "egress": [{"to": node_blocks,
                 "ports": [{"protocol": "TCP", "port": HOST_PORT}]}]}),
         rv,
     );
-    assert_eq!(
-        expecting_reply(T, |t| host(node_ip, t)).as_deref(),
-        Ok("node"),
-        "egress ipBlock {node_ip}/32"
-    );
-    assert_eq!(
-        host(gw4_v4, T),
-        Err(ProbeError::Timeout),
-        "the node's address {gw4} outside the ipBlock"
-    );
+    for f in Family::BOTH {
+        let ip = ext.node_ip(f);
+        assert_eq!(
+            expecting_reply(T, |t| host(ip, t)).as_deref(),
+            Ok("node"),
+            "pod -> node with an egress ipBlock for {ip}"
+        );
+        assert_eq!(
+            host(node.gateway(f), T),
+            Err(ProbeError::Timeout),
+            "pod -> the node's address {} outside the ipBlock",
+            node.gateway(f)
+        );
+    }
     delete(&agent, "client-to-node");
-    assert_eq!(
-        host(node_ip, T),
-        Err(ProbeError::Timeout),
-        "after the ipBlock went"
-    );
+    for f in Family::BOTH {
+        assert_eq!(
+            host(ext.node_ip(f), T),
+            Err(ProbeError::Timeout),
+            "{f:?} pod -> node after the ipBlock went"
+        );
+    }
 }
 
 #[test]
