@@ -6,24 +6,30 @@
 //! a real deployment would.
 //!
 //! Outside the node: an "external client" namespace joined to the node's namespace by a
-//! veth pair (node address `N`, client address `C`, a /30 of 198.19.201.0/24 per flavour).
-//! Two NodePorts DNAT `N:30080` (`externalTrafficPolicy: Local`: no masquerade, the backend
-//! sees `C`) and `N:30081` (`Cluster`: masqueraded, the backend sees the node's address on
-//! the pod side, the pods' gateway `G`) to the backend x/web on port 80, which answers each
-//! connection with the source address its socket saw.
+//! veth pair (per flavour a /30 of 198.19.201.0/24 and a /126 of fd00:198:18:e1::/64: node
+//! address `N`, client address `C`). In each family two NodePorts DNAT `N:30080`
+//! (`externalTrafficPolicy: Local`: no masquerade, the backend sees `C`) and `N:30081`
+//! (`Cluster`: kube-proxy masquerades, the backend sees the node's address on the pods'
+//! side, their gateway `G`) to the backend x/web on port 80, which answers each connection
+//! with the source address its socket saw, so every probe shows which source was judged.
 //!
-//! What the API and every enforcer do with these: a NodePort packet is judged by the
-//! backend's ingress check on whatever source it carries after kube-proxy's NAT. Without
-//! masquerade that is the client, matched by `ipBlock`s; after masquerade it is the node,
-//! and traffic from the node into its pods is always allowed (Palisade, like Calico's
-//! default and Cilium's `host` entity for the local node, lets node traffic in so kubelet
-//! probes work). So `Cluster` NodePorts cannot be restricted by client address — the
-//! policy only sees the node — which the Kubernetes docs state for `externalTrafficPolicy`.
+//! NetworkPolicy judges the packet the pod receives, i.e. after kube-proxy's NAT, by its
+//! source. Without masquerade that is the client, which only an `ipBlock` covering `C`
+//! lets in. After masquerade it is the node, and the API's exception for "traffic from the
+//! node where a Pod is running" (kubelet probes) lets it in whatever the policies say —
+//! every enforcer that sits behind kube-proxy sees the same SNATed packet, which is why
+//! the Service docs say `Cluster` hides the client's address and `Local` exists to keep
+//! it. The test asserts both sides with one policy in place: the `Cluster` request passes
+//! (counted `allowed-from-node` on x/web's ingress) while the same request unmasqueraded
+//! is dropped (`dropped-no-rule`), so it proves which rule applied.
 //!
-//! A pod reaching its node is judged by the pod's egress check like any destination:
-//! host-network peers are identified by the node's IPs, so only an `ipBlock` covering the
-//! address used allows it, and a `podSelector` matching a hostNetwork pod does not (the
-//! compiler's choice, see the README: hostNetwork pods are not pod peers).
+//! A pod reaching its own node is judged by the pod's egress check like any destination
+//! (README, "Choices worth knowing": egress to the node is judged by policy). Host-network
+//! peers are identified by the node's IPs: only an `ipBlock` covering the address used
+//! allows them, the node's other addresses stay closed, and a `podSelector` matching a
+//! hostNetwork pod (whose IPs are the node's) allows nothing (hostNetwork pods are not
+//! pod peers). Note the Kubernetes concept page words its exception as traffic "to and
+//! from" the node being always allowed; Palisade keeps it for traffic from the node only.
 
 #[path = "e2e_netpol/common.rs"]
 mod common;
