@@ -62,13 +62,33 @@ pub(crate) fn last(net: IpNetwork) -> IpNetwork {
     match normalize(net) {
         IpNetwork::V4(n) => host(IpAddr::V4(n.broadcast())),
         IpNetwork::V6(n) => {
-            let len = u32::from(n.prefix());
-            let host_mask = if len == 0 {
-                u128::MAX
-            } else {
-                u128::MAX >> len
-            };
+            // A /128 has no host bits (a shift by 128 overflows: a panic in debug builds,
+            // the whole space above the address in release ones).
+            let host_mask = u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0);
             host(IpAddr::V6((u128::from(n.ip()) | host_mask).into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn last_address_of_every_prefix_length() {
+        assert_eq!(last(net("fd00::5/128")), net("fd00::5/128"));
+        assert_eq!(last(net("fd00::/127")), net("fd00::1/128"));
+        assert_eq!(last(net("fd00::/64")), net("fd00::ffff:ffff:ffff:ffff/128"));
+        assert_eq!(
+            last(net("::/0")),
+            net("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128")
+        );
+        assert_eq!(last(net("198.18.0.7/32")), net("198.18.0.7/32"));
+        assert_eq!(last(net("198.18.0.0/15")), net("198.19.255.255/32"));
+        assert_eq!(last(net("0.0.0.0/0")), net("255.255.255.255/32"));
     }
 }

@@ -103,6 +103,10 @@ pub async fn run_until(
     let mut node_ips = rec.net.node_ips();
     tracing::info!(node = %cfg.node_name, ?node_ips, source = %cfg.source, "agent starting");
     let mut compiler = Compiler::new(cfg.node_name.clone(), node_ips.iter().copied());
+    // The node's addresses are in the plan from the compiler's start, in no later diff:
+    // written now, or traffic from the node (kubelet probes, masqueraded NodePorts) would
+    // be judged as the world's until an address changed.
+    rec.apply(&compiler.full_diff(), compiler.plan())?;
     let mut updates = spawn_source(&cfg.source).await?;
     let mut versions: BTreeMap<String, String> = BTreeMap::new();
     let mut status = Status {
