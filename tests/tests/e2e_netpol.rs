@@ -14,26 +14,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{labels, namespace, pod, policy, programmed, Agent, Labels};
+use common::{
+    labels, namespace, pod_file, pod_object, policy, programmed, sel, Agent, Labels, COMBOS,
+    FAST_TIMEOUT, WORKERS,
+};
 use palisade_tests::matrix::{truth_table, Matrix, NAMESPACES, PODS};
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model};
 use serde_json::{json, Value};
-
-/// A blocked pair costs one timeout; a reachable one answers in well under a
-/// millisecond, so this is short. Pairs expected reachable that time out are probed
-/// again with a long timeout before being judged (`probe::expecting_reply`).
-const FAST_TIMEOUT: Duration = Duration::from_millis(300);
-const WORKERS: usize = 64;
-const COMBOS: [(u16, Proto); 4] = [
-    (80, Proto::Tcp),
-    (81, Proto::Tcp),
-    (80, Proto::Udp),
-    (81, Proto::Udp),
-];
 
 /// What an expectation sees of a pod.
 struct View<'a> {
@@ -240,21 +230,6 @@ impl Suite {
     fn host(&self, name: &str) -> String {
         format!("{}/32", self.model.pod(name).ipv4())
     }
-}
-
-fn pod_file(name: &str) -> String {
-    format!("pod-{}.json", name.replace('/', "-"))
-}
-
-fn pod_object(model: &Model, name: &str, l: &Labels, rv: u64) -> Value {
-    let (ns, p) = name.split_once('/').unwrap();
-    let pd = model.pod(name);
-    let ips: [IpAddr; 2] = [pd.ipv4().into(), pd.ipv6().into()];
-    pod(ns, p, l, &ips, rv)
-}
-
-fn sel(kv: &[(&str, &str)]) -> Value {
-    json!({"matchLabels": labels(kv)})
 }
 
 fn expr(key: &str, op: &str, values: &[&str]) -> Value {

@@ -38,9 +38,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{labels, namespace, pod, policy, programmed, Agent, Labels};
+use common::{
+    labels, namespace, pod_file, pod_object, policy, programmed, sel, Agent, Labels, COMBOS,
+    FAST_TIMEOUT, WORKERS,
+};
 use palisade::dataplane::ServiceOptions;
 use palisade_common::SVC_DEFAULT_MARK_MASK;
 use palisade_tests::kube_proxy::{install_iptables_ports, install_nftables, ServicePort};
@@ -49,16 +52,6 @@ use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model, NetNs};
 use serde_json::{json, Value};
 
-/// As in `e2e_netpol.rs`: blocked pairs cost one short timeout, pairs expected reachable
-/// that time out are probed again with a long one (`probe::expecting_reply`).
-const FAST_TIMEOUT: Duration = Duration::from_millis(300);
-const WORKERS: usize = 64;
-const COMBOS: [(u16, Proto); 4] = [
-    (80, Proto::Tcp),
-    (81, Proto::Tcp),
-    (80, Proto::Udp),
-    (81, Proto::Udp),
-];
 /// Inside 198.19.0.0/16 below the underlays (see `palisade_tests::cni`), and a v6 range
 /// inside fd00:198:18::/48 no node subnet (decimal digits as hex groups) or underlay
 /// (`f0NN`) can take.
@@ -376,17 +369,6 @@ fn ns_file(ns: &str) -> String {
     format!("ns-{ns}.json")
 }
 
-fn pod_file(name: &str) -> String {
-    format!("pod-{}.json", name.replace('/', "-"))
-}
-
-fn pod_object(model: &Model, name: &str, l: &Labels, rv: u64) -> Value {
-    let (ns, p) = name.split_once('/').unwrap();
-    let pd = model.pod(name);
-    let ips: [IpAddr; 2] = [pd.ipv4().into(), pd.ipv6().into()];
-    pod(ns, p, l, &ips, rv)
-}
-
 /// `net.bridge.bridge-nf-call-ip{,6}tables=1` in the bridged node's namespace (see the
 /// module doc), loading `br_netfilter` first if the namespace has no such sysctl.
 fn bridge_calls_netfilter(node: &NetNs) {
@@ -409,10 +391,6 @@ fn bridge_calls_netfilter(node: &NetNs) {
         node.sysctl(key, "1").unwrap();
         assert_eq!(node.sysctl_get(key).unwrap(), "1", "{key}");
     }
-}
-
-fn sel(kv: &[(&str, &str)]) -> Value {
-    json!({"matchLabels": labels(kv)})
 }
 
 /// Egress judged on the backend kube-proxy picked (including the usual DNS exception),

@@ -246,40 +246,6 @@ mod tests {
         assert!(!root.exists());
     }
 
-    /// Drops CAP_SYS_ADMIN from the calling thread's effective set (capabilities are per
-    /// thread: the rest of the test process keeps it).
-    fn drop_cap_sys_admin() {
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy, Default)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        let mut header = Header {
-            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-            pid: 0,
-        };
-        let mut data = [Data::default(); 2];
-        // SAFETY: header and data are the structs capget/capset take, for version 3.
-        unsafe {
-            assert_eq!(
-                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
-                0
-            );
-            data[0].effective &= !(1 << 21); // CAP_SYS_ADMIN
-            assert_eq!(
-                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
-                0
-            );
-        }
-    }
-
     #[test]
     fn without_cap_sys_admin_an_unmounted_bpffs_is_reported_with_the_fix() {
         // The DaemonSet's agent: the pin directory is no longer on bpffs, and it may not
@@ -287,7 +253,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let e = std::thread::spawn(move || {
-            drop_cap_sys_admin();
+            palisade_tests::privilege::drop_cap_sys_admin_from_this_thread();
             ensure_bpffs(&root).unwrap_err()
         })
         .join()

@@ -14,8 +14,10 @@ use palisade::source::SourceSpec;
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
-use palisade_tests::NetNs;
+use palisade_tests::probe::Proto;
+use palisade_tests::{Model, NetNs};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 pub const NODE: &str = "n1";
 
@@ -27,6 +29,36 @@ pub fn labels(kv: &[(&str, &str)]) -> Labels {
     kv.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// A blocked pair costs one timeout; a reachable one answers in well under a
+/// millisecond, so this is short. Pairs expected reachable that time out are probed
+/// again with a long timeout before being judged (`probe::expecting_reply`).
+pub const FAST_TIMEOUT: Duration = Duration::from_millis(300);
+pub const WORKERS: usize = 64;
+/// What every matrix of the model is probed on.
+pub const COMBOS: [(u16, Proto); 4] = [
+    (80, Proto::Tcp),
+    (81, Proto::Tcp),
+    (80, Proto::Udp),
+    (81, Proto::Udp),
+];
+
+/// The file a model pod's object is written to.
+pub fn pod_file(name: &str) -> String {
+    format!("pod-{}.json", name.replace('/', "-"))
+}
+
+/// Model pod `ns/name` with labels `l`, at the addresses the node gave it.
+pub fn pod_object(model: &Model, name: &str, l: &Labels, rv: u64) -> Value {
+    let (ns, p) = name.split_once('/').unwrap();
+    let pd = model.pod(name);
+    let ips: [IpAddr; 2] = [pd.ipv4().into(), pd.ipv6().into()];
+    pod(ns, p, l, &ips, rv)
+}
+
+pub fn sel(kv: &[(&str, &str)]) -> Value {
+    json!({"matchLabels": labels(kv)})
 }
 
 /// The agent on its own thread inside the node's namespace; stopped on drop, then its

@@ -1,7 +1,7 @@
 //! Part 4: the policy compiler at 10k pods / 2k policies, through the compiler crate's
-//! own scale example (`agent/policy/examples/scale/`), which prints JSON:
-//! `{"full_ms", "incremental": {"pod_add"|"label_change"|"policy_change": {"p50_ms",
-//! "p99_ms"}}, "peak_heap_bytes", "identities", "map_entries"}`.
+//! own scale example (`agent/policy/examples/scale/`), which prints JSON with one object
+//! per scenario (`typical`, `fragmented`): `full_compile_wall_ms.median`,
+//! `incremental.<kind>.wall.{p50_ms,p99_ms}`, `peak_heap_mib`, `plan.{identities,map_entries}`.
 
 use std::path::Path;
 use std::process::Command;
@@ -66,55 +66,73 @@ pub fn run(repo: &Path) -> anyhow::Result<Section> {
     let v = parse_output(&out)
         .with_context(|| format!("no JSON object in the output of `{COMMAND}`: {out}"))?;
     s.method.push(format!(
-        "The compiler crate's scale example builds a synthetic cluster and times a full \
-         compile and single-object incremental changes, and reports its peak heap. \
-         Output of `{COMMAND}` in this run:"
+        "The compiler crate's scale example builds a synthetic cluster (10,000 pods, 500 \
+         namespaces, 2,000 policies, 100 local pods) and times a full compile and \
+         single-object incremental changes (wall clock, median of runs / p50 and p99 of \
+         hundreds of changes), with its peak heap. Two scenarios: *typical*, and \
+         *fragmented*, where ipBlock excepts split the pod range so that nearly every pod \
+         gets an identity of its own. Output of `{COMMAND}` in this run:"
     ));
+    const SCENARIOS: [&str; 2] = ["typical", "fragmented"];
     let f = |x: &Value| x.as_f64().unwrap_or(f64::NAN);
-    let mut t = Table::new("", &["measure", "value"]);
-    t.row(vec!["full compile (ms)".into(), num(f(&v["full_ms"]))]);
-    let mut worst_p99 = f64::NAN;
-    let mut kinds = Vec::new();
-    if let Some(inc) = v["incremental"].as_object() {
-        for (kind, m) in inc {
-            let (p50, p99) = (f(&m["p50_ms"]), f(&m["p99_ms"]));
-            t.row(vec![
-                format!("incremental {kind} (ms, p50 / p99)"),
-                format!("{} / {}", num(p50), num(p99)),
-            ]);
-            worst_p99 = if worst_p99.is_nan() {
-                p99
-            } else {
-                worst_p99.max(p99)
-            };
-            kinds.push(format!("{kind} {}", num(p99)));
-        }
+    let mut t = Table::new("", &["measure", "typical", "fragmented"]);
+    let row = |t: &mut Table, name: &str, get: &dyn Fn(&Value) -> String| {
+        let mut cells = vec![name.to_string()];
+        cells.extend(SCENARIOS.iter().map(|sc| get(&v[*sc])));
+        t.row(cells);
+    };
+    row(&mut t, "full compile (ms, median)", &|x| {
+        num(f(&x["full_compile_wall_ms"]["median"]))
+    });
+    row(&mut t, "peak heap (MiB)", &|x| num(f(&x["peak_heap_mib"])));
+    row(&mut t, "identities", &|x| num(f(&x["plan"]["identities"])));
+    row(&mut t, "map entries", &|x| {
+        num(f(&x["plan"]["map_entries"]))
+    });
+    let kinds: Vec<String> = v["typical"]["incremental"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    for kind in &kinds {
+        row(
+            &mut t,
+            &format!("incremental {kind} (ms, p50 / p99)"),
+            &|x| {
+                let w = &x["incremental"][kind.as_str()]["wall"];
+                format!("{} / {}", num(f(&w["p50_ms"])), num(f(&w["p99_ms"])))
+            },
+        );
     }
-    t.row(vec![
-        "peak heap (MiB)".into(),
-        num(f(&v["peak_heap_bytes"]) / 1048576.0),
-    ]);
-    t.row(vec!["identities".into(), num(f(&v["identities"]))]);
-    t.row(vec!["map entries".into(), num(f(&v["map_entries"]))]);
     s.tables.push(t);
-    let full = f(&v["full_ms"]);
+    let worst = |values: Vec<f64>| values.into_iter().filter(|x| !x.is_nan()).reduce(f64::max);
+    let full = worst(
+        SCENARIOS
+            .iter()
+            .map(|sc| f(&v[*sc]["full_compile_wall_ms"]["median"]))
+            .collect(),
+    );
     s.targets.push(Target::new(
         "full compile < 1 s",
-        if full.is_nan() {
-            Verdict::NotMeasured
-        } else {
-            Verdict::from_bool(full < 1000.0)
-        },
-        format!("{} ms", num(full)),
+        full.map_or(Verdict::NotMeasured, |ms| Verdict::from_bool(ms < 1000.0)),
+        format!("slowest scenario {} ms", full.map_or("n/a".into(), num)),
     ));
+    let mut p99s: Vec<(String, f64)> = Vec::new();
+    for sc in SCENARIOS {
+        for k in &kinds {
+            let p99 = f(&v[sc]["incremental"][k.as_str()]["wall"]["p99_ms"]);
+            p99s.push((format!("{sc} {k}"), p99));
+        }
+    }
+    let worst_inc = p99s
+        .iter()
+        .filter(|(_, p)| !p.is_nan())
+        .max_by(|a, b| a.1.total_cmp(&b.1));
     s.targets.push(Target::new(
         "incremental update < 5 ms (p99)",
-        if worst_p99.is_nan() {
-            Verdict::NotMeasured
-        } else {
-            Verdict::from_bool(worst_p99 < 5.0)
-        },
-        format!("p99 ms: {}", kinds.join(", ")),
+        worst_inc.map_or(Verdict::NotMeasured, |(_, p)| Verdict::from_bool(*p < 5.0)),
+        worst_inc.map_or("n/a".into(), |(k, p)| {
+            format!("worst p99 {} ms ({k})", num(*p))
+        }),
     ));
     s.data = json!({"available": true, "scale": v});
     Ok(s)
