@@ -606,10 +606,10 @@ fn section(o: &Opts, bin: &Path, local: usize, create_s: f64, results: &[SizeRes
          the probe period bounds the resolution (the figure is high by < 1 ms). Changes \
          alternate allow/deny, up to {} or until {} s of changes have passed, with a \
          10–60 ms random pause between them. The agent's own `reconciled` log records \
-         (read the whole directory + compile + map writes) during the changes are shown \
-         beside it, and `load_dir alone` is the agent library's manifest reader timed \
-         in-process on the same directory (median of 3): the share of every reload that \
-         is reading and parsing files.",
+         (compile + map writes of the changed file's objects) during the changes are \
+         shown beside it, and `load_dir alone` is the agent library's manifest reader \
+         timed in-process on the whole directory (median of 3): what the first read at \
+         start costs (later changes re-read only the files inotify names).",
         PROBE_PERIOD.as_millis(),
         GRACE.as_millis(),
         o.changes,

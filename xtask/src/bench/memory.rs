@@ -65,7 +65,7 @@ fn maps_of(policy_id: u32) -> anyhow::Result<Vec<MapMem>> {
         }
     }
     let Some(ids) = ids else {
-        bail!("no loaded program uses the POLICY map {policy_id}");
+        bail!("no loaded program uses the POLICY_EXACT map {policy_id}");
     };
     let mut out = Vec::new();
     for id in ids {
@@ -118,8 +118,8 @@ pub fn run() -> anyhow::Result<Section> {
     let mut s = Section::new("map_memory", "5. Map memory");
     s.method.push(format!(
         "The programs are loaded with the agent's default map sizes (conntrack 262,144 \
-         entries), then {} local pods × {} exact-port policy entries = {} POLICY entries \
-         and {} IPv4 /32 IDENTITY_V4 entries are written. For every map the programs use \
+         entries), then {} local pods × {} exact-port policy entries = {} POLICY_EXACT entries \
+         and {} IPv4 /32 IDENTITY4_EXACT entries are written. For every map the programs use \
          (found through the program's map ids, so unpinned per-CPU maps count too), the \
          kernel's own accounting is read from `memlock:` in /proc/self/fdinfo of a map \
          fd. Preallocated maps (arrays, the LRU conntrack map, the ring buffer) cost \
