@@ -77,14 +77,17 @@ impl DirIndex {
         }
     }
 
-    /// Re-reads those of `files` whose stamp changed and returns what that changes for
-    /// the compiler: upserts (namespaces, then pods, then policies) before deletions.
-    pub fn refresh(&mut self, files: &[PathBuf]) -> Vec<ObjectChange> {
+    /// Re-reads `files` and returns what that changes for the compiler: upserts
+    /// (namespaces, then pods, then policies) before deletions. With `trust_stamps` (a
+    /// scan of every file) a file whose inode, size and mtime are unchanged is skipped;
+    /// files the watcher named are always read: an in-place edit of the same size within
+    /// one mtime tick of the previous read keeps the stamp.
+    pub fn refresh(&mut self, files: &[PathBuf], trust_stamps: bool) -> Vec<ObjectChange> {
         let mut fresh: HashMap<PathBuf, HashMap<String, Change>> = HashMap::new();
         let mut affected = BTreeSet::new();
         for file in files {
             let now = stamp(file);
-            if now.is_some() && self.files.get(file).map(|f| f.stamp) == now {
+            if trust_stamps && now.is_some() && self.files.get(file).map(|f| f.stamp) == now {
                 continue;
             }
             let mut load = match now {
@@ -282,7 +285,7 @@ mod tests {
         }
         fn refresh_all(&self, index: &mut DirIndex) -> Vec<(String, Option<String>)> {
             let files = index.candidates(self.0.path(), &Changed::All).unwrap();
-            summary(index.refresh(&files))
+            summary(index.refresh(&files, true))
         }
     }
 
@@ -326,13 +329,39 @@ mod tests {
         dir.write("a.yaml", &pod_yaml("a", "two"));
         let only_a = Changed::Files([dir.path("a.yaml")].into());
         let files = index.candidates(dir.0.path(), &only_a).unwrap();
-        assert_eq!(summary(index.refresh(&files)), [upsert("Pod/x/a", "two")]);
+        assert_eq!(
+            summary(index.refresh(&files, false)),
+            [upsert("Pod/x/a", "two")]
+        );
 
         std::fs::remove_file(dir.path("b.yaml")).unwrap();
         assert_eq!(
             dir.refresh_all(&mut index),
             [("Pod/x/b".to_string(), None)],
             "a vanished file deletes its objects"
+        );
+    }
+
+    #[test]
+    fn a_named_file_is_read_even_when_its_stamp_did_not_move() {
+        let dir = Dir::new();
+        dir.write("a.yaml", &pod_yaml("a", "one"));
+        let mut index = DirIndex::default();
+        assert_eq!(dir.refresh_all(&mut index), [upsert("Pod/x/a", "one")]);
+        // Rewritten in place, same size, mtime put back: what a quick second save within
+        // one timestamp tick looks like.
+        let path = dir.path("a.yaml");
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, pod_yaml("a", "two")).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        let named = Changed::Files([path].into());
+        let files = index.candidates(dir.0.path(), &named).unwrap();
+        assert_eq!(
+            summary(index.refresh(&files, false)),
+            [upsert("Pod/x/a", "two")],
+            "the watcher said a.yaml was written"
         );
     }
 
@@ -394,7 +423,7 @@ mod tests {
                 }
                 let changed = Changed::Files([dir.path(&name)].into());
                 let files = index.candidates(dir.0.path(), &changed).unwrap();
-                for c in index.refresh(&files) {
+                for c in index.refresh(&files, false) {
                     match c.version {
                         Some(v) => live.insert(c.key, v),
                         None => live.remove(&c.key),

@@ -35,7 +35,8 @@ pub fn spawn_directory(dir: PathBuf) -> Result<mpsc::Receiver<Update>, SourceErr
                         FIRST_READ_FILES_PER_UPDATE
                     };
                     for files in files.chunks(slice) {
-                        let changes = index.refresh(files);
+                        let trust_stamps = matches!(changed, Changed::All);
+                        let changes = index.refresh(files, trust_stamps);
                         if !changes.is_empty() && tx.send(Update::Changes(changes)).await.is_err() {
                             return;
                         }
