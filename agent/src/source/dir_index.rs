@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use palisade_policy::Change;
 
-use super::manifests::{manifest_files, parse_file, Changed, FileLoad};
-use super::{object_key, ManifestError, ObjectChange, SourceError};
+use super::manifests::{duplicate_reason, manifest_files, meta_key, parse_file, Changed, FileLoad};
+use super::{ManifestError, ObjectChange, SourceError};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Stamp {
@@ -209,11 +209,7 @@ impl DirIndex {
                 out.push(ManifestError {
                     file: def.file.to_path_buf(),
                     line: Some(def.line),
-                    reason: format!(
-                        "duplicate {key}, first defined at {}:{}",
-                        first.file.display(),
-                        first.line
-                    ),
+                    reason: duplicate_reason(key, &first.file, first.line),
                 });
             }
         }
@@ -227,22 +223,15 @@ fn objects_of(load: &mut FileLoad) -> HashMap<String, Change> {
     use super::kube::slim;
     let snap = &mut load.snapshot;
     let ns = std::mem::take(&mut snap.namespaces).into_iter().map(|n| {
-        let key = object_key("Namespace", None, n.metadata.name.as_deref().unwrap_or(""));
+        let key = meta_key("Namespace", &n.metadata);
         (key, Change::UpsertNamespace(Box::new(slim::namespace(n))))
     });
     let pods = std::mem::take(&mut snap.pods).into_iter().map(|p| {
-        let m = &p.metadata;
-        let key = object_key(
-            "Pod",
-            m.namespace.as_deref(),
-            m.name.as_deref().unwrap_or(""),
-        );
+        let key = meta_key("Pod", &p.metadata);
         (key, Change::UpsertPod(Box::new(slim::pod(p))))
     });
     let policies = std::mem::take(&mut snap.policies).into_iter().map(|p| {
-        let m = &p.metadata;
-        let name = m.name.as_deref().unwrap_or("");
-        let key = object_key("NetworkPolicy", m.namespace.as_deref(), name);
+        let key = meta_key("NetworkPolicy", &p.metadata);
         (key, Change::UpsertPolicy(Box::new(slim::policy(p))))
     });
     ns.chain(pods).chain(policies).collect()

@@ -101,6 +101,23 @@ pub fn object_key(kind: &str, ns: Option<&str>, name: &str) -> String {
     }
 }
 
+/// [`object_key`] of an object by its metadata (a missing name keys as empty).
+pub(crate) fn meta_key(kind: &str, m: &ObjectMeta) -> String {
+    object_key(
+        kind,
+        m.namespace.as_deref(),
+        m.name.as_deref().unwrap_or(""),
+    )
+}
+
+/// The one wording of the "first definition wins" report, wherever a redefinition is found.
+pub(super) fn duplicate_reason(key: &str, first_file: &Path, first_line: usize) -> String {
+    format!(
+        "duplicate {key}, first defined at {}:{first_line}",
+        first_file.display()
+    )
+}
+
 /// What one file held, as parsed, and where each object was defined.
 #[derive(Default)]
 pub(super) struct FileLoad {
@@ -169,10 +186,7 @@ fn merge(
             out.errors.push(ManifestError {
                 file: file.to_owned(),
                 line: Some(line),
-                reason: format!(
-                    "duplicate {key}, first defined at {}:{first_line}",
-                    first_file.display()
-                ),
+                reason: duplicate_reason(&key, first_file, *first_line),
             });
             return false;
         }
@@ -182,29 +196,18 @@ fn merge(
         first.insert(key, (file.to_owned(), line));
         true
     };
-    let name = |m: &ObjectMeta| m.name.clone().unwrap_or_default();
     for ns in &load.snapshot.namespaces {
-        if admit(object_key("Namespace", None, &name(&ns.metadata)), out) {
+        if admit(meta_key("Namespace", &ns.metadata), out) {
             out.namespaces.push(ns.clone());
         }
     }
     for pod in &load.snapshot.pods {
-        let key = object_key(
-            "Pod",
-            pod.metadata.namespace.as_deref(),
-            &name(&pod.metadata),
-        );
-        if admit(key, out) {
+        if admit(meta_key("Pod", &pod.metadata), out) {
             out.pods.push(pod.clone());
         }
     }
     for np in &load.snapshot.policies {
-        let key = object_key(
-            "NetworkPolicy",
-            np.metadata.namespace.as_deref(),
-            &name(&np.metadata),
-        );
-        if admit(key, out) {
+        if admit(meta_key("NetworkPolicy", &np.metadata), out) {
             out.policies.push(np.clone());
         }
     }
@@ -453,10 +456,7 @@ impl Loader {
         };
         let key = object_key(K::KIND, ns.as_deref(), &name);
         if let Some((first_file, first_line)) = self.seen.get(&key) {
-            let reason = origin.prefix(format!(
-                "duplicate {key}, first defined at {}:{first_line}",
-                first_file.display()
-            ));
+            let reason = origin.prefix(duplicate_reason(&key, first_file, *first_line));
             return self.error(origin.file, Some(origin.line), reason);
         }
         obj.apply_defaults();

@@ -50,7 +50,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{object_key, ObjectChange, Update};
+use super::manifests::meta_key;
+use super::{ObjectChange, Update};
 pub use problem::Access;
 use problem::Problem;
 use tracker::{Entry, Tracker};
@@ -209,11 +210,7 @@ fn access<K: Watched>() -> Access {
 
 fn entry<K: Watched>(obj: K) -> Entry {
     let m = obj.metadata();
-    let key = object_key(
-        <K as k8s_openapi::Resource>::KIND,
-        m.namespace.as_deref(),
-        m.name.as_deref().unwrap_or(""),
-    );
+    let key = meta_key(<K as k8s_openapi::Resource>::KIND, m);
     let version = m.resource_version.clone().unwrap_or_default();
     Entry {
         key,
