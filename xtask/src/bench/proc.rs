@@ -2,7 +2,7 @@
 //! and small helpers for running commands.
 
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -66,14 +66,7 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(cmd, &out)
 }
 
 /// Runs a command with `input` on stdin.
@@ -90,6 +83,11 @@ pub fn with_stdin(cmd: &mut Command, input: &str) -> anyhow::Result<String> {
         .context("stdin")?
         .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
+    stdout_of(cmd, &out)
+}
+
+/// A finished command's stdout, or an error naming it with its stderr.
+fn stdout_of(cmd: &Command, out: &Output) -> anyhow::Result<String> {
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}",
