@@ -3,19 +3,17 @@
 //! 100,000 IP→identity entries.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::{bail, Context as _};
 use aya::maps::MapInfo;
 use aya::programs::loaded_programs;
-use ipnetwork::IpNetwork;
 use palisade::dataplane::{Dataplane, LoadOptions};
-use palisade_common::{maps as names, IdentityValue, POLICY_PREFIX_FULL};
+use palisade_common::{maps as names, POLICY_PREFIX_FULL};
 use palisade_tests::pins::PinDir;
 use serde_json::json;
 
-use super::per_packet::{filler_ips, filler_key};
+use super::per_packet::{fill_identities, filler_key};
 use super::report::{int, num, Section, Table};
 
 const LOCAL_PODS: u32 = 100;
@@ -101,15 +99,7 @@ pub fn run() -> anyhow::Result<Section> {
             maps.insert_policy(POLICY_PREFIX_FULL, filler_key(slot, i, 4))?;
         }
     }
-    for (k, ip) in filler_ips().take(IDENTITIES).enumerate() {
-        maps.set_identity(
-            IpNetwork::new(IpAddr::V4(ip), 32)?,
-            IdentityValue {
-                id: 1000 + (k as u32 % 5000),
-                flags: 0,
-            },
-        )?;
-    }
+    fill_identities(&mut maps, IDENTITIES)?;
     let full = maps_of(policy_id)?;
     drop(maps);
     drop(dp);

@@ -246,10 +246,12 @@ pub fn fill(maps: &mut Maps, cfg: &MapConfig) -> anyhow::Result<()> {
             flags: 0,
         },
     )?;
-    for (k, ip) in filler_ips()
-        .take(cfg.identities.saturating_sub(1))
-        .enumerate()
-    {
+    fill_identities(maps, cfg.identities.saturating_sub(1))
+}
+
+/// `n` filler /32 identities (ids 1000..6000, repeating): the ipcache side of a large node.
+pub fn fill_identities(maps: &mut Maps, n: usize) -> anyhow::Result<()> {
+    for (k, ip) in filler_ips().take(n).enumerate() {
         maps.set_identity(
             IpNetwork::new(IpAddr::V4(ip), 32)?,
             IdentityValue {
