@@ -251,19 +251,12 @@ impl Origin<'_> {
     }
 }
 
-/// The text an object can be decoded from. Top-level documents are decoded from text so
-/// serde_yaml reports the line of the offending field; list items only exist as values.
-enum Raw<'a> {
-    Text(&'a str),
-    Value(Value),
-}
-
-impl Raw<'_> {
-    fn decode<K: DeserializeOwned>(self) -> Result<K, serde_yaml::Error> {
-        match self {
-            Raw::Text(text) => serde_yaml::from_str(text),
-            Raw::Value(value) => serde_yaml::from_value(value),
-        }
+/// Decodes an object from its document's text when there is one, so serde_yaml reports
+/// the line of the offending field; list items only exist as values.
+fn decode<K: DeserializeOwned>(value: Value, text: Option<&str>) -> Result<K, serde_yaml::Error> {
+    match text {
+        Some(text) => serde_yaml::from_str(text),
+        None => serde_yaml::from_value(value),
     }
 }
 
@@ -356,10 +349,10 @@ impl Loader {
             item: None,
             offset,
         };
-        self.load_value(&origin, value, Raw::Text(doc));
+        self.load_value(&origin, value, Some(doc));
     }
 
-    fn load_value(&mut self, origin: &Origin<'_>, value: Value, raw: Raw<'_>) {
+    fn load_value(&mut self, origin: &Origin<'_>, value: Value, text: Option<&str>) {
         if value.is_null() {
             return;
         }
@@ -380,11 +373,11 @@ impl Loader {
         // apiVersion is another API (Calico's NetworkPolicy, say) and is not ours.
         let is = |k: &str, v: &str| kind == k && api_version.is_none_or(|a| a == v);
         if is(Namespace::KIND, Namespace::API_VERSION) {
-            self.admit::<Namespace>(origin, &value, raw);
+            self.admit::<Namespace>(origin, value, text);
         } else if is(Pod::KIND, Pod::API_VERSION) {
-            self.admit::<Pod>(origin, &value, raw);
+            self.admit::<Pod>(origin, value, text);
         } else if is(NetworkPolicy::KIND, NetworkPolicy::API_VERSION) {
-            self.admit::<NetworkPolicy>(origin, &value, raw);
+            self.admit::<NetworkPolicy>(origin, value, text);
         } else {
             debug!(
                 file = %origin.file.display(),
@@ -420,11 +413,11 @@ impl Loader {
                 item: Some(i),
                 offset: 0,
             };
-            self.load_value(&origin, item.clone(), Raw::Value(item));
+            self.load_value(&origin, item, None);
         }
     }
 
-    fn admit<K: Manifest>(&mut self, origin: &Origin<'_>, value: &Value, raw: Raw<'_>) {
+    fn admit<K: Manifest>(&mut self, origin: &Origin<'_>, value: Value, text: Option<&str>) {
         let name = value
             .get("metadata")
             .and_then(|m| m.get("name"))
@@ -434,7 +427,7 @@ impl Loader {
             let reason = origin.prefix(format!("{} without metadata.name", K::KIND));
             return self.error(origin.file, Some(origin.line), reason);
         };
-        let mut obj: K = match raw.decode() {
+        let mut obj: K = match decode(value, text) {
             Ok(obj) => obj,
             Err(e) => {
                 let (at, reason) = split_location(&e);
