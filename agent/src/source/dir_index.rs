@@ -1,7 +1,8 @@
 //! What the manifest-directory source remembers between reads, so that a change to one
 //! file costs that file, not the directory: per file its stamp, the objects it defines
 //! and its problems; per object the files defining it (the first by file name wins, as in
-//! [`load_dir`](super::load_dir)) and the version last sent.
+//! [`load_dir`](super::load_dir)). The version last sent is the winner's version: a
+//! refresh notes the winners of the keys it touches before it changes anything.
 //!
 //! Objects themselves are not kept: the compiler holds what it needs, and a 100,000-pod
 //! directory would otherwise sit in memory twice.
@@ -59,8 +60,17 @@ pub(crate) struct DirIndex {
     defs: HashMap<Key, Vec<Def>>,
     /// Keys defined by more than one file, for the duplicate report.
     duplicates: BTreeSet<Key>,
-    /// Object key -> version of what the compiler was last sent.
-    sent: HashMap<Key, Box<str>>,
+}
+
+/// Key -> the version its winner had before this refresh (what the compiler holds).
+type Before = BTreeMap<Key, Option<Box<str>>>;
+
+/// Notes `key`'s winner before the first change this refresh makes to it.
+fn note(before: &mut Before, defs: &HashMap<Key, Vec<Def>>, key: &Key) {
+    if !before.contains_key(key) {
+        let winner = defs.get(key).and_then(|d| d.first());
+        before.insert(Arc::clone(key), winner.map(|d| d.version.clone()));
+    }
 }
 
 impl DirIndex {
@@ -84,7 +94,7 @@ impl DirIndex {
     /// one mtime tick of the previous read keeps the stamp.
     pub fn refresh(&mut self, files: &[PathBuf], trust_stamps: bool) -> Vec<ObjectChange> {
         let mut fresh: HashMap<PathBuf, HashMap<String, Change>> = HashMap::new();
-        let mut affected = BTreeSet::new();
+        let mut before = Before::new();
         for file in files {
             let now = stamp(file);
             if trust_stamps && now.is_some() && self.files.get(file).map(|f| f.stamp) == now {
@@ -104,13 +114,13 @@ impl DirIndex {
             let path: Arc<Path> = match self.files.remove(file) {
                 Some(old) => {
                     for key in old.keys {
+                        note(&mut before, &self.defs, &key);
                         if let Some(defs) = self.defs.get_mut(&key) {
                             defs.retain(|d| *d.file != **file);
                             if defs.is_empty() {
                                 self.defs.remove(&key);
                             }
                         }
-                        affected.insert(key);
                     }
                     old.path
                 }
@@ -124,6 +134,7 @@ impl DirIndex {
                     .defs
                     .get_key_value(key.as_str())
                     .map_or_else(|| Arc::from(key), |(k, _)| Arc::clone(k));
+                note(&mut before, &self.defs, &key);
                 let def = Def {
                     file: Arc::clone(&path),
                     version: version.into(),
@@ -132,8 +143,7 @@ impl DirIndex {
                 let defs = self.defs.entry(Arc::clone(&key)).or_default();
                 let at = defs.partition_point(|d| d.file < def.file);
                 defs.insert(at, def);
-                keys.push(Arc::clone(&key));
-                affected.insert(key);
+                keys.push(key);
             }
             if let Some(stamp) = now {
                 let errors = load.snapshot.errors;
@@ -147,17 +157,17 @@ impl DirIndex {
             }
             fresh.insert(file.clone(), objects);
         }
-        self.resolve(affected, &mut fresh)
+        self.resolve(before, &mut fresh)
     }
 
     fn resolve(
         &mut self,
-        affected: BTreeSet<Key>,
+        before: Before,
         fresh: &mut HashMap<PathBuf, HashMap<String, Change>>,
     ) -> Vec<ObjectChange> {
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
-        for key in affected {
+        for (key, was) in before {
             let defs = self.defs.get(&key);
             if defs.is_some_and(|d| d.len() > 1) {
                 self.duplicates.insert(Arc::clone(&key));
@@ -165,12 +175,12 @@ impl DirIndex {
                 self.duplicates.remove(&key);
             }
             let Some(def) = defs.and_then(|d| d.first()) else {
-                if self.sent.remove(&key).is_some() {
+                if was.is_some() {
                     deletes.extend(ObjectChange::deleted(&key));
                 }
                 continue;
             };
-            if self.sent.get(&key) == Some(&def.version) {
+            if was.as_ref() == Some(&def.version) {
                 continue;
             }
             // The winner may be a file that did not change (the previous winner went
@@ -179,9 +189,14 @@ impl DirIndex {
                 .entry(def.file.to_path_buf())
                 .or_insert_with(|| objects_of(&mut parse_file(&def.file)));
             let Some(change) = objects.remove(&*key) else {
+                // That file changed since it was indexed and its event re-reads it. Until
+                // then the compiler keeps the previous winner, so the def must not pass for
+                // sent: no version is empty.
+                if let Some(d) = self.defs.get_mut(&key).and_then(|d| d.first_mut()) {
+                    d.version = Box::default();
+                }
                 continue;
             };
-            self.sent.insert(Arc::clone(&key), def.version.clone());
             upserts.push(ObjectChange {
                 version: Some(def.version.to_string()),
                 key: key.to_string(),
