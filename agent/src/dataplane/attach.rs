@@ -96,11 +96,10 @@ fn swap(
 }
 
 /// Detaches Palisade from an interface by removing its link pins, in every layout version
-/// under the root. A previous version left without links is retired. A process that holds
-/// a [`Dataplane`](super::Dataplane) (the agent) detaches through `Dataplane::detach`
-/// instead, which also closes the link fds it keeps: with those open, removing the pins
-/// alone leaves the programs attached.
-pub fn detach(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
+/// under the root. A previous version left without links is retired. Private to the
+/// dataplane: callers detach through `Dataplane::detach`, which also closes the link fds
+/// it keeps (with those open, removing the pins alone leaves the programs attached).
+pub(super) fn detach(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
     for version in layout.all_versions() {
         unpin_links(&version, ifindex)?;
         if version != *layout && version.links_dir().exists() && !has_links(&version) {
