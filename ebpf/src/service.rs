@@ -128,9 +128,14 @@ pub fn defer_from_pod(tc: &TcContext, ep: &Endpoint) -> Option<bool> {
 /// for the same reason.
 #[inline(never)]
 pub fn deferred(tc: &TcContext) -> Option<bool> {
-    let cfg = svc_config()?;
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let (mark, ifindex) = unsafe { ((*tc.skb.skb).mark, (*tc.skb.skb).ifindex) };
+    // A pending mark has its pending bit set: an unmarked packet (nearly every one) needs
+    // no config lookup to know it carries none.
+    if mark == 0 {
+        return None;
+    }
+    let cfg = svc_config()?;
     let slot = cfg.pending_slot(mark)?;
     // Judged once: a tunnel's outer packet or the next hook must not see the bits again.
     tc.set_mark(mark & !cfg.mark_mask);
