@@ -39,7 +39,7 @@ pub use repin::PinReport;
 pub use service::{
     default_route_devices, parse_mark_mask, program_services, MarkedRun, ServiceOptions,
 };
-pub use split::{full_prefix, identity_map, is_full_prefix, policy_map, SplitLpm};
+pub use split::{identity_map, policy_map, SplitLpm};
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));
