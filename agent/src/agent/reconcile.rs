@@ -649,11 +649,7 @@ impl Reconciler {
                 let short: BTreeSet<&IpNetwork> = self.short_prefixes(map).collect();
                 self.endpoints
                     .iter()
-                    .filter(|(_, e)| {
-                        e.ips.iter().any(|ip| {
-                            IpNetwork::new(*ip, max_len(*ip)).is_ok_and(|n| short.contains(&n))
-                        })
-                    })
+                    .filter(|(_, e)| e.ips.iter().any(|ip| short.contains(&IpNetwork::from(*ip))))
                     .map(|(p, _)| p)
                     .collect()
             }
@@ -971,14 +967,6 @@ impl Reconciler {
 
 fn is_policy_map(map: &str) -> bool {
     map == names::POLICY_EXACT || map == names::POLICY_WILDCARD
-}
-
-fn max_len(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
 }
 
 /// Both identity tries' changes as one sequence: the writes are the same for either family.
