@@ -69,11 +69,9 @@ pub fn check(tc: &TcContext, dir: u8, ifindex: u32, ep: Endpoint) -> bool {
         isolated: ep.flags & bit != 0,
         cfg: config(),
     };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(p) = scratch() else {
         return !c.isolated;
     };
-    // SAFETY: per-CPU scratch; nothing else uses it while this program runs on this CPU.
-    let p = unsafe { &mut (*scratch).packet };
     match parse(tc, p) {
         Parsed::Control => true,
         Parsed::OtherEtherType => finish(&c, None, not_isolated_or(&c, REASON_DROPPED_NO_RULE)),
@@ -88,6 +86,25 @@ pub fn check(tc: &TcContext, dir: u8, ifindex: u32, ep: Endpoint) -> bool {
             finish(&c, Some(p), reason)
         }
     }
+}
+
+/// The per-CPU packet state both programs parse into.
+#[inline(always)]
+pub(crate) fn scratch() -> Option<&'static mut Packet> {
+    let s = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch; nothing else uses it while this program runs on this CPU.
+    Some(unsafe { &mut (*s).packet })
+}
+
+/// A TCP packet's (bare SYN, FIN or RST) flags: a bare SYN opens a flow anew, FIN/RST
+/// mark its entry closing. Both false for other protocols.
+#[inline(always)]
+pub(crate) fn tcp_state(p: &Packet) -> (bool, bool) {
+    let tcp = p.tuple.proto == PROTO_TCP;
+    (
+        tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0,
+    )
 }
 
 /// An allowed first fragment vouches for the later fragments of its datagram.
@@ -182,8 +199,7 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
         Kind::Normal => {}
     }
 
-    let syn_only = t.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let closing = t.proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let (syn_only, closing) = tcp_state(p);
     let key = ct_key(t, c.slot, c.dir);
 
     // A flow this check already allowed. A bare SYN on a flow that completed is a new

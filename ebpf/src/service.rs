@@ -30,10 +30,10 @@ use palisade_common::{
 use crate::{
     check::{
         adopt_mid_stream, alive, config, ct_key, finish, identity, later_fragment, policy_allows,
-        remember_first_fragment, touch, track, Ctx,
+        remember_first_fragment, scratch, tcp_state, touch, track, Ctx,
     },
-    parse::{parse, Kind, Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONNTRACK, SCRATCH,
+    parse::{parse, Kind, Packet, Parsed},
+    CONNTRACK,
 };
 
 #[map]
@@ -79,20 +79,17 @@ fn to_service_cidr(tc: &TcContext) -> bool {
     }
 }
 
-#[inline(always)]
-fn scratch() -> Option<&'static mut Packet> {
-    let s = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch; nothing else uses it while this program runs on this CPU.
-    Some(unsafe { &mut (*s).packet })
-}
-
 /// Hook of `palisade_from_pod`, before its own check. `Some(true)`: the packet was marked
 /// for a deferred verdict and passes; `None`: not a service packet, judge it here.
 /// Never inlined: its stack frame must not add up with the check's (512 bytes in all).
 #[inline(never)]
 pub fn defer_from_pod(tc: &TcContext, ep: &Endpoint) -> Option<bool> {
+    // The endpoint's flags first: a pod not isolated for egress costs no map lookup.
+    if ep.flags & EP_ISOLATED_EGRESS == 0 || ep.slot >= MAX_ENDPOINTS {
+        return None;
+    }
     let cfg = svc_config()?;
-    if ep.flags & EP_ISOLATED_EGRESS == 0 || ep.slot >= MAX_ENDPOINTS || !to_service_cidr(tc) {
+    if !to_service_cidr(tc) {
         return None;
     }
     let p = scratch()?;
@@ -131,9 +128,14 @@ pub fn defer_from_pod(tc: &TcContext, ep: &Endpoint) -> Option<bool> {
 /// for the same reason.
 #[inline(never)]
 pub fn deferred(tc: &TcContext) -> Option<bool> {
-    let cfg = svc_config()?;
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let (mark, ifindex) = unsafe { ((*tc.skb.skb).mark, (*tc.skb.skb).ifindex) };
+    // A pending mark has its pending bit set: an unmarked packet (nearly every one) needs
+    // no config lookup to know it carries none.
+    if mark == 0 {
+        return None;
+    }
+    let cfg = svc_config()?;
     let slot = cfg.pending_slot(mark)?;
     // Judged once: a tunnel's outer packet or the next hook must not see the bits again.
     tc.set_mark(mark & !cfg.mark_mask);
@@ -173,8 +175,7 @@ fn judge(c: &Ctx, p: &Packet, now: u64) -> u32 {
         Kind::LaterFragment => return later_fragment(c, p, now),
         Kind::IcmpError => return REASON_DROPPED_NO_RULE,
     }
-    let syn_only = t.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let closing = t.proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let (syn_only, closing) = tcp_state(p);
     let key = ct_key(t, slot, DIR_EGRESS);
     let pkey = SvcPendingKey {
         slot,

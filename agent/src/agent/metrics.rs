@@ -15,13 +15,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use ipnetwork::IpNetwork;
 use palisade_common::maps as map_names;
 use palisade_policy::Plan;
 
 use super::reconcile::Reconciler;
 use super::status::Status;
-use crate::dataplane::{is_full_prefix, read_counters, Layout, Maps};
-use palisade_common::PolicyKey;
+use crate::dataplane::{identity_map, policy_map, read_counters, Layout, Maps};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -78,56 +78,42 @@ pub fn map_fill(
         .values()
         .filter(|e| e.ifindex.is_some())
         .count();
-    // Each entry lives in the map (exact hash or trie) its prefix length selects.
-    let (mut policy_exact, mut policy_wildcard) = (0, 0);
-    for e in plan.endpoints.values().flat_map(|e| &e.entries) {
-        let (prefix, _) = e.lpm_key(0);
-        if is_full_prefix::<PolicyKey>(prefix) {
-            policy_exact += 1;
-        } else {
-            policy_wildcard += 1;
-        }
+    // What the plan puts in each map, by the rule the writers follow.
+    let mut planned: BTreeMap<&'static str, usize> = [
+        map_names::IDENTITY4_EXACT,
+        map_names::IDENTITY4_CIDR,
+        map_names::IDENTITY6_EXACT,
+        map_names::IDENTITY6_CIDR,
+        map_names::POLICY_EXACT,
+        map_names::POLICY_WILDCARD,
+    ]
+    .into_iter()
+    .map(|name| (name, 0))
+    .collect();
+    planned.insert(map_names::ENDPOINTS, wired);
+    let v4 = plan.identities_v4.keys().map(|n| IpNetwork::V4(*n));
+    for net in v4.chain(plan.identities_v6.keys().map(|n| IpNetwork::V6(*n))) {
+        *planned.entry(identity_map(net)).or_default() += 1;
     }
-    let exact_v4 = plan
-        .identities_v4
-        .keys()
-        .filter(|n| is_full_prefix::<[u8; 4]>(n.prefix().into()))
-        .count();
-    let exact_v6 = plan
-        .identities_v6
-        .keys()
-        .filter(|n| is_full_prefix::<[u8; 16]>(n.prefix().into()))
-        .count();
+    for e in plan.endpoints.values().flat_map(|e| &e.entries) {
+        *planned.entry(policy_map(e.lpm_key(0).0)).or_default() += 1;
+    }
     // What the maps hold: the plan minus what a full map did not take.
     let missing = rec.missing_by_map(plan);
     let held =
         |map: &str, planned: usize| planned.saturating_sub(missing.get(map).copied().unwrap_or(0));
-    [
-        (map_names::ENDPOINTS, wired),
-        (map_names::IDENTITY4_EXACT, exact_v4),
-        (
-            map_names::IDENTITY4_CIDR,
-            plan.identities_v4.len() - exact_v4,
-        ),
-        (map_names::IDENTITY6_EXACT, exact_v6),
-        (
-            map_names::IDENTITY6_CIDR,
-            plan.identities_v6.len() - exact_v6,
-        ),
-        (map_names::POLICY_EXACT, policy_exact),
-        (map_names::POLICY_WILDCARD, policy_wildcard),
-    ]
-    .into_iter()
-    .map(|(name, planned)| {
-        (
-            name.to_string(),
-            super::status::MapFill {
-                entries: held(name, planned),
-                capacity: caps.get(name).copied().unwrap_or(0),
-            },
-        )
-    })
-    .collect()
+    planned
+        .into_iter()
+        .map(|(name, planned)| {
+            (
+                name.to_string(),
+                super::status::MapFill {
+                    entries: held(name, planned),
+                    capacity: caps.get(name).copied().unwrap_or(0),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Handles the agent loop updates; the HTTP server encodes them.

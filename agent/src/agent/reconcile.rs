@@ -68,7 +68,9 @@ use palisade_policy::{Change, LocalPods, Plan, PlanDiff, PodRef};
 use super::links::{NetlinkError, Query};
 use super::netdev::{Event, HostNet};
 use super::shortfall::{self, Shortfall};
-use crate::dataplane::{attached_ifindexes, Dataplane, DataplaneError, Maps};
+use crate::dataplane::{
+    attached_ifindexes, identity_map, policy_map, Dataplane, DataplaneError, Maps,
+};
 
 /// The slot of quarantined interfaces: no allow entry ever uses it, so everything an
 /// isolated direction sees there is dropped (and counted under it).
@@ -478,7 +480,6 @@ impl Reconciler {
     /// Entries the plan wants that the maps do not hold, by map.
     pub fn missing_by_map(&self, plan: &Plan) -> BTreeMap<&'static str, usize> {
         let sf = &self.shortfall;
-        // Allow entries live in the exact map or the wildcard trie by their prefix length.
         let (mut exact, mut wildcard) = (0, 0);
         let slotless = sf
             .no_slot
@@ -486,15 +487,15 @@ impl Reconciler {
             .filter_map(|p| plan.endpoints.get(p))
             .flat_map(|e| &e.entries);
         for e in sf.policy.values().flatten().chain(slotless) {
-            match policy_map_of(e) {
+            match policy_map(e.lpm_key(0).0) {
                 names::POLICY_EXACT => exact += 1,
                 _ => wildcard += 1,
             }
         }
-        // Left out: under the map that refused them; withheld: under the family's trie.
+        // Left out: under the map that refused them; withheld: under the map they belong in.
         let mut identity: BTreeMap<&'static str, usize> = BTreeMap::new();
         let refused = sf.identities.values().copied();
-        for map in refused.chain(sf.withheld.iter().map(|n| trie_of(*n))) {
+        for map in refused.chain(sf.withheld.iter().map(|n| identity_map(*n))) {
             *identity.entry(map).or_default() += 1;
         }
         // Interfaces of those pods that quarantine could not take either count once.
@@ -578,7 +579,11 @@ impl Reconciler {
                     _ => {
                         let nets: Vec<&IpNetwork> = self.short_prefixes(map).collect();
                         prefixes = nets.iter().take(20).map(|n| n.to_string()).collect();
-                        let withheld = sf.withheld.iter().filter(|n| trie_of(**n) == map).count();
+                        let withheld = sf
+                            .withheld
+                            .iter()
+                            .filter(|n| identity_map(**n) == map)
+                            .count();
                         format!(
                             "{map} is full ({capacity} entries): {missing} prefixes are not \
                              programmed ({withheld} withheld so that no address gains rights \
@@ -635,7 +640,7 @@ impl Reconciler {
             names::POLICY_EXACT | names::POLICY_WILDCARD => sf
                 .policy
                 .iter()
-                .filter(|(_, entries)| entries.iter().any(|e| policy_map_of(e) == map))
+                .filter(|(_, entries)| entries.iter().any(|e| policy_map(e.lpm_key(0).0) == map))
                 .map(|(p, _)| p)
                 .chain(&sf.no_slot)
                 .collect(),
@@ -644,11 +649,7 @@ impl Reconciler {
                 let short: BTreeSet<&IpNetwork> = self.short_prefixes(map).collect();
                 self.endpoints
                     .iter()
-                    .filter(|(_, e)| {
-                        e.ips.iter().any(|ip| {
-                            IpNetwork::new(*ip, max_len(*ip)).is_ok_and(|n| short.contains(&n))
-                        })
-                    })
+                    .filter(|(_, e)| e.ips.iter().any(|ip| short.contains(&IpNetwork::from(*ip))))
                     .map(|(p, _)| p)
                     .collect()
             }
@@ -660,7 +661,7 @@ impl Reconciler {
     fn short_prefixes<'a>(&'a self, map: &'a str) -> impl Iterator<Item = &'a IpNetwork> + 'a {
         let sf = &self.shortfall;
         let refused = sf.identities.iter().filter(move |(_, m)| **m == map);
-        let withheld = sf.withheld.iter().filter(move |n| trie_of(**n) == map);
+        let withheld = sf.withheld.iter().filter(move |n| identity_map(**n) == map);
         refused.map(|(n, _)| n).chain(withheld)
     }
 
@@ -964,35 +965,8 @@ impl Reconciler {
     }
 }
 
-/// The identity trie of a prefix's family (withheld prefixes are never full-length).
-fn trie_of(n: IpNetwork) -> &'static str {
-    if n.is_ipv4() {
-        names::IDENTITY4_CIDR
-    } else {
-        names::IDENTITY6_CIDR
-    }
-}
-
-/// The map an allow entry is written to: exact ports to the hash, the rest to the trie.
-fn policy_map_of(e: &palisade_policy::PolicyEntry) -> &'static str {
-    let (prefix, _) = e.lpm_key(0);
-    if crate::dataplane::is_full_prefix::<palisade_common::PolicyKey>(prefix) {
-        names::POLICY_EXACT
-    } else {
-        names::POLICY_WILDCARD
-    }
-}
-
 fn is_policy_map(map: &str) -> bool {
     map == names::POLICY_EXACT || map == names::POLICY_WILDCARD
-}
-
-fn max_len(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
 }
 
 /// Both identity tries' changes as one sequence: the writes are the same for either family.

@@ -63,10 +63,6 @@ impl Shortfall {
         self.no_endpoint.remove(pod);
     }
 
-    pub fn missing_policy_entries(&self) -> usize {
-        self.policy.values().map(BTreeSet::len).sum()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.policy.is_empty()
             && self.identities.is_empty()

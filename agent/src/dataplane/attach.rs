@@ -2,7 +2,7 @@
 //! the agent exits; replacing the program of a pinned link is atomic, and so is moving a
 //! link from another layout version's directory (see `upgrade`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aya::programs::{
     links::{FdLink, PinnedLink},
@@ -18,52 +18,48 @@ pub(super) fn attach(
     hook: Hook,
     layout: &Layout,
 ) -> Result<(), DataplaneError> {
-    let pin = layout.link(ifindex, hook);
-    if pin.exists() {
-        return swap(prog, &pin, None);
-    }
-    // A link of another layout version (an upgrade): the same link gets the new program,
-    // then moves to this version's directory.
-    if let Some(old) = layout
-        .others()
-        .iter()
-        .map(|l| l.link(ifindex, hook))
-        .find(|p| p.exists())
-    {
-        return swap(prog, &old, Some(&pin));
-    }
     let attach_type = match hook {
         Hook::FromPod => TcAttachType::Ingress,
         Hook::ToPod => TcAttachType::Egress,
     };
-    attach_pinned(prog, &ifname_of(ifindex)?, attach_type, &pin)
+    attach_at(prog, ifindex, attach_type, layout, |l| {
+        l.link(ifindex, hook)
+    })
 }
 
-/// Puts `prog` on `ifname`'s hook through the TCX link pinned at `pin`: swapped into the
-/// link if one is pinned there (atomic), else attached and the new link pinned.
-pub(super) fn attach_pinned(
+/// Puts `prog` on `ifindex`'s `attach_type` hook through the TCX link pinned at
+/// `pin_of(layout)`: swapped into the link pinned there (atomic); else into the link
+/// another layout version pinned (an upgrade: the same link gets the new program, then
+/// moves to this version's directory, so the old version can retire); else attached anew
+/// and the new link pinned. Pod hooks and uplinks share it, so both follow an upgrade.
+pub(super) fn attach_at(
     prog: &mut SchedClassifier,
-    ifname: &str,
+    ifindex: u32,
     attach_type: TcAttachType,
-    pin: &Path,
+    layout: &Layout,
+    pin_of: impl Fn(&Layout) -> PathBuf,
 ) -> Result<(), DataplaneError> {
+    let pin = pin_of(layout);
     if pin.exists() {
-        return swap(prog, pin, None);
+        return swap(prog, &pin, None);
+    }
+    if let Some(old) = layout.others().iter().map(&pin_of).find(|p| p.exists()) {
+        return swap(prog, &old, Some(&pin));
     }
     let link_err = |e: &dyn std::fmt::Display| DataplaneError::Link {
-        path: pin.to_path_buf(),
+        path: pin.clone(),
         reason: e.to_string(),
     };
     let id = prog
         .attach_with_options(
-            ifname,
+            &ifname_of(ifindex)?,
             attach_type,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .map_err(|e| link_err(&e))?;
     let link = prog.take_link(id).map_err(|e| link_err(&e))?;
     let fd = FdLink::try_from(link).map_err(|e| link_err(&e))?;
-    fd.pin(pin).map_err(|e| link_err(&e))?;
+    fd.pin(&pin).map_err(|e| link_err(&e))?;
     Ok(())
 }
 
@@ -96,11 +92,10 @@ fn swap(
 }
 
 /// Detaches Palisade from an interface by removing its link pins, in every layout version
-/// under the root. A previous version left without links is retired. A process that holds
-/// a [`Dataplane`](super::Dataplane) (the agent) detaches through `Dataplane::detach`
-/// instead, which also closes the link fds it keeps: with those open, removing the pins
-/// alone leaves the programs attached.
-pub fn detach(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
+/// under the root. A previous version left without links is retired. Private to the
+/// dataplane: callers detach through `Dataplane::detach`, which also closes the link fds
+/// it keeps (with those open, removing the pins alone leaves the programs attached).
+pub(super) fn detach(layout: &Layout, ifindex: u32) -> Result<(), DataplaneError> {
     for version in layout.all_versions() {
         unpin_links(&version, ifindex)?;
         if version != *layout && version.links_dir().exists() && !has_links(&version) {

@@ -84,6 +84,11 @@ impl Layout {
         self.links_dir()
             .join(format!("{ifindex}-{}", hook.suffix()))
     }
+
+    /// The TCX link of `palisade_uplink` on the uplink `ifindex`.
+    pub fn uplink_link(&self, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("uplink-{ifindex}"))
+    }
 }
 
 /// The two tc hooks on a pod's host-side interface.

@@ -39,13 +39,9 @@ where
     if !path.exists() {
         return Err(DataplaneError::NotPinned(path));
     }
-    let map_err = |source| DataplaneError::Map {
-        name,
-        source: Box::new(source),
-    };
-    let data = MapData::from_pin(&path).map_err(map_err)?;
-    let map = Map::from_map_data(data).map_err(map_err)?;
-    T::try_from(map).map_err(map_err)
+    let data = MapData::from_pin(&path).map_err(|e| map_err(name, e))?;
+    let map = Map::from_map_data(data).map_err(|e| map_err(name, e))?;
+    T::try_from(map).map_err(|e| map_err(name, e))
 }
 
 impl Maps {

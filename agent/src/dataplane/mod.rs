@@ -26,7 +26,8 @@ use std::path::Path;
 use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
 use palisade_common::maps as names;
 
-pub use attach::{attached_ifindexes, detach, ifindex_of, link_ids, LinkIds};
+use attach::detach;
+pub use attach::{attached_ifindexes, ifindex_of, link_ids, LinkIds};
 pub use conntrack::{monotonic_now_ns, GcStats, GC_GRACE, GC_INTERVAL};
 pub use counters::{read_counters, CounterRow};
 pub use error::DataplaneError;
@@ -38,7 +39,7 @@ pub use repin::PinReport;
 pub use service::{
     default_route_devices, parse_mark_mask, program_services, MarkedRun, ServiceOptions,
 };
-pub use split::{full_prefix, is_full_prefix, SplitLpm};
+pub use split::{identity_map, policy_map, SplitLpm};
 
 /// The programs, compiled from `ebpf/` by `build.rs` and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade.bpf.o"));
@@ -150,8 +151,8 @@ impl Dataplane {
         self.retire_unlinked()
     }
 
-    /// Detaches Palisade from the interface (see [`detach`]), letting go of the links
-    /// this dataplane held.
+    /// Detaches Palisade from the interface (its link pins, in every layout version),
+    /// letting go of the links this dataplane held.
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         for hook in Hook::ALL {
             self.pins.release(&self.layout.link(ifindex, hook));

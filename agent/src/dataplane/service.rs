@@ -185,13 +185,17 @@ impl Dataplane {
     }
 
     /// Attaches `palisade_uplink` to the tc egress of `ifname`, through a pinned TCX link
-    /// (`links/uplink-IFINDEX`) whose program a restarted agent swaps in place.
+    /// (`links/uplink-IFINDEX`) whose program a restarted or upgraded agent swaps in place.
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), DataplaneError> {
         let ifindex = super::ifindex_of(ifname)?;
-        let pin = self.layout.links_dir().join(format!("uplink-{ifindex}"));
+        let layout = self.layout.clone();
         let prog = self.uplink_program()?;
-        super::attach::attach_pinned(prog, ifname, TcAttachType::Egress, &pin)?;
-        self.hold(pin)
+        super::attach::attach_at(prog, ifindex, TcAttachType::Egress, &layout, |l| {
+            l.uplink_link(ifindex)
+        })?;
+        self.hold(layout.uplink_link(ifindex))?;
+        // Its link may have been the last one keeping a previous layout version.
+        self.retire_unlinked()
     }
 
     /// Runs a pod hook (`Some(hook)`) or the uplink program (`None`) once on `frame` with

@@ -19,6 +19,8 @@ use aya::maps::{
     HashMap, MapData, MapError,
 };
 use aya::Pod;
+use ipnetwork::IpNetwork;
+use palisade_common::{maps as names, PolicyKey};
 
 use super::maps::{ignore_missing, map_err};
 use super::DataplaneError;
@@ -32,6 +34,28 @@ pub const fn full_prefix<K>() -> u32 {
 /// the trie.
 pub const fn is_full_prefix<K>(prefix: u32) -> bool {
     prefix == full_prefix::<K>()
+}
+
+/// The pinned map an identity entry for `net` lives in. With [`policy_map`], the one
+/// statement of which map holds an entry: the writers below follow it, and the agent's
+/// fill and shortfall accounting count by it.
+pub fn identity_map(net: IpNetwork) -> &'static str {
+    match net {
+        IpNetwork::V4(n) if is_full_prefix::<[u8; 4]>(n.prefix().into()) => names::IDENTITY4_EXACT,
+        IpNetwork::V4(_) => names::IDENTITY4_CIDR,
+        IpNetwork::V6(n) if is_full_prefix::<[u8; 16]>(n.prefix().into()) => names::IDENTITY6_EXACT,
+        IpNetwork::V6(_) => names::IDENTITY6_CIDR,
+    }
+}
+
+/// The pinned map an allow entry of `prefix` bits lives in: exact ports in the hash map,
+/// the rest in the trie.
+pub fn policy_map(prefix: u32) -> &'static str {
+    if is_full_prefix::<PolicyKey>(prefix) {
+        names::POLICY_EXACT
+    } else {
+        names::POLICY_WILDCARD
+    }
 }
 
 /// One split map: the hash map of full-length entries and the trie of the others.
@@ -97,7 +121,7 @@ impl<K: Pod, V: Pod> SplitLpm<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use palisade_common::{PolicyKey, POLICY_PREFIX_FULL};
+    use palisade_common::POLICY_PREFIX_FULL;
 
     /// A model of both layouts over 8-bit keys split like the real ones: entries are
     /// (prefix, network, value).
@@ -130,6 +154,20 @@ mod tests {
         assert!(!is_full_prefix::<[u8; 16]>(32), "an IPv6 /32 is a CIDR");
         assert_eq!(full_prefix::<PolicyKey>(), POLICY_PREFIX_FULL);
         assert!(!(0..POLICY_PREFIX_FULL).any(is_full_prefix::<PolicyKey>));
+    }
+
+    #[test]
+    fn entries_are_named_by_the_map_their_prefix_length_selects() {
+        let net = |s: &str| s.parse::<IpNetwork>().unwrap();
+        assert_eq!(identity_map(net("198.18.0.1/32")), names::IDENTITY4_EXACT);
+        assert_eq!(identity_map(net("198.18.0.0/24")), names::IDENTITY4_CIDR);
+        assert_eq!(
+            identity_map(net("fd00:198:18::1/128")),
+            names::IDENTITY6_EXACT
+        );
+        assert_eq!(identity_map(net("fd00:198:18::/48")), names::IDENTITY6_CIDR);
+        assert_eq!(policy_map(POLICY_PREFIX_FULL), names::POLICY_EXACT);
+        assert_eq!(policy_map(POLICY_PREFIX_FULL - 16), names::POLICY_WILDCARD);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use std::path::Path;
 use aya::maps::{MapData, MapInfo};
 use palisade_common::maps as names;
 
+use super::maps::map_err;
 use super::{sys, DataplaneError, Layout};
 
 /// A map's kernel definition, as the object declares it or as a pinned map reports it.
@@ -291,13 +292,6 @@ pub fn retire(previous: &Layout, current: &Layout) -> Result<(), DataplaneError>
     std::fs::remove_dir_all(&dir).map_err(|source| DataplaneError::Io { path: dir, source })?;
     tracing::info!(version = previous.version(), "previous layout retired");
     Ok(())
-}
-
-fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
-    DataplaneError::Map {
-        name,
-        source: Box::new(source),
-    }
 }
 
 #[cfg(test)]
