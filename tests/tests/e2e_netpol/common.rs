@@ -13,6 +13,7 @@ use palisade::dataplane::{Layout, ServiceOptions};
 use palisade::source::SourceSpec;
 use palisade_tests::agent::TempDir;
 use palisade_tests::inproc::{self, InProcessAgent};
+use palisade_tests::matrix;
 use palisade_tests::pins::PinDir;
 use palisade_tests::probe::Proto;
 use palisade_tests::{Model, NetNs};
@@ -209,4 +210,141 @@ pub fn policy(ns: &str, name: &str, spec: Value, rv: u64) -> Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": name, "namespace": ns, "resourceVersion": rv.to_string()},
         "spec": spec})
+}
+
+/// Labels a model namespace starts (and is reset) with.
+pub fn base_ns_labels(ns: &str) -> Labels {
+    labels(&[("ns", ns)])
+}
+
+/// Labels a model pod (`ns/name`) starts (and is reset) with.
+pub fn base_pod_labels(name: &str) -> Labels {
+    labels(&[("pod", name.split_once('/').unwrap().1)])
+}
+
+pub fn ns_file(ns: &str) -> String {
+    format!("ns-{ns}.json")
+}
+
+/// The objects a policy suite wrote for its agent, one per file: every change bumps the
+/// resourceVersion and waits until the agent has programmed (or forgotten) it.
+pub struct Objects {
+    pub agent: Agent,
+    /// Labels as last written, by namespace and by pod name.
+    pub ns_labels: BTreeMap<String, Labels>,
+    pub pod_labels: BTreeMap<String, Labels>,
+    /// Policy files written by the current case: (file, status key).
+    policy_files: Vec<(String, String)>,
+    rv: u64,
+}
+
+impl Objects {
+    /// Starts an agent in `model`'s node on its namespaces and pods with their base
+    /// labels, and waits until it has programmed them all.
+    pub fn start(model: &Model, tag: &str, services: ServiceOptions) -> Objects {
+        let rv = 1;
+        let ns_labels: BTreeMap<String, Labels> = matrix::NAMESPACES
+            .iter()
+            .map(|ns| (ns.to_string(), base_ns_labels(ns)))
+            .collect();
+        let pod_labels: BTreeMap<String, Labels> = model
+            .names()
+            .into_iter()
+            .map(|n| {
+                let l = base_pod_labels(&n);
+                (n, l)
+            })
+            .collect();
+        let mut files = Vec::new();
+        let mut want = Vec::new();
+        for (ns, l) in &ns_labels {
+            let o = namespace(ns, l, rv);
+            want.push(programmed(&o));
+            files.push((ns_file(ns), vec![o]));
+        }
+        for (name, l) in &pod_labels {
+            let o = pod_object(model, name, l, rv);
+            want.push(programmed(&o));
+            files.push((pod_file(name), vec![o]));
+        }
+        let agent = Agent::start_with_services(model.node().ns(), tag, &files, services);
+        agent.wait(&want);
+        Objects {
+            agent,
+            ns_labels,
+            pod_labels,
+            policy_files: Vec::new(),
+            rv: rv + 1,
+        }
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    /// Writes (or rewrites) a policy of the current case and waits until it is live.
+    pub fn apply(&mut self, ns: &str, name: &str, spec: Value) {
+        let rv = self.next_rv();
+        let o = policy(ns, name, spec, rv);
+        let file = format!("np-{ns}-{name}.json");
+        self.agent.write(&file, std::slice::from_ref(&o));
+        if !self.policy_files.iter().any(|(f, _)| *f == file) {
+            self.policy_files.push((file, key(&o)));
+        }
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    pub fn delete_policy(&mut self, ns: &str, name: &str) {
+        let file = format!("np-{ns}-{name}.json");
+        self.agent.remove(&file);
+        self.policy_files.retain(|(f, _)| *f != file);
+        self.agent
+            .wait(&[(format!("NetworkPolicy/{ns}/{name}"), None)]);
+    }
+
+    pub fn set_ns_labels(&mut self, ns: &str, l: Labels) {
+        let rv = self.next_rv();
+        let o = namespace(ns, &l, rv);
+        self.agent.write(&ns_file(ns), std::slice::from_ref(&o));
+        self.ns_labels.insert(ns.to_string(), l);
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    /// Writes the object of `model`'s pod `name` (`ns/name`) with labels `l`: a label
+    /// change, or the first object of a pod the case just added to the model.
+    pub fn set_pod_labels(&mut self, model: &Model, name: &str, l: Labels) {
+        let rv = self.next_rv();
+        let o = pod_object(model, name, &l, rv);
+        self.agent.write(&pod_file(name), std::slice::from_ref(&o));
+        self.pod_labels.insert(name.to_string(), l);
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    /// Removes pod `name`'s object and waits until the agent has forgotten it.
+    pub fn remove_pod(&mut self, name: &str) {
+        self.agent.remove(&pod_file(name));
+        self.agent.wait(&[(format!("Pod/{name}"), None)]);
+        self.pod_labels.remove(name);
+    }
+
+    /// Removes the case's policies and restores the base labels of `model`'s objects.
+    pub fn reset(&mut self, model: &Model) {
+        let files = std::mem::take(&mut self.policy_files);
+        for (f, _) in &files {
+            self.agent.remove(f);
+        }
+        let gone: Vec<_> = files.into_iter().map(|(_, k)| (k, None)).collect();
+        self.agent.wait(&gone);
+        for ns in matrix::NAMESPACES {
+            if self.ns_labels[ns] != base_ns_labels(ns) {
+                self.set_ns_labels(ns, base_ns_labels(ns));
+            }
+        }
+        for name in model.names() {
+            if self.pod_labels[&name] != base_pod_labels(&name) {
+                self.set_pod_labels(model, &name, base_pod_labels(&name));
+            }
+        }
+    }
 }
