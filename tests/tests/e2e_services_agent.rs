@@ -139,6 +139,19 @@ fn spread(client: &Pod, vip: Ipv4Addr) -> (BTreeMap<String, usize>, usize) {
     (answered, blocked)
 }
 
+/// Over [`spread`] connections to `vip`, only backend `only` answers, some are dropped
+/// (those the Service sent to a denied backend), and the denied backend's server `denied`
+/// (named `what`) never sees a connection.
+fn assert_only_backend(client: &Pod, vip: Ipv4Addr, only: &str, denied: &Server, what: &str) {
+    let hits = denied.hits();
+    let (answered, blocked) = spread(client, vip);
+    assert!(
+        answered.keys().all(|k| k == only) && answered.contains_key(only) && blocked > 0,
+        "{vip}: {answered:?} answered, {blocked} blocked"
+    );
+    assert_eq!(denied.hits(), hits, "{what} saw a connection");
+}
+
 #[test]
 fn agent_judges_service_egress_on_the_backend_with_kube_proxy_iptables() {
     require_root();
@@ -202,14 +215,7 @@ fn agent_judges_service_egress_on_the_backend_with_kube_proxy_iptables() {
         "remote db"
     );
     assert_eq!(connect(&client, cip(42)), Err(ProbeError::Timeout), "web");
-    let web_hits = web_srv.hits();
-    let (answered, blocked) = spread(&client, cip(43));
-    assert!(
-        answered.keys().all(|k| k == "x/db1") && answered.contains_key("x/db1") && blocked > 0,
-        "{}: {answered:?} answered, {blocked} blocked",
-        cip(43)
-    );
-    assert_eq!(web_srv.hits(), web_hits, "the web backend saw a connection");
+    assert_only_backend(&client, cip(43), "x/db1", &web_srv, "the web backend");
 
     // Plus egress to app=web: both backends of the mixed Service answer.
     agent.apply(
@@ -313,14 +319,7 @@ fn service_egress_follows_each_backends_own_target_port() {
         Ok("x/dbb:5432"),
         "B:5432"
     );
-    let b_hits = sb.hits();
-    let (answered, blocked) = spread(&client, cip(52));
-    assert!(
-        answered.keys().all(|k| k == "x/dba") && answered.contains_key("x/dba") && blocked > 0,
-        "{}: {answered:?} answered, {blocked} blocked",
-        cip(52)
-    );
-    assert_eq!(sb.hits(), b_hits, "B saw a connection on 6432");
+    assert_only_backend(&client, cip(52), "x/dba", &sb, "B on 6432");
 
     // Egress to app=db on the named port `db`: each backend's own number.
     agent.apply(
