@@ -7,14 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 
 use palisade::dataplane::{Layout, ServiceOptions};
-use palisade::source::SourceSpec;
-use palisade_tests::agent::TempDir;
-use palisade_tests::inproc::{self, InProcessAgent};
+use palisade_tests::inproc::ManifestAgent;
 use palisade_tests::matrix;
-use palisade_tests::pins::PinDir;
 use palisade_tests::probe::Proto;
 use palisade_tests::{Model, NetNs};
 use serde_json::{json, Value};
@@ -64,13 +60,7 @@ pub fn sel(kv: &[(&str, &str)]) -> Value {
 
 /// The agent on its own thread inside the node's namespace; stopped on drop, then its
 /// pins and directories are removed.
-pub struct Agent {
-    agent: InProcessAgent,
-    pub manifests: PathBuf,
-    // Dropped after the agent: removes the pins and directories once it has stopped.
-    pins: PinDir,
-    _tmp: TempDir,
-}
+pub struct Agent(ManifestAgent);
 
 impl Agent {
     /// Starts an agent on `files` (name -> objects) and waits for its first sync.
@@ -85,28 +75,16 @@ impl Agent {
         files: &[(String, Vec<Value>)],
         services: ServiceOptions,
     ) -> Agent {
-        let pins = PinDir::new(tag);
-        let tmp = TempDir::new(tag).unwrap();
-        let manifests = tmp.path().join("manifests");
-        let run_dir = tmp.path().join("run");
-        std::fs::create_dir_all(&manifests).unwrap();
-        for (name, objs) in files {
-            write_objects(&manifests.join(name), objs);
-        }
-        let mut cfg = inproc::config(
-            NODE,
-            SourceSpec::Manifests(manifests.clone()),
-            pins.layout(),
-            &run_dir,
-        );
-        cfg.services = services;
-        let agent = Agent {
-            agent: InProcessAgent::spawn(node, cfg),
-            manifests,
-            pins,
-            _tmp: tmp,
-        };
+        let lists: Vec<(&str, String)> = files
+            .iter()
+            .map(|(name, objs)| (name.as_str(), list(objs)))
+            .collect();
+        let lists: Vec<(&str, &str)> = lists.iter().map(|(n, l)| (*n, l.as_str())).collect();
+        let agent = Agent(ManifestAgent::spawn(node, NODE, tag, &lists, |cfg| {
+            cfg.services = services
+        }));
         agent
+            .0
             .agent
             .wait_status("agent did not sync", PROGRAM_TIMEOUT, |s| {
                 s["synced"] == true
@@ -115,31 +93,31 @@ impl Agent {
     }
 
     pub fn layout(&self) -> Layout {
-        self.pins.layout()
+        self.0.layout()
     }
 
     /// Writes `objs` as one JSON `List` file (atomically: write + rename).
     pub fn write(&self, file: &str, objs: &[Value]) {
-        write_objects(&self.manifests.join(file), objs);
+        self.0.write(file, &list(objs));
     }
 
     pub fn remove(&self, file: &str) {
-        let _ = std::fs::remove_file(self.manifests.join(file));
+        let _ = std::fs::remove_file(self.0.manifests.join(file));
     }
 
     pub fn status(&self) -> Option<Value> {
-        self.agent.status()
+        self.0.agent.status()
     }
 
     /// Waits until the status satisfies `check`, or fails naming `what`.
     pub fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) {
-        self.agent.wait_status(what, PROGRAM_TIMEOUT, check);
+        self.0.agent.wait_status(what, PROGRAM_TIMEOUT, check);
     }
 
     /// Waits until `programmed` holds every `(key, Some(version))` and none of the
     /// `(key, None)`.
     pub fn wait(&self, want: &[(String, Option<String>)]) {
-        self.agent.wait_status(
+        self.0.agent.wait_status(
             &format!("agent did not program {want:?}"),
             PROGRAM_TIMEOUT,
             |s| {
@@ -152,11 +130,10 @@ impl Agent {
     }
 }
 
-fn write_objects(path: &Path, objs: &[Value]) {
+/// `objs` as one JSON `List`.
+fn list(objs: &[Value]) -> String {
     let list = json!({"apiVersion": "v1", "kind": "List", "items": objs});
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    serde_json::to_string_pretty(&list).unwrap()
 }
 
 /// `status.json` key of an object.
