@@ -67,6 +67,22 @@ fn plan_of(dir: &Path) -> (palisade::source::Snapshot, Plan) {
 }
 
 /// The good policy still compiled: web is isolated and admits TCP 80 from client's identity.
+/// Loads and compiles `dir` (logging how long that took under `what`): nothing is
+/// refused or rejected, and the good policy keeps its entries.
+fn plan_all_accepted(dir: &Path, what: &str) -> Plan {
+    let t = Instant::now();
+    let (snap, plan) = plan_of(dir);
+    eprintln!(
+        "{what}: loaded and compiled in {:.2?}, {} map entries",
+        t.elapsed(),
+        plan.map_entries()
+    );
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
+    assert_good_policy_intact(&snap, &plan);
+    plan
+}
+
 fn assert_good_policy_intact(snap: &palisade::source::Snapshot, plan: &Plan) {
     assert!(
         snap.policies
@@ -433,16 +449,7 @@ fn ten_thousand_policies_selecting_one_pod() {
         .collect();
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
     std::fs::write(dir.path().join("many.json"), list.to_string()).unwrap();
-    let t = Instant::now();
-    let (snap, plan) = plan_of(dir.path());
-    eprintln!(
-        "10,000 policies on one pod: loaded and compiled in {:.2?}, {} map entries",
-        t.elapsed(),
-        plan.map_entries()
-    );
-    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
-    assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
-    assert_good_policy_intact(&snap, &plan);
+    let plan = plan_all_accepted(dir.path(), "10,000 policies on one pod");
     let web = &plan.endpoints[&ObjectRef::new("app", "web")];
     let client = plan.identity_of("198.18.0.20".parse().unwrap()).id;
     let tcp_from_client: std::collections::BTreeSet<u16> = web
@@ -488,16 +495,7 @@ fn policy_with_100k_rules_and_huge_selectors_compiles() {
     });
     std::fs::write(dir.path().join("huge.json"), big.to_string()).unwrap();
     std::fs::write(dir.path().join("wide.json"), wide.to_string()).unwrap();
-    let t = Instant::now();
-    let (snap, plan) = plan_of(dir.path());
-    eprintln!(
-        "100,000 rules + 10,000-label selector: loaded and compiled in {:.2?}, {} map entries",
-        t.elapsed(),
-        plan.map_entries()
-    );
-    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
-    assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
-    assert_good_policy_intact(&snap, &plan);
+    let plan = plan_all_accepted(dir.path(), "100,000 rules + 10,000-label selector");
     let web = &plan.endpoints[&ObjectRef::new("app", "web")];
     let client = plan.identity_of("198.18.0.20".parse().unwrap()).id;
     for port in [1, 53, 65535] {

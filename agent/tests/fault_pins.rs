@@ -251,13 +251,7 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
     traffic.progress("at the end", 15);
     let report = traffic.stop();
     let counted = || dropped(&maps, slot_b, Some("ingress")) - drops_before;
-    eprintln!(
-        "{tag}: {}; counted as dropped {}",
-        report.summary(),
-        counted()
-    );
-    report.assert_no_leak_no_break(&trio);
-    report.assert_all_counted(counted);
+    report.assert_enforced_throughout(tag, &trio, counted);
     drop(agent);
 }
 
@@ -335,12 +329,6 @@ fn without_cap_sys_admin_an_unmounted_bpffs_is_reported_until_mounted_again() {
 
     let report = traffic.stop();
     let counted = || dropped(&maps, slot, Some("ingress")) - drops_before;
-    eprintln!(
-        "{tag}: {}; counted as dropped {}",
-        report.summary(),
-        counted()
-    );
-    report.assert_no_leak_no_break(&trio);
-    report.assert_all_counted(counted);
+    report.assert_enforced_throughout(tag, &trio, counted);
     drop(agent);
 }

@@ -341,20 +341,30 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-#[tokio::test(start_paused = true)]
-async fn only_pods_of_this_node_are_enforced_and_remote_pods_are_peers() {
-    let (client, mut api) = ApiServer::start();
-    let mut rx = spawn_kube(client);
-    let (changes, w) = first_sync(&mut api, &mut rx).await;
+/// [`first_sync`] compiled as node-1's agent would, with the fixture pods' addresses:
+/// x/a and x/b (this node), the remote client and the other remote pod.
+async fn compiled_first_sync(
+    api: &mut ApiServer,
+    rx: &mut mpsc::Receiver<Update>,
+) -> (Compiler, Watches, (IpAddr, IpAddr, IpAddr, IpAddr)) {
+    let (changes, w) = first_sync(api, rx).await;
     let mut compiler = Compiler::new("node-1", [ip("198.19.0.1")]);
     compile(&mut compiler, changes);
-
-    let (a, b, client_pod, other) = (
+    let pods = (
         ip("198.18.0.10"),
         ip("198.18.0.11"),
         ip("198.18.1.10"),
         ip("198.18.1.11"),
     );
+    (compiler, w, pods)
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_pods_of_this_node_are_enforced_and_remote_pods_are_peers() {
+    let (client, mut api) = ApiServer::start();
+    let mut rx = spawn_kube(client);
+    let (mut compiler, w, (a, b, client_pod, other)) = compiled_first_sync(&mut api, &mut rx).await;
+
     let plan = compiler.plan();
     let local: BTreeSet<String> = plan.endpoints.keys().map(|p| p.to_string()).collect();
     assert_eq!(local, BTreeSet::from(["x/a".into(), "x/b".into()]));
@@ -497,15 +507,7 @@ const OUTAGE: Duration = Duration::from_secs(300);
 async fn api_outage_changes_nothing_then_relists_into_the_new_world() {
     let (client, mut api) = ApiServer::start();
     let mut rx = spawn_kube(client);
-    let (changes, w) = first_sync(&mut api, &mut rx).await;
-    let mut compiler = Compiler::new("node-1", [ip("198.19.0.1")]);
-    compile(&mut compiler, changes);
-    let (a, b, client_pod, other) = (
-        ip("198.18.0.10"),
-        ip("198.18.0.11"),
-        ip("198.18.1.10"),
-        ip("198.18.1.11"),
-    );
+    let (mut compiler, w, (a, b, client_pod, other)) = compiled_first_sync(&mut api, &mut rx).await;
     let before = compiler.plan().canonical();
     assert!(compiler.plan().verdict(client_pod, a, TCP, 80));
     assert!(!compiler.plan().verdict(client_pod, a, TCP, 81));

@@ -11,7 +11,9 @@ use palisade::dataplane::Layout;
 use palisade::source::SourceSpec;
 use serde_json::Value;
 
+use crate::agent::TempDir;
 use crate::netns::NetNs;
+use crate::pins::PinDir;
 use crate::util::wait_until;
 
 /// How long a change may take to show as programmed in the status.
@@ -145,5 +147,63 @@ impl InProcessAgent {
 impl Drop for InProcessAgent {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+/// An in-process agent on a manifest directory and pins of its own: the agent stops on
+/// drop, before its pins and directories are removed.
+pub struct ManifestAgent {
+    pub agent: InProcessAgent,
+    /// The directory the agent reads its objects from.
+    pub manifests: PathBuf,
+    // Dropped after the agent: removes the pins and directories once it has stopped.
+    pins: PinDir,
+    _tmp: TempDir,
+}
+
+impl ManifestAgent {
+    /// Writes `files` (name, contents) to a new manifest directory and starts an agent on
+    /// it in `node` as node `node_name`, its config adjusted by `configure`; returns at once.
+    pub fn spawn(
+        node: &NetNs,
+        node_name: &str,
+        tag: &str,
+        files: &[(&str, &str)],
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> ManifestAgent {
+        let pins = PinDir::new(tag);
+        let tmp = TempDir::new(tag).expect("creating the agent's directory");
+        let manifests = tmp.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("creating the manifest directory");
+        for (name, contents) in files {
+            crate::manifests::write(&manifests, name, contents).expect("writing a manifest");
+        }
+        let mut cfg = config(
+            node_name,
+            SourceSpec::Manifests(manifests.clone()),
+            pins.layout(),
+            &tmp.path().join("run"),
+        );
+        configure(&mut cfg);
+        ManifestAgent {
+            agent: InProcessAgent::spawn(node, cfg),
+            manifests,
+            pins,
+            _tmp: tmp,
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.pins.layout()
+    }
+
+    /// Writes (or replaces, atomically) manifest `file`.
+    pub fn write(&self, file: &str, contents: &str) {
+        crate::manifests::write(&self.manifests, file, contents).expect("writing a manifest");
+    }
+
+    /// Removes manifest `file`, which must exist.
+    pub fn remove(&self, file: &str) {
+        std::fs::remove_file(self.manifests.join(file)).expect("removing a manifest");
     }
 }

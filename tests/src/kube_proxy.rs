@@ -118,11 +118,7 @@ pub fn install_iptables_with_nodeports(
     ports: &[ServicePort],
     nodeports: &[NodePort],
 ) -> Result<()> {
-    check_families(ports)?;
-    check_nodeports(nodeports)?;
-    let (v4, v6): (Vec<&ServicePort>, Vec<&ServicePort>) =
-        ports.iter().partition(|p| p.cluster_ip.is_ipv4());
-    let (n4, n6): (Vec<&NodePort>, Vec<&NodePort>) = nodeports.iter().partition(|n| n.is_ipv4());
+    let [(v4, n4), (v6, n6)] = by_family(ports, nodeports)?;
     for (tool, family, nps) in [("iptables-restore", v4, n4), ("ip6tables-restore", v6, n6)] {
         if !family.is_empty() || !nps.is_empty() {
             feed(
@@ -237,11 +233,7 @@ pub fn install_nftables_with_nodeports(
     ports: &[ServicePort],
     nodeports: &[NodePort],
 ) -> Result<()> {
-    check_families(ports)?;
-    check_nodeports(nodeports)?;
-    let (v4, v6): (Vec<&ServicePort>, Vec<&ServicePort>) =
-        ports.iter().partition(|p| p.cluster_ip.is_ipv4());
-    let (n4, n6): (Vec<&NodePort>, Vec<&NodePort>) = nodeports.iter().partition(|n| n.is_ipv4());
+    let [(v4, n4), (v6, n6)] = by_family(ports, nodeports)?;
     let mut script = String::new();
     for (family, ports, nps) in [("ip", v4, n4), ("ip6", v6, n6)] {
         if !ports.is_empty() || !nps.is_empty() {
@@ -349,6 +341,18 @@ fn nft_endpoints(service: &str, endpoint: &str, proto: Proto, endpoints: &[Socke
         );
     }
     s
+}
+
+/// The ports and node ports of each family, IPv4 first, once both are checked.
+fn by_family<'a>(
+    ports: &'a [ServicePort],
+    nodeports: &'a [NodePort],
+) -> Result<[(Vec<&'a ServicePort>, Vec<&'a NodePort>); 2]> {
+    check_families(ports)?;
+    check_nodeports(nodeports)?;
+    let (v4, v6): (Vec<_>, Vec<_>) = ports.iter().partition(|p| p.cluster_ip.is_ipv4());
+    let (n4, n6): (Vec<_>, Vec<_>) = nodeports.iter().partition(|n| n.is_ipv4());
+    Ok([(v4, n4), (v6, n6)])
 }
 
 fn check_families(ports: &[ServicePort]) -> Result<()> {

@@ -309,24 +309,7 @@ fn udp_fresh(to: SocketAddr, timeout: Duration) -> Result<String, ProbeError> {
         // Taken by someone else in that namespace: any other port will do.
         Err(_) => UdpSocket::bind(SocketAddr::new(local, 0))?,
     };
-    let deadline = Instant::now() + timeout;
-    s.connect(to)?;
-    let mut buf = [0u8; 2048];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ProbeError::Timeout);
-        }
-        s.send(b"probe")?;
-        s.set_read_timeout(Some(left.min(Duration::from_millis(200))))?;
-        match s.recv(&mut buf) {
-            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(e) => match ProbeError::from(e) {
-                ProbeError::Timeout => continue,
-                other => return Err(other),
-            },
-        }
-    }
+    probe::udp_exchange_on(&s, to, Instant::now() + timeout)
 }
 
 /// Reachability between named pods; `cells[from][to]`, `None` on the

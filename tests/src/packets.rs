@@ -394,3 +394,30 @@ pub fn random_v4_opts(rng: &mut crate::util::Rng) -> V4Opts {
     }
     o
 }
+
+/// A frame of a pod's traffic with `peer` (same family), carrying `l4`: from `pod` to
+/// `peer` if `from_pod`, else back. One IPv6 frame in three carries `min_exts..=3` random
+/// extension headers ([`random_ext`]); IPv4 frames get [`random_v4_opts`].
+pub fn random_pod_frame(
+    rng: &mut crate::util::Rng,
+    pod: IpAddr,
+    peer: IpAddr,
+    from_pod: bool,
+    l4: &L4,
+    min_exts: usize,
+) -> Vec<u8> {
+    let (s, d) = if from_pod { (pod, peer) } else { (peer, pod) };
+    match (s, d) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut exts = Vec::new();
+            if rng.below(3) == 0 {
+                for _ in 0..min_exts + rng.below(4 - min_exts) {
+                    exts.push(random_ext(rng));
+                }
+            }
+            frame_v6(s, d, &exts, l4)
+        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => frame_v4(s, d, l4, &random_v4_opts(rng)),
+        _ => panic!("{s} and {d} are of different families"),
+    }
+}

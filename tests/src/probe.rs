@@ -329,6 +329,15 @@ pub fn udp_exchange_from(
 ) -> Result<String, ProbeError> {
     let deadline = Instant::now() + timeout;
     let s = UdpSocket::bind(SocketAddr::new(from, 0))?;
+    udp_exchange_on(&s, to, deadline)
+}
+
+/// [`udp_exchange`] on the already bound socket `s`, until `deadline`.
+pub fn udp_exchange_on(
+    s: &UdpSocket,
+    to: SocketAddr,
+    deadline: Instant,
+) -> Result<String, ProbeError> {
     s.connect(to)?;
     let mut buf = [0u8; 2048];
     loop {

@@ -226,6 +226,19 @@ impl TrafficReport {
         }
     }
 
+    /// Logs the [`summary`](Self::summary) and the drop count under `tag`, then asserts
+    /// [`assert_no_leak_no_break`](Self::assert_no_leak_no_break) and
+    /// [`assert_all_counted`](Self::assert_all_counted).
+    pub fn assert_enforced_throughout(&self, tag: &str, trio: &Trio, counted: impl Fn() -> u64) {
+        eprintln!(
+            "{tag}: {}; counted as dropped {}",
+            self.summary(),
+            counted()
+        );
+        self.assert_no_leak_no_break(trio);
+        self.assert_all_counted(counted);
+    }
+
     /// Every denied packet y/c sent was counted as dropped by x/b's ingress check
     /// (`counted` reads that counter, minus its value before the traffic). Counters move as
     /// the packets cross x/b's interface, just after y/c's eth0, so this waits briefly; the

@@ -1184,26 +1184,26 @@ fn assert_cleanup_restores(scene: &Scene) {
     );
 }
 
-#[test]
-fn daemonset_capabilities_enforce_on_a_bridged_node_and_the_uninstall_removes_it() {
+/// With only the DaemonSet's capabilities the agent enforces on a `flavour` node, and the
+/// uninstall cleanup restores it.
+fn daemonset_capabilities_enforce_then_uninstall(tag: &str, flavour: Flavour, node: &str) {
     require_root();
     let caps = agent_caps(&render().install);
-    let scene = Scene::new("dcbr", Flavour::Bridged);
+    let scene = Scene::new(tag, flavour);
     scene
         .run_agent(&caps, Duration::from_secs(15))
-        .assert_enforced(&format!("bridged node, capabilities {caps:?}"));
+        .assert_enforced(&format!("{node} node, capabilities {caps:?}"));
     assert_cleanup_restores(&scene);
 }
 
 #[test]
+fn daemonset_capabilities_enforce_on_a_bridged_node_and_the_uninstall_removes_it() {
+    daemonset_capabilities_enforce_then_uninstall("dcbr", Flavour::Bridged, "bridged");
+}
+
+#[test]
 fn daemonset_capabilities_enforce_on_a_routed_node_and_the_uninstall_removes_it() {
-    require_root();
-    let caps = agent_caps(&render().install);
-    let scene = Scene::new("dcrt", Flavour::Routed);
-    scene
-        .run_agent(&caps, Duration::from_secs(15))
-        .assert_enforced(&format!("routed node, capabilities {caps:?}"));
-    assert_cleanup_restores(&scene);
+    daemonset_capabilities_enforce_then_uninstall("dcrt", Flavour::Routed, "routed");
 }
 
 #[test]

@@ -110,6 +110,20 @@ struct Dirs {
 }
 
 impl Dirs {
+    /// A manifest directory holding the trio's objects and [`POLICIES`], and a run dir.
+    fn new(tag: &str, trio: &Trio) -> Dirs {
+        let tmp = TempDir::new(tag).unwrap();
+        let dirs = Dirs {
+            manifests: tmp.path().join("manifests"),
+            run: tmp.path().join("run"),
+            _tmp: tmp,
+        };
+        std::fs::create_dir_all(&dirs.manifests).unwrap();
+        manifests::write(&dirs.manifests, "00-objects.yaml", &trio.objects(NODE)).unwrap();
+        manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
+        dirs
+    }
+
     fn status(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&std::fs::read(self.run.join("status.json")).ok()?).ok()
     }
@@ -136,15 +150,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     let node = Node::new(tag, flavour).unwrap();
     let trio = Trio::new(&node).unwrap();
     let (a, b) = (&trio.a, &trio.b);
-    let tmp = TempDir::new(tag).unwrap();
-    let dirs = Dirs {
-        manifests: tmp.path().join("manifests"),
-        run: tmp.path().join("run"),
-        _tmp: tmp,
-    };
-    std::fs::create_dir_all(&dirs.manifests).unwrap();
-    manifests::write(&dirs.manifests, "00-objects.yaml", &trio.objects(NODE)).unwrap();
-    manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
+    let dirs = Dirs::new(tag, &trio);
 
     let pins = PinDir::new(tag);
     let root = pins.path();
@@ -225,13 +231,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     let report = traffic.stop();
     let maps = Maps::open(&v3).unwrap();
     let counted = || denied_in_b(&maps) - drops_before;
-    eprintln!(
-        "{tag}: {}; counted as dropped {}",
-        report.summary(),
-        counted()
-    );
-    report.assert_no_leak_no_break(&trio);
-    report.assert_all_counted(counted);
+    report.assert_enforced_throughout(tag, &trio, counted);
     assert_eq!(quiet(&maps), quiet_before, "drops on the allowed path");
     assert_eq!((dirs.slot("x/a"), dirs.slot("x/b")), (slot_a, slot_b));
     agent.stop();
@@ -323,15 +323,7 @@ fn upgrade_from_layout_1_rebuilds_the_identity_and_allow_maps_split_under_traffi
     let node = Node::new(tag, Flavour::Routed).unwrap();
     let trio = Trio::new(&node).unwrap();
     let (a, b) = (&trio.a, &trio.b);
-    let tmp = TempDir::new(tag).unwrap();
-    let dirs = Dirs {
-        manifests: tmp.path().join("manifests"),
-        run: tmp.path().join("run"),
-        _tmp: tmp,
-    };
-    std::fs::create_dir_all(&dirs.manifests).unwrap();
-    manifests::write(&dirs.manifests, "00-objects.yaml", &trio.objects(NODE)).unwrap();
-    manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
+    let dirs = Dirs::new(tag, &trio);
 
     let pins = PinDir::new(tag);
     let root = pins.path();
@@ -409,12 +401,6 @@ fn upgrade_from_layout_1_rebuilds_the_identity_and_allow_maps_split_under_traffi
     }
     let report = traffic.stop();
     let counted = || dropped(&maps, slot_b, Some("ingress")) - drops_before;
-    eprintln!(
-        "{tag}: {}; counted as dropped {}",
-        report.summary(),
-        counted()
-    );
-    report.assert_no_leak_no_break(&trio);
-    report.assert_all_counted(counted);
+    report.assert_enforced_throughout(tag, &trio, counted);
     agent.stop();
 }

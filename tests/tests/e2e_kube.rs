@@ -135,30 +135,46 @@ fn programmed(v: &Value, key: &str) -> Option<String> {
     v["programmed"].get(key)?.as_str().map(str::to_string)
 }
 
-fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
-    require_root();
-    // The API server's runtime outlives the agent (declared first, dropped last).
-    let api_rt = tokio::runtime::Builder::new_multi_thread()
+/// The API server's runtime, outliving the agent (declared first, dropped last).
+fn api_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .unwrap();
-    let model = Model::new(tag, flavour).unwrap();
-    let (client, mut api) = api_rt.block_on(async { ApiServer::start() });
-    let agent = AgentGuard::start(&model, tag, client);
+        .unwrap()
+}
 
-    let (namespaces, pods) = model_lists(&model);
-    let policies: WatchStream = api_rt.block_on(async {
+/// Answers the agent's first lists (the model's namespaces and pods, `policies`) and
+/// returns the policy watch it opens next.
+fn serve_first_sync(
+    api_rt: &tokio::runtime::Runtime,
+    api: &mut ApiServer,
+    model: &Model,
+    policies: Vec<Value>,
+) -> WatchStream {
+    let (namespaces, pods) = model_lists(model);
+    api_rt.block_on(async {
         api.expect_list(NAMESPACES, None)
             .await
             .reply(200, &namespaces);
         api.expect_list(PODS, None).await.reply(200, &pods);
         api.expect_list(NETWORK_POLICIES, None).await.reply(
             200,
-            &list("NetworkPolicyList", "networking.k8s.io/v1", vec![]),
+            &list("NetworkPolicyList", "networking.k8s.io/v1", policies),
         );
         api.expect_watch(NETWORK_POLICIES, "500").await.stream()
-    });
+    })
+}
+
+fn kube_source_drives_the_matrix(flavour: Flavour, tag: &str) {
+    require_root();
+    // The API server's runtime outlives the agent (declared first, dropped last).
+    let api_rt = api_runtime();
+    let model = Model::new(tag, flavour).unwrap();
+    let (client, mut api) = api_rt.block_on(async { ApiServer::start() });
+    let agent = AgentGuard::start(&model, tag, client);
+
+    let policies = serve_first_sync(&api_rt, &mut api, &model, vec![]);
     agent.wait_status("first sync programmed", |v| {
         v["synced"] == true
             && programmed(v, "Pod/x/a").as_deref() == Some("100")
@@ -210,32 +226,13 @@ const OUTAGE: Duration = Duration::from_secs(8);
 
 fn kube_outage_keeps_enforcing_then_converges(flavour: Flavour, tag: &str) {
     require_root();
-    let api_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let api_rt = api_runtime();
     let model = Model::new(tag, flavour).unwrap();
     let (client, mut api) = api_rt.block_on(async { ApiServer::start() });
     let agent = AgentGuard::start(&model, tag, client);
 
     // First sync: x closed by deny-ingress.
-    let (namespaces, pods) = model_lists(&model);
-    let policies: WatchStream = api_rt.block_on(async {
-        api.expect_list(NAMESPACES, None)
-            .await
-            .reply(200, &namespaces);
-        api.expect_list(PODS, None).await.reply(200, &pods);
-        api.expect_list(NETWORK_POLICIES, None).await.reply(
-            200,
-            &list(
-                "NetworkPolicyList",
-                "networking.k8s.io/v1",
-                vec![policy(DENY_INGRESS_X)],
-            ),
-        );
-        api.expect_watch(NETWORK_POLICIES, "500").await.stream()
-    });
+    let policies = serve_first_sync(&api_rt, &mut api, &model, vec![policy(DENY_INGRESS_X)]);
     agent.wait_status("first sync programmed", |v| {
         v["synced"] == true
             && programmed(v, "NetworkPolicy/x/deny-ingress").as_deref() == Some("600")

@@ -4,16 +4,12 @@
 //! allowed that the policies do not allow), the flows whose entries fit keep passing, the
 //! status and `/metrics` name the full map, and the error clears once there is room.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use palisade::dataplane::Maps;
-use palisade::source::SourceSpec;
 use palisade_common::maps as names;
-use palisade_tests::agent::TempDir;
-use palisade_tests::inproc::{self, InProcessAgent, PROGRAM_TIMEOUT};
+use palisade_tests::inproc::{ManifestAgent, PROGRAM_TIMEOUT};
 use palisade_tests::manifests;
-use palisade_tests::pins::PinDir;
 use palisade_tests::probe::{expecting_reply, tcp_connect, ProbeError};
 use palisade_tests::{require_root, Family, Node, Pod, Server};
 use serde_json::Value;
@@ -24,13 +20,14 @@ const HTTP_ADDR: &str = "127.0.0.1:9979";
 const DENIED: Duration = Duration::from_millis(700);
 const ALLOWED: Duration = Duration::from_secs(1);
 
-/// An in-process agent on its own manifest directory and pins; stopped on drop, before
-/// its pins and directories are removed.
-struct Agent {
-    agent: InProcessAgent,
-    manifests: PathBuf,
-    _pins: PinDir,
-    _tmp: TempDir,
+/// An in-process agent on its own manifest directory and pins.
+struct Agent(ManifestAgent);
+
+impl std::ops::Deref for Agent {
+    type Target = ManifestAgent;
+    fn deref(&self) -> &ManifestAgent {
+        &self.0
+    }
 }
 
 impl Agent {
@@ -43,37 +40,21 @@ impl Agent {
         objects: &str,
         http: bool,
     ) -> Agent {
-        let pins = PinDir::new(tag);
-        let tmp = TempDir::new(&format!("e2e-{tag}")).unwrap();
-        let manifests = tmp.path().join("manifests");
-        std::fs::create_dir_all(&manifests).unwrap();
-        manifests::write(&manifests, "00-objects.yaml", objects).unwrap();
-        let mut cfg = inproc::config(
+        let m = ManifestAgent::spawn(
+            node.ns(),
             NODE,
-            SourceSpec::Manifests(manifests.clone()),
-            pins.layout(),
-            &tmp.path().join("run"),
+            &format!("e2e-{tag}"),
+            &[("00-objects.yaml", objects)],
+            |cfg| {
+                cfg.http_addr = http.then(|| HTTP_ADDR.parse().unwrap());
+                cfg.max_entries = sizes.iter().copied().collect();
+            },
         );
-        cfg.http_addr = http.then(|| HTTP_ADDR.parse().unwrap());
-        cfg.max_entries = sizes.iter().copied().collect();
-        let agent = InProcessAgent::spawn(node.ns(), cfg);
-        agent.wait_status("agent did not sync", PROGRAM_TIMEOUT, |v| {
-            v["synced"] == true
-        });
-        Agent {
-            agent,
-            manifests,
-            _pins: pins,
-            _tmp: tmp,
-        }
-    }
-
-    fn write(&self, file: &str, yaml: &str) {
-        manifests::write(&self.manifests, file, yaml).unwrap();
-    }
-
-    fn delete(&self, file: &str) {
-        std::fs::remove_file(self.manifests.join(file)).unwrap();
+        m.agent
+            .wait_status("agent did not sync", PROGRAM_TIMEOUT, |v| {
+                v["synced"] == true
+            });
+        Agent(m)
     }
 
     /// Waits until the status has an error for `map` (`Some`) or none at all (`None`).
@@ -240,7 +221,7 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
 
     // (d) Room freed by removing the first policy: the missing entry is written at the
     // next reconcile, the error clears, both ports pass.
-    agent.delete("10-srv.yaml");
+    agent.remove("10-srv.yaml");
     agent.wait_map_error(None);
     agent
         .agent
@@ -257,7 +238,7 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
         "{text}"
     );
     // And removing the extra policy opens y/oth again.
-    agent.delete("20-oth.yaml");
+    agent.remove("20-oth.yaml");
     agent.agent.wait_gone("NetworkPolicy/y/oth-from-cli");
     assert!(passes(&cli, &oth, 82), "y/oth is no longer isolated");
 }
@@ -316,7 +297,7 @@ fn identity_full_never_lets_an_excepted_address_in() {
         first
             .agent
             .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
-        let maps = Maps::open(&first._pins.layout()).unwrap();
+        let maps = Maps::open(&first.layout()).unwrap();
         // The except is a shorter-than-host prefix: it goes to the CIDR trie.
         let n = maps.identity_v4.trie.keys().filter_map(Result::ok).count() as u32;
         n // the first agent stops here
@@ -364,7 +345,7 @@ fn identity_full_never_lets_an_excepted_address_in() {
     );
 
     // Without `most` everything fits again and the stranger has port 80 back.
-    agent.delete("20-most.yaml");
+    agent.remove("20-most.yaml");
     agent.wait_map_error(None);
     agent.agent.wait_gone("NetworkPolicy/x/most");
     assert!(

@@ -13,13 +13,10 @@
 #[path = "e2e_netpol/common.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
-use common::{
-    labels, namespace, pod_file, pod_object, policy, programmed, sel, Agent, Labels, COMBOS,
-    FAST_TIMEOUT, WORKERS,
-};
+use common::{labels, sel, Labels, Objects, COMBOS, FAST_TIMEOUT, WORKERS};
+use palisade::dataplane::ServiceOptions;
 use palisade_tests::matrix::{truth_table, Matrix, NAMESPACES, PODS};
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model};
@@ -46,13 +43,9 @@ impl View<'_> {
 type Expect<'e> = &'e dyn Fn(&View, &View, u16, Proto) -> bool;
 
 struct Suite {
-    agent: Agent,
+    // The agent stops before the model's pods and node go.
+    objects: Objects,
     model: Model,
-    ns_labels: BTreeMap<String, Labels>,
-    pod_labels: BTreeMap<String, Labels>,
-    /// Policy files written by the current case.
-    policy_files: Vec<(String, String)>,
-    rv: u64,
     tag: &'static str,
     cases: usize,
 }
@@ -60,109 +53,33 @@ struct Suite {
 impl Suite {
     fn new(flavour: Flavour, tag: &'static str) -> Suite {
         let model = Model::new(tag, flavour).unwrap();
-        let ns_labels: BTreeMap<String, Labels> = NAMESPACES
-            .iter()
-            .map(|ns| (ns.to_string(), labels(&[("ns", ns)])))
-            .collect();
-        let pod_labels: BTreeMap<String, Labels> = model
-            .names()
-            .into_iter()
-            .map(|n| {
-                let p = n.split_once('/').unwrap().1.to_string();
-                (n, labels(&[("pod", &p)]))
-            })
-            .collect();
-        let mut rv = 1;
-        let mut files = Vec::new();
-        let mut want = Vec::new();
-        for (ns, l) in &ns_labels {
-            let o = namespace(ns, l, rv);
-            want.push(programmed(&o));
-            files.push((format!("ns-{ns}.json"), vec![o]));
-        }
-        for (name, l) in &pod_labels {
-            let o = pod_object(&model, name, l, rv);
-            want.push(programmed(&o));
-            files.push((pod_file(name), vec![o]));
-        }
-        rv += 1;
-        let agent = Agent::start(model.node().ns(), tag, &files);
-        agent.wait(&want);
+        let objects = Objects::start(&model, tag, ServiceOptions::default());
         Suite {
-            agent,
+            objects,
             model,
-            ns_labels,
-            pod_labels,
-            policy_files: Vec::new(),
-            rv,
             tag,
             cases: 0,
         }
     }
 
-    fn next_rv(&mut self) -> u64 {
-        self.rv += 1;
-        self.rv
-    }
-
-    /// Writes (or rewrites) a policy of the current case and waits until it is live.
     fn apply(&mut self, ns: &str, name: &str, spec: Value) {
-        let rv = self.next_rv();
-        let o = policy(ns, name, spec, rv);
-        let file = format!("np-{ns}-{name}.json");
-        self.agent.write(&file, std::slice::from_ref(&o));
-        if !self.policy_files.iter().any(|(f, _)| *f == file) {
-            self.policy_files.push((file, common::key(&o)));
-        }
-        self.agent.wait(&[programmed(&o)]);
+        self.objects.apply(ns, name, spec);
     }
 
     fn delete_policy(&mut self, ns: &str, name: &str) {
-        let file = format!("np-{ns}-{name}.json");
-        self.agent.remove(&file);
-        let key = format!("NetworkPolicy/{ns}/{name}");
-        self.policy_files.retain(|(f, _)| *f != file);
-        self.agent.wait(&[(key, None)]);
+        self.objects.delete_policy(ns, name);
     }
 
     fn set_ns_labels(&mut self, ns: &str, l: Labels) {
-        let rv = self.next_rv();
-        let o = namespace(ns, &l, rv);
-        self.agent
-            .write(&format!("ns-{ns}.json"), std::slice::from_ref(&o));
-        self.ns_labels.insert(ns.to_string(), l);
-        self.agent.wait(&[programmed(&o)]);
+        self.objects.set_ns_labels(ns, l);
     }
 
     fn set_pod_labels(&mut self, name: &str, l: Labels) {
-        let rv = self.next_rv();
-        let o = pod_object(&self.model, name, &l, rv);
-        self.agent.write(&pod_file(name), std::slice::from_ref(&o));
-        self.pod_labels.insert(name.to_string(), l);
-        self.agent.wait(&[programmed(&o)]);
+        self.objects.set_pod_labels(&self.model, name, l);
     }
 
-    /// Removes the case's policies and restores the model's labels.
     fn reset(&mut self) {
-        let files = std::mem::take(&mut self.policy_files);
-        for (f, _) in &files {
-            self.agent.remove(f);
-        }
-        let gone: Vec<_> = files.into_iter().map(|(_, k)| (k, None)).collect();
-        self.agent.wait(&gone);
-        for ns in NAMESPACES {
-            let base = labels(&[("ns", ns)]);
-            if self.ns_labels[ns] != base {
-                self.set_ns_labels(ns, base);
-            }
-        }
-        for name in self.model.names() {
-            let p = name.split_once('/').unwrap().1.to_string();
-            let base = labels(&[("pod", &p)]);
-            if self.pod_labels[&name] != base {
-                self.set_pod_labels(&name, base);
-            }
-        }
+        self.objects.reset(&self.model);
     }
 
     /// Checks every matrix of [`COMBOS`] (IPv4) against `expect(from, to, port, proto)`.
@@ -181,8 +98,8 @@ impl Suite {
                 View {
                     name: n,
                     ns,
-                    labels: &self.pod_labels[n],
-                    ns_labels: &self.ns_labels[ns],
+                    labels: &self.objects.pod_labels[n],
+                    ns_labels: &self.objects.ns_labels[ns],
                 }
             })
             .collect();
@@ -626,20 +543,13 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
         "from-d",
         json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": sel(&[("pod", "d")])}]}]}),
     );
-    let d_labels = labels(&[("pod", "d")]);
     s.model.add_pod("x/d").unwrap();
-    s.pod_labels.insert("x/d".into(), d_labels.clone());
-    let rv = s.next_rv();
-    let d = pod_object(&s.model, "x/d", &d_labels, rv);
-    s.agent.write(&pod_file("x/d"), std::slice::from_ref(&d));
-    s.agent.wait(&[programmed(&d)]);
+    s.set_pod_labels("x/d", labels(&[("pod", "d")]));
     s.check("pod created after the policy (10 pods)", &|f, t, _, _| {
         t.ns != "x" || f.is("x/d")
     });
-    s.agent.remove(&pod_file("x/d"));
-    s.agent.wait(&[("Pod/x/d".into(), None)]);
+    s.objects.remove_pod("x/d");
     s.model.remove_pod("x/d");
-    s.pod_labels.remove("x/d");
     s.reset();
     s.check("back to open after the last case", &|_, _, _, _| true);
 

@@ -40,14 +40,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{
-    labels, namespace, pod_file, pod_object, policy, programmed, sel, Agent, Labels, COMBOS,
-    FAST_TIMEOUT, WORKERS,
-};
+use common::{base_pod_labels, labels, sel, Labels, Objects, COMBOS, FAST_TIMEOUT, WORKERS};
 use palisade::dataplane::ServiceOptions;
 use palisade_common::SVC_DEFAULT_MARK_MASK;
 use palisade_tests::kube_proxy::{install_iptables_ports, install_nftables, ServicePort};
-use palisade_tests::matrix::{truth_table, Matrix, ModelPod, NAMESPACES};
+use palisade_tests::matrix::{truth_table, Matrix, ModelPod};
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model, NetNs};
 use serde_json::{json, Value};
@@ -94,18 +91,12 @@ type Expect<'e> = &'e dyn Fn(&Peer, &Peer, u16, Proto) -> bool;
 
 struct Suite {
     // The agent stops before the model's pods and node go.
-    agent: Agent,
+    objects: Objects,
     model: Model,
     /// ClusterIPs by model pod name: (IPv4, IPv6).
     vips: BTreeMap<String, (IpAddr, IpAddr)>,
     /// The addresses [`LATE_POD`]'s Service sends to.
     late_ips: (Ipv4Addr, Ipv6Addr),
-    /// Labels as last written, by namespace and by pod name.
-    ns_labels: BTreeMap<String, Labels>,
-    pod_labels: BTreeMap<String, Labels>,
-    /// Policy files written by the current case: (file, status key).
-    policy_files: Vec<(String, String)>,
-    rv: u64,
     tag: &'static str,
     checks: usize,
     /// Cells compared (ordered pod pairs × (port, protocol)), all checks together.
@@ -162,31 +153,6 @@ impl Suite {
             Mode::Nftables => install_nftables(node, &ports).unwrap(),
         }
 
-        let rv = 1;
-        let ns_labels: BTreeMap<String, Labels> = NAMESPACES
-            .iter()
-            .map(|ns| (ns.to_string(), base_ns_labels(ns)))
-            .collect();
-        let pod_labels: BTreeMap<String, Labels> = model
-            .names()
-            .into_iter()
-            .map(|n| {
-                let l = base_pod_labels(&n);
-                (n, l)
-            })
-            .collect();
-        let mut files = Vec::new();
-        let mut want = Vec::new();
-        for (ns, l) in &ns_labels {
-            let o = namespace(ns, l, rv);
-            want.push(programmed(&o));
-            files.push((ns_file(ns), vec![o]));
-        }
-        for (name, l) in &pod_labels {
-            let o = pod_object(&model, name, l, rv);
-            want.push(programmed(&o));
-            files.push((pod_file(name), vec![o]));
-        }
         let services = ServiceOptions {
             cidrs: vec![
                 SERVICE_CIDR_V4.parse().unwrap(),
@@ -195,57 +161,32 @@ impl Suite {
             mark_mask: SVC_DEFAULT_MARK_MASK,
             uplinks: vec![UPLINK.to_string()],
         };
-        let agent = Agent::start_with_services(node, tag, &files, services);
-        agent.wait(&want);
+        let objects = Objects::start(&model, tag, services);
         Suite {
-            agent,
+            objects,
             model,
             vips,
             late_ips: (late_v4, late_v6),
-            ns_labels,
-            pod_labels,
-            policy_files: Vec::new(),
-            rv: rv + 1,
             tag,
             checks: 0,
             cells: 0,
         }
     }
 
-    /// Writes (or rewrites) a policy of the current case and waits until it is live.
     fn apply(&mut self, ns: &str, name: &str, spec: Value) {
-        self.rv += 1;
-        let o = policy(ns, name, spec, self.rv);
-        let file = format!("np-{ns}-{name}.json");
-        self.agent.write(&file, std::slice::from_ref(&o));
-        if !self.policy_files.iter().any(|(f, _)| *f == file) {
-            self.policy_files.push((file, common::key(&o)));
-        }
-        self.agent.wait(&[programmed(&o)]);
+        self.objects.apply(ns, name, spec);
     }
 
     fn delete_policy(&mut self, ns: &str, name: &str) {
-        let file = format!("np-{ns}-{name}.json");
-        self.agent.remove(&file);
-        self.policy_files.retain(|(f, _)| *f != file);
-        self.agent
-            .wait(&[(format!("NetworkPolicy/{ns}/{name}"), None)]);
+        self.objects.delete_policy(ns, name);
     }
 
     fn set_ns_labels(&mut self, ns: &str, l: Labels) {
-        self.rv += 1;
-        let o = namespace(ns, &l, self.rv);
-        self.agent.write(&ns_file(ns), std::slice::from_ref(&o));
-        self.ns_labels.insert(ns.to_string(), l);
-        self.agent.wait(&[programmed(&o)]);
+        self.objects.set_ns_labels(ns, l);
     }
 
     fn set_pod_labels(&mut self, name: &str, l: Labels) {
-        self.rv += 1;
-        let o = pod_object(&self.model, name, &l, self.rv);
-        self.agent.write(&pod_file(name), std::slice::from_ref(&o));
-        self.pod_labels.insert(name.to_string(), l);
-        self.agent.wait(&[programmed(&o)]);
+        self.objects.set_pod_labels(&self.model, name, l);
     }
 
     /// Creates [`LATE_POD`] (CNI ADD, servers) and writes its object.
@@ -256,40 +197,16 @@ impl Suite {
             self.late_ips,
             "{LATE_POD} did not get the addresses its Service's endpoints point to"
         );
-        let l = base_pod_labels(LATE_POD);
-        self.rv += 1;
-        let o = pod_object(&self.model, LATE_POD, &l, self.rv);
-        self.agent
-            .write(&pod_file(LATE_POD), std::slice::from_ref(&o));
-        self.pod_labels.insert(LATE_POD.to_string(), l);
-        self.agent.wait(&[programmed(&o)]);
+        self.set_pod_labels(LATE_POD, base_pod_labels(LATE_POD));
     }
 
     fn remove_late_pod(&mut self) {
-        self.agent.remove(&pod_file(LATE_POD));
-        self.agent.wait(&[(format!("Pod/{LATE_POD}"), None)]);
+        self.objects.remove_pod(LATE_POD);
         self.model.remove_pod(LATE_POD);
-        self.pod_labels.remove(LATE_POD);
     }
 
-    /// Removes the case's policies and restores the model's labels.
     fn reset(&mut self) {
-        let files = std::mem::take(&mut self.policy_files);
-        for (f, _) in &files {
-            self.agent.remove(f);
-        }
-        let gone: Vec<_> = files.into_iter().map(|(_, k)| (k, None)).collect();
-        self.agent.wait(&gone);
-        for ns in NAMESPACES {
-            if self.ns_labels[ns] != base_ns_labels(ns) {
-                self.set_ns_labels(ns, base_ns_labels(ns));
-            }
-        }
-        for name in self.model.names() {
-            if self.pod_labels[&name] != base_pod_labels(&name) {
-                self.set_pod_labels(&name, base_pod_labels(&name));
-            }
-        }
+        self.objects.reset(&self.model);
     }
 
     fn check(&mut self, case: &str, expect: Expect) {
@@ -355,18 +272,6 @@ impl Suite {
             started.elapsed().as_millis()
         );
     }
-}
-
-fn base_ns_labels(ns: &str) -> Labels {
-    labels(&[("ns", ns)])
-}
-
-fn base_pod_labels(name: &str) -> Labels {
-    labels(&[("pod", name.split_once('/').unwrap().1)])
-}
-
-fn ns_file(ns: &str) -> String {
-    format!("ns-{ns}.json")
 }
 
 /// `net.bridge.bridge-nf-call-ip{,6}tables=1` in the bridged node's namespace (see the

@@ -8,16 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use palisade::dataplane::ServiceOptions;
-use palisade::source::SourceSpec;
 use palisade_common::SVC_DEFAULT_MARK_MASK;
-use palisade_tests::agent::TempDir;
-use palisade_tests::inproc::{self, InProcessAgent};
+use palisade_tests::inproc::ManifestAgent;
 use palisade_tests::kube_proxy::{install_iptables, Service};
-use palisade_tests::pins::PinDir;
 use palisade_tests::{manifests, require_root, tcp_connect, Node, Pod, ProbeError, Server};
 
 const T: Duration = Duration::from_millis(700);
@@ -71,54 +67,39 @@ fn allow_egress(name: &str, app: &str, port: &str) -> String {
     )
 }
 
-/// The agent running in-process in a node's namespace on its own thread; stopped on drop.
-struct Agent {
-    agent: InProcessAgent,
-    manifests: PathBuf,
-    // Dropped after the agent: removes the pins and directories once it has stopped.
-    _pins: PinDir,
-    _tmp: TempDir,
-}
+/// The agent running in-process in a node's namespace on its own manifest directory.
+struct Agent(ManifestAgent);
 
 impl Agent {
     /// Starts the agent of `node` (named `node_name`) on `yaml`, with service egress
     /// deferral for [`SERVICE_CIDR`] and `uplink`; returns once `keys` are programmed.
     fn start(node: &Node, node_name: &str, uplink: &str, yaml: &str, keys: &[&str]) -> Agent {
         let tag = node.ns().name().to_string();
-        let pins = PinDir::new(&tag);
-        let tmp = TempDir::new(&tag).unwrap();
-        let manifests = tmp.path().join("manifests");
-        std::fs::create_dir_all(&manifests).unwrap();
-        manifests::write(&manifests, "00-objects.yaml", yaml).unwrap();
-        let mut cfg = inproc::config(
+        let m = ManifestAgent::spawn(
+            node.ns(),
             node_name,
-            SourceSpec::Manifests(manifests.clone()),
-            pins.layout(),
-            &tmp.path().join("run"),
+            &tag,
+            &[("00-objects.yaml", yaml)],
+            |cfg| {
+                cfg.services = ServiceOptions {
+                    cidrs: vec![SERVICE_CIDR.parse().unwrap()],
+                    mark_mask: SVC_DEFAULT_MARK_MASK,
+                    uplinks: vec![uplink.to_string()],
+                }
+            },
         );
-        cfg.services = ServiceOptions {
-            cidrs: vec![SERVICE_CIDR.parse().unwrap()],
-            mark_mask: SVC_DEFAULT_MARK_MASK,
-            uplinks: vec![uplink.to_string()],
-        };
-        let agent = Agent {
-            agent: InProcessAgent::spawn(node.ns(), cfg),
-            manifests,
-            _pins: pins,
-            _tmp: tmp,
-        };
-        agent.agent.wait_programmed(keys);
-        agent
+        m.agent.wait_programmed(keys);
+        Agent(m)
     }
 
     fn apply(&self, file: &str, yaml: &str, key: &str) {
-        manifests::write(&self.manifests, file, yaml).unwrap();
-        self.agent.wait_programmed(&[key]);
+        self.0.write(file, yaml);
+        self.0.agent.wait_programmed(&[key]);
     }
 
     fn delete(&self, file: &str, key: &str) {
-        std::fs::remove_file(self.manifests.join(file)).unwrap();
-        self.agent.wait_gone(key);
+        self.0.remove(file);
+        self.0.agent.wait_gone(key);
     }
 }
 
@@ -137,6 +118,19 @@ fn spread(client: &Pod, vip: Ipv4Addr) -> (BTreeMap<String, usize>, usize) {
         }
     }
     (answered, blocked)
+}
+
+/// Over [`spread`] connections to `vip`, only backend `only` answers, some are dropped
+/// (those the Service sent to a denied backend), and the denied backend's server `denied`
+/// (named `what`) never sees a connection.
+fn assert_only_backend(client: &Pod, vip: Ipv4Addr, only: &str, denied: &Server, what: &str) {
+    let hits = denied.hits();
+    let (answered, blocked) = spread(client, vip);
+    assert!(
+        answered.keys().all(|k| k == only) && answered.contains_key(only) && blocked > 0,
+        "{vip}: {answered:?} answered, {blocked} blocked"
+    );
+    assert_eq!(denied.hits(), hits, "{what} saw a connection");
 }
 
 #[test]
@@ -202,14 +196,7 @@ fn agent_judges_service_egress_on_the_backend_with_kube_proxy_iptables() {
         "remote db"
     );
     assert_eq!(connect(&client, cip(42)), Err(ProbeError::Timeout), "web");
-    let web_hits = web_srv.hits();
-    let (answered, blocked) = spread(&client, cip(43));
-    assert!(
-        answered.keys().all(|k| k == "x/db1") && answered.contains_key("x/db1") && blocked > 0,
-        "{}: {answered:?} answered, {blocked} blocked",
-        cip(43)
-    );
-    assert_eq!(web_srv.hits(), web_hits, "the web backend saw a connection");
+    assert_only_backend(&client, cip(43), "x/db1", &web_srv, "the web backend");
 
     // Plus egress to app=web: both backends of the mixed Service answer.
     agent.apply(
@@ -313,14 +300,7 @@ fn service_egress_follows_each_backends_own_target_port() {
         Ok("x/dbb:5432"),
         "B:5432"
     );
-    let b_hits = sb.hits();
-    let (answered, blocked) = spread(&client, cip(52));
-    assert!(
-        answered.keys().all(|k| k == "x/dba") && answered.contains_key("x/dba") && blocked > 0,
-        "{}: {answered:?} answered, {blocked} blocked",
-        cip(52)
-    );
-    assert_eq!(sb.hits(), b_hits, "B saw a connection on 6432");
+    assert_only_backend(&client, cip(52), "x/dba", &sb, "B on 6432");
 
     // Egress to app=db on the named port `db`: each backend's own number.
     agent.apply(

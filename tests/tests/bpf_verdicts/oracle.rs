@@ -202,26 +202,10 @@ fn valid(rng: &mut Rng, hook: Hook) -> Vec<u8> {
     let l4 = l4(rng, v6);
     if v6 {
         let peer = rng.pick(&PEERS6);
-        let (s, d) = if hook == Hook::FromPod {
-            (POD6, peer)
-        } else {
-            (peer, POD6)
-        };
-        let mut exts = Vec::new();
-        if rng.below(3) == 0 {
-            for _ in 0..rng.below(4) {
-                exts.push(random_ext(rng));
-            }
-        }
-        frame_v6(s, d, &exts, &l4)
+        random_pod_frame(rng, POD6.into(), peer.into(), hook == Hook::FromPod, &l4, 0)
     } else {
         let peer = rng.pick(&PEERS4);
-        let (s, d) = if hook == Hook::FromPod {
-            (POD4, peer)
-        } else {
-            (peer, POD4)
-        };
-        frame_v4(s, d, &l4, &random_v4_opts(rng))
+        random_pod_frame(rng, POD4.into(), peer.into(), hook == Hook::FromPod, &l4, 0)
     }
 }
 

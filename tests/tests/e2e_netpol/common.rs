@@ -7,13 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 
 use palisade::dataplane::{Layout, ServiceOptions};
-use palisade::source::SourceSpec;
-use palisade_tests::agent::TempDir;
-use palisade_tests::inproc::{self, InProcessAgent};
-use palisade_tests::pins::PinDir;
+use palisade_tests::inproc::ManifestAgent;
+use palisade_tests::matrix;
 use palisade_tests::probe::Proto;
 use palisade_tests::{Model, NetNs};
 use serde_json::{json, Value};
@@ -63,13 +60,7 @@ pub fn sel(kv: &[(&str, &str)]) -> Value {
 
 /// The agent on its own thread inside the node's namespace; stopped on drop, then its
 /// pins and directories are removed.
-pub struct Agent {
-    agent: InProcessAgent,
-    pub manifests: PathBuf,
-    // Dropped after the agent: removes the pins and directories once it has stopped.
-    pins: PinDir,
-    _tmp: TempDir,
-}
+pub struct Agent(ManifestAgent);
 
 impl Agent {
     /// Starts an agent on `files` (name -> objects) and waits for its first sync.
@@ -84,28 +75,16 @@ impl Agent {
         files: &[(String, Vec<Value>)],
         services: ServiceOptions,
     ) -> Agent {
-        let pins = PinDir::new(tag);
-        let tmp = TempDir::new(tag).unwrap();
-        let manifests = tmp.path().join("manifests");
-        let run_dir = tmp.path().join("run");
-        std::fs::create_dir_all(&manifests).unwrap();
-        for (name, objs) in files {
-            write_objects(&manifests.join(name), objs);
-        }
-        let mut cfg = inproc::config(
-            NODE,
-            SourceSpec::Manifests(manifests.clone()),
-            pins.layout(),
-            &run_dir,
-        );
-        cfg.services = services;
-        let agent = Agent {
-            agent: InProcessAgent::spawn(node, cfg),
-            manifests,
-            pins,
-            _tmp: tmp,
-        };
+        let lists: Vec<(&str, String)> = files
+            .iter()
+            .map(|(name, objs)| (name.as_str(), list(objs)))
+            .collect();
+        let lists: Vec<(&str, &str)> = lists.iter().map(|(n, l)| (*n, l.as_str())).collect();
+        let agent = Agent(ManifestAgent::spawn(node, NODE, tag, &lists, |cfg| {
+            cfg.services = services
+        }));
         agent
+            .0
             .agent
             .wait_status("agent did not sync", PROGRAM_TIMEOUT, |s| {
                 s["synced"] == true
@@ -114,31 +93,31 @@ impl Agent {
     }
 
     pub fn layout(&self) -> Layout {
-        self.pins.layout()
+        self.0.layout()
     }
 
     /// Writes `objs` as one JSON `List` file (atomically: write + rename).
     pub fn write(&self, file: &str, objs: &[Value]) {
-        write_objects(&self.manifests.join(file), objs);
+        self.0.write(file, &list(objs));
     }
 
     pub fn remove(&self, file: &str) {
-        let _ = std::fs::remove_file(self.manifests.join(file));
+        let _ = std::fs::remove_file(self.0.manifests.join(file));
     }
 
     pub fn status(&self) -> Option<Value> {
-        self.agent.status()
+        self.0.agent.status()
     }
 
     /// Waits until the status satisfies `check`, or fails naming `what`.
     pub fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) {
-        self.agent.wait_status(what, PROGRAM_TIMEOUT, check);
+        self.0.agent.wait_status(what, PROGRAM_TIMEOUT, check);
     }
 
     /// Waits until `programmed` holds every `(key, Some(version))` and none of the
     /// `(key, None)`.
     pub fn wait(&self, want: &[(String, Option<String>)]) {
-        self.agent.wait_status(
+        self.0.agent.wait_status(
             &format!("agent did not program {want:?}"),
             PROGRAM_TIMEOUT,
             |s| {
@@ -151,11 +130,10 @@ impl Agent {
     }
 }
 
-fn write_objects(path: &Path, objs: &[Value]) {
+/// `objs` as one JSON `List`.
+fn list(objs: &[Value]) -> String {
     let list = json!({"apiVersion": "v1", "kind": "List", "items": objs});
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    serde_json::to_string_pretty(&list).unwrap()
 }
 
 /// `status.json` key of an object.
@@ -209,4 +187,141 @@ pub fn policy(ns: &str, name: &str, spec: Value, rv: u64) -> Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": name, "namespace": ns, "resourceVersion": rv.to_string()},
         "spec": spec})
+}
+
+/// Labels a model namespace starts (and is reset) with.
+pub fn base_ns_labels(ns: &str) -> Labels {
+    labels(&[("ns", ns)])
+}
+
+/// Labels a model pod (`ns/name`) starts (and is reset) with.
+pub fn base_pod_labels(name: &str) -> Labels {
+    labels(&[("pod", name.split_once('/').unwrap().1)])
+}
+
+pub fn ns_file(ns: &str) -> String {
+    format!("ns-{ns}.json")
+}
+
+/// The objects a policy suite wrote for its agent, one per file: every change bumps the
+/// resourceVersion and waits until the agent has programmed (or forgotten) it.
+pub struct Objects {
+    pub agent: Agent,
+    /// Labels as last written, by namespace and by pod name.
+    pub ns_labels: BTreeMap<String, Labels>,
+    pub pod_labels: BTreeMap<String, Labels>,
+    /// Policy files written by the current case: (file, status key).
+    policy_files: Vec<(String, String)>,
+    rv: u64,
+}
+
+impl Objects {
+    /// Starts an agent in `model`'s node on its namespaces and pods with their base
+    /// labels, and waits until it has programmed them all.
+    pub fn start(model: &Model, tag: &str, services: ServiceOptions) -> Objects {
+        let rv = 1;
+        let ns_labels: BTreeMap<String, Labels> = matrix::NAMESPACES
+            .iter()
+            .map(|ns| (ns.to_string(), base_ns_labels(ns)))
+            .collect();
+        let pod_labels: BTreeMap<String, Labels> = model
+            .names()
+            .into_iter()
+            .map(|n| {
+                let l = base_pod_labels(&n);
+                (n, l)
+            })
+            .collect();
+        let mut files = Vec::new();
+        let mut want = Vec::new();
+        for (ns, l) in &ns_labels {
+            let o = namespace(ns, l, rv);
+            want.push(programmed(&o));
+            files.push((ns_file(ns), vec![o]));
+        }
+        for (name, l) in &pod_labels {
+            let o = pod_object(model, name, l, rv);
+            want.push(programmed(&o));
+            files.push((pod_file(name), vec![o]));
+        }
+        let agent = Agent::start_with_services(model.node().ns(), tag, &files, services);
+        agent.wait(&want);
+        Objects {
+            agent,
+            ns_labels,
+            pod_labels,
+            policy_files: Vec::new(),
+            rv: rv + 1,
+        }
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    /// Writes (or rewrites) a policy of the current case and waits until it is live.
+    pub fn apply(&mut self, ns: &str, name: &str, spec: Value) {
+        let rv = self.next_rv();
+        let o = policy(ns, name, spec, rv);
+        let file = format!("np-{ns}-{name}.json");
+        self.agent.write(&file, std::slice::from_ref(&o));
+        if !self.policy_files.iter().any(|(f, _)| *f == file) {
+            self.policy_files.push((file, key(&o)));
+        }
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    pub fn delete_policy(&mut self, ns: &str, name: &str) {
+        let file = format!("np-{ns}-{name}.json");
+        self.agent.remove(&file);
+        self.policy_files.retain(|(f, _)| *f != file);
+        self.agent
+            .wait(&[(format!("NetworkPolicy/{ns}/{name}"), None)]);
+    }
+
+    pub fn set_ns_labels(&mut self, ns: &str, l: Labels) {
+        let rv = self.next_rv();
+        let o = namespace(ns, &l, rv);
+        self.agent.write(&ns_file(ns), std::slice::from_ref(&o));
+        self.ns_labels.insert(ns.to_string(), l);
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    /// Writes the object of `model`'s pod `name` (`ns/name`) with labels `l`: a label
+    /// change, or the first object of a pod the case just added to the model.
+    pub fn set_pod_labels(&mut self, model: &Model, name: &str, l: Labels) {
+        let rv = self.next_rv();
+        let o = pod_object(model, name, &l, rv);
+        self.agent.write(&pod_file(name), std::slice::from_ref(&o));
+        self.pod_labels.insert(name.to_string(), l);
+        self.agent.wait(&[programmed(&o)]);
+    }
+
+    /// Removes pod `name`'s object and waits until the agent has forgotten it.
+    pub fn remove_pod(&mut self, name: &str) {
+        self.agent.remove(&pod_file(name));
+        self.agent.wait(&[(format!("Pod/{name}"), None)]);
+        self.pod_labels.remove(name);
+    }
+
+    /// Removes the case's policies and restores the base labels of `model`'s objects.
+    pub fn reset(&mut self, model: &Model) {
+        let files = std::mem::take(&mut self.policy_files);
+        for (f, _) in &files {
+            self.agent.remove(f);
+        }
+        let gone: Vec<_> = files.into_iter().map(|(_, k)| (k, None)).collect();
+        self.agent.wait(&gone);
+        for ns in matrix::NAMESPACES {
+            if self.ns_labels[ns] != base_ns_labels(ns) {
+                self.set_ns_labels(ns, base_ns_labels(ns));
+            }
+        }
+        for name in model.names() {
+            if self.pod_labels[&name] != base_pod_labels(&name) {
+                self.set_pod_labels(model, &name, base_pod_labels(&name));
+            }
+        }
+    }
 }
