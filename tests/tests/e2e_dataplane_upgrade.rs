@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData, MapInfo};
-use palisade::dataplane::{link_ids, map_ids, Hook, Layout, Maps};
+use palisade::dataplane::{link_ids, map_ids, pinned_link_ids, Hook, Layout, Maps};
 use palisade::source::SourceSpec;
 use palisade_common::maps as names;
 use palisade_common::{IdentityValue, PolicyKey, PolicyValue, POLICY_PREFIX_FULL};
@@ -403,4 +403,44 @@ fn upgrade_from_layout_1_rebuilds_the_identity_and_allow_maps_split_under_traffi
     let counted = || dropped(&maps, slot_b, Some("ingress")) - drops_before;
     report.assert_enforced_throughout(tag, &trio, counted);
     agent.stop();
+}
+
+/// The uplink program's link moves to a new layout version like a pod's: same link, new
+/// program, and the old version retired once no link is left in it. (It used to be
+/// attached afresh beside the old link, which kept running the old program and kept the
+/// old version alive.)
+#[test]
+fn uplink_link_follows_a_layout_upgrade() {
+    require_root();
+    let ns = palisade_tests::NetNs::new("upuplink").unwrap();
+    ns.exec(&[
+        "ip", "link", "add", "upl0", "type", "veth", "peer", "name", "upl1",
+    ])
+    .unwrap();
+    ns.exec(&["ip", "link", "set", "upl0", "up"]).unwrap();
+    let pins = PinDir::new("upuplink");
+    let root = pins.path();
+    ns.run(|| {
+        let ifindex = palisade::dataplane::ifindex_of("upl0").unwrap();
+        let opts = palisade::dataplane::LoadOptions::default();
+        let v1 = Layout::with_version(&root, 1);
+        let mut dp = palisade::dataplane::Dataplane::load(v1.clone(), &opts).unwrap();
+        dp.attach_uplink("upl0").unwrap();
+        let before = pinned_link_ids(&v1.uplink_link(ifindex)).expect("v1 uplink link");
+        drop(dp);
+
+        let v2 = Layout::with_version(&root, 2);
+        let mut dp = palisade::dataplane::Dataplane::load(v2.clone(), &opts).unwrap();
+        dp.attach_uplink("upl0").unwrap();
+        let after = pinned_link_ids(&v2.uplink_link(ifindex)).expect("link moved to v2");
+        assert_eq!(after.link, before.link, "the uplink link was recreated");
+        assert_ne!(
+            after.program, before.program,
+            "the uplink program was not swapped"
+        );
+        assert!(
+            !v1.versioned().exists(),
+            "v1 not retired after its uplink link moved"
+        );
+    });
 }

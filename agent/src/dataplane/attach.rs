@@ -138,7 +138,12 @@ pub(super) fn has_links(layout: &Layout) -> bool {
 /// The kernel ids of the link pinned for (`ifindex`, `hook`) and of the program it runs:
 /// a restart or an upgrade keeps the link id and changes the program id.
 pub fn link_ids(layout: &Layout, ifindex: u32, hook: Hook) -> Option<LinkIds> {
-    let link = FdLink::from(PinnedLink::from_pin(layout.link(ifindex, hook)).ok()?);
+    pinned_link_ids(&layout.link(ifindex, hook))
+}
+
+/// The ids of the link pinned at `pin` (a pod hook's or an uplink's), if there is one.
+pub fn pinned_link_ids(pin: &std::path::Path) -> Option<LinkIds> {
+    let link = FdLink::from(PinnedLink::from_pin(pin).ok()?);
     let info = link.info().ok()?;
     Some(LinkIds {
         link: info.id(),

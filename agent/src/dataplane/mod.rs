@@ -27,7 +27,7 @@ use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
 use palisade_common::maps as names;
 
 use attach::detach;
-pub use attach::{attached_ifindexes, ifindex_of, link_ids, LinkIds};
+pub use attach::{attached_ifindexes, ifindex_of, link_ids, pinned_link_ids, LinkIds};
 pub use conntrack::{monotonic_now_ns, GcStats, GC_GRACE, GC_INTERVAL};
 pub use counters::{read_counters, CounterRow};
 pub use error::DataplaneError;
@@ -50,7 +50,7 @@ pub struct LoadOptions {
     /// Size of the conntrack LRU map (entries).
     pub conntrack_entries: u32,
     /// Other maps' sizes, by map name, instead of the object's: tests shrink
-    /// `IDENTITY_V4`, `POLICY` or `ENDPOINTS` to fill them with a handful of pods.
+    /// `IDENTITY4_CIDR`, `POLICY_EXACT` or `ENDPOINTS` to fill them with a handful of pods.
     pub max_entries: std::collections::BTreeMap<&'static str, u32>,
 }
 
