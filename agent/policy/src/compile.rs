@@ -39,7 +39,7 @@ use palisade_common::{
 use self::endpoint::{Endpoint, EpJournal, Sink};
 use self::matches::{port_entries, rule_contributions, PeerCache};
 use crate::identity::{Identities, IdentityClass, PodAttrs};
-use crate::model::{self, Interner, ObjectRef, PodRef, PodState, PolicyRef};
+use crate::model::{self, ObjectRef, PodInterners, PodRef, PodState, PolicyRef};
 use crate::net;
 use crate::plan::{EndpointDiff, Plan, PlanDiff, PolicyEntry, DIRS};
 use crate::policy::{self, CompiledPolicy, IpBlock, PeerSet, Rule};
@@ -192,8 +192,7 @@ pub struct Compiler {
     node: String,
     namespaces: BTreeMap<String, Labels>,
     pods: BTreeMap<PodRef, PodState>,
-    label_sets: Interner<Labels>,
-    node_names: Interner<String>,
+    interners: PodInterners,
     policies: BTreeMap<PolicyRef, Arc<CompiledPolicy>>,
     prefixes: BTreeMap<IpNetwork, PrefixSrc>,
     /// Live ipBlock peers by cidr, with the number of peers referencing each.
@@ -214,8 +213,7 @@ impl Compiler {
             node: node.into(),
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
-            label_sets: Interner::default(),
-            node_names: Interner::default(),
+            interners: PodInterners::default(),
             policies: BTreeMap::new(),
             prefixes: BTreeMap::new(),
             blocks: BTreeMap::new(),
@@ -365,7 +363,7 @@ impl Compiler {
     }
 
     fn set_pod(&mut self, r: PodRef, new: Option<PodState>, tx: &mut Tx) {
-        let new = new.map(|n| n.intern(&mut self.label_sets, &mut self.node_names));
+        let new = new.map(|n| n.intern(&mut self.interners));
         let old = self.pods.remove(&r);
         if old == new {
             if let Some(o) = old {
@@ -393,6 +391,8 @@ impl Compiler {
                     let p = net::host(*ip);
                     let pods = &mut self.prefixes.entry(p).or_default().pods;
                     if let Err(at) = pods.binary_search(&r) {
+                        // A first push would reserve room for four: 144 bytes per address.
+                        pods.reserve_exact(1);
                         pods.insert(at, r.clone());
                     }
                     tx.dirty_prefixes.insert(p);
@@ -404,7 +404,7 @@ impl Compiler {
             self.pods.insert(r, n);
         }
         if let Some(o) = old {
-            o.release(&mut self.label_sets, &mut self.node_names);
+            o.release(&mut self.interners);
         }
     }
 
@@ -490,7 +490,7 @@ impl Compiler {
                 namespace: r.namespace.clone(),
                 namespace_labels: self.namespace_labels(&r.namespace),
                 labels: (*st.labels).clone(),
-                named_ports: st.named_ports.clone(),
+                named_ports: st.named_ports.to_vec(),
             }))
         });
         let mut blocks = BTreeSet::new();

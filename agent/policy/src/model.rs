@@ -57,7 +57,8 @@ pub(crate) struct PodState {
     pub node: Option<Arc<String>>,
     pub host_network: bool,
     pub terminated: bool,
-    pub named_ports: Vec<NamedPort>,
+    /// Shared like the labels: the replicas of a Deployment declare the same ports.
+    pub named_ports: Arc<[NamedPort]>,
 }
 
 impl PodState {
@@ -77,6 +78,8 @@ impl PodState {
             .unwrap_or_default();
         ips.sort();
         ips.dedup();
+        // Collected without a size hint: room for four otherwise, kept for the pod's life.
+        ips.shrink_to_fit();
         Self {
             labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             ips,
@@ -86,7 +89,7 @@ impl PodState {
                 status.and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
             ),
-            named_ports: ports::named_ports(pod),
+            named_ports: ports::named_ports(pod).into(),
         }
     }
 
@@ -103,15 +106,15 @@ impl PodState {
 
 /// One shared copy of each distinct value (label sets, node names) held by cluster pods:
 /// at 100,000 pods the replicas of a Deployment would otherwise each keep their own.
-pub(crate) struct Interner<T>(HashSet<Arc<T>>);
+pub(crate) struct Interner<T: ?Sized>(HashSet<Arc<T>>);
 
-impl<T> Default for Interner<T> {
+impl<T: ?Sized> Default for Interner<T> {
     fn default() -> Self {
         Self(HashSet::new())
     }
 }
 
-impl<T: Hash + Eq> Interner<T> {
+impl<T: Hash + Eq + ?Sized> Interner<T> {
     pub fn intern(&mut self, v: Arc<T>) -> Arc<T> {
         match self.0.get(&v) {
             Some(shared) => Arc::clone(shared),
@@ -135,18 +138,28 @@ impl<T: Hash + Eq> Interner<T> {
     }
 }
 
+/// The interners of the values pods share.
+#[derive(Default)]
+pub(crate) struct PodInterners {
+    labels: Interner<Labels>,
+    nodes: Interner<String>,
+    ports: Interner<[NamedPort]>,
+}
+
 impl PodState {
-    pub fn intern(mut self, labels: &mut Interner<Labels>, nodes: &mut Interner<String>) -> Self {
-        self.labels = labels.intern(self.labels);
-        self.node = self.node.map(|n| nodes.intern(n));
+    pub fn intern(mut self, i: &mut PodInterners) -> Self {
+        self.labels = i.labels.intern(self.labels);
+        self.node = self.node.map(|n| i.nodes.intern(n));
+        self.named_ports = i.ports.intern(self.named_ports);
         self
     }
 
-    pub fn release(self, labels: &mut Interner<Labels>, nodes: &mut Interner<String>) {
-        labels.release(self.labels);
+    pub fn release(self, i: &mut PodInterners) {
+        i.labels.release(self.labels);
         if let Some(n) = self.node {
-            nodes.release(n);
+            i.nodes.release(n);
         }
+        i.ports.release(self.named_ports);
     }
 }
 

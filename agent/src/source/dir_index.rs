@@ -142,6 +142,8 @@ impl DirIndex {
                 };
                 let defs = self.defs.entry(Arc::clone(&key)).or_default();
                 let at = defs.partition_point(|d| d.file < def.file);
+                // A first push would reserve room for four: 120 bytes per object unused.
+                defs.reserve_exact(1);
                 defs.insert(at, def);
                 keys.push(key);
             }
