@@ -134,7 +134,7 @@ async fn memory_at_cluster_scale() {
     // The agent side: compile every update and keep versions, like `run_until`.
     let consumer = tokio::spawn(async move {
         let mut compiler = Compiler::new("node-0", []);
-        let mut versions: BTreeMap<String, String> = BTreeMap::new();
+        let mut versions: BTreeMap<std::sync::Arc<str>, std::sync::Arc<str>> = BTreeMap::new();
         let mut compile_time = std::time::Duration::ZERO;
         loop {
             match rx.recv().await.expect("source ended") {

@@ -50,7 +50,7 @@ async fn next_errors(rx: &mut mpsc::Receiver<Update>) -> Vec<String> {
 fn summary(changes: &[ObjectChange]) -> Vec<(&str, Option<&str>)> {
     changes
         .iter()
-        .map(|c| (c.key.as_str(), c.version.as_deref()))
+        .map(|c| (&*c.key, c.version.as_deref()))
         .collect()
 }
 
@@ -124,7 +124,7 @@ async fn first_sync_waits_for_every_list_then_sends_slim_objects_once() {
     let pod = changes
         .iter()
         .find_map(|c| match &c.change {
-            Change::UpsertPod(p) if c.key == "Pod/x/a" => Some(p),
+            Change::UpsertPod(p) if &*c.key == "Pod/x/a" => Some(p),
             _ => None,
         })
         .unwrap();

@@ -108,7 +108,7 @@ pub async fn run_until(
     // be judged as the world's until an address changed.
     rec.apply(&compiler.full_diff(), compiler.plan())?;
     let mut updates = spawn_source(&cfg.source).await?;
-    let mut versions: BTreeMap<String, String> = BTreeMap::new();
+    let mut versions: Versions = BTreeMap::new();
     let mut status = Status {
         node: cfg.node_name.clone(),
         source: cfg.source.to_string(),
@@ -192,11 +192,14 @@ pub async fn run_until(
     Ok(())
 }
 
+/// Object key -> the version applied to the compiler, both shared with the source.
+type Versions = BTreeMap<Arc<str>, Arc<str>>;
+
 /// Folds a batch of source updates into the compiler changes it carries, keeping each
 /// object's version and the source's problems; true when the source has now synced.
 fn absorb(
     batch: Vec<Update>,
-    versions: &mut BTreeMap<String, String>,
+    versions: &mut Versions,
     status: &mut Status,
 ) -> (Vec<palisade_policy::Change>, bool) {
     let mut changes = Vec::new();
@@ -301,7 +304,7 @@ fn publish(
     cfg: &AgentConfig,
     rec: &Reconciler,
     compiler: &Compiler,
-    versions: &BTreeMap<String, String>,
+    versions: &Versions,
     caps: &BTreeMap<&'static str, u32>,
     metrics: &Metrics,
     status: &mut Status,
@@ -332,8 +335,8 @@ fn publish(
     }
     status.programmed = versions
         .iter()
-        .filter(|(k, _)| !rejected_keys.contains(*k) && !unwired.contains(*k))
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .filter(|(k, _)| !rejected_keys.contains(&***k) && !unwired.contains(&***k))
+        .map(|(k, v)| (Arc::clone(k), Arc::clone(v)))
         .collect();
     status.rejected = plan
         .rejections

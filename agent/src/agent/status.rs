@@ -17,6 +17,7 @@ use std::os::unix::fs::{
     DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
 };
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
@@ -29,7 +30,8 @@ pub struct Status {
     pub source: String,
     /// The first full sync has been programmed.
     pub synced: bool,
-    pub programmed: BTreeMap<String, String>,
+    /// Keys and versions shared with the agent's record (no copy per publish).
+    pub programmed: BTreeMap<Arc<str>, Arc<str>>,
     pub rejected: Vec<Rejected>,
     pub endpoints: Vec<EndpointStatus>,
     /// Manifests that could not be read, with file and line.

@@ -48,7 +48,7 @@ struct Indexed {
 #[derive(Clone, Debug)]
 struct Def {
     file: Arc<Path>,
-    version: Box<str>,
+    version: Arc<str>,
     line: usize,
 }
 
@@ -63,7 +63,7 @@ pub(crate) struct DirIndex {
 }
 
 /// Key -> the version its winner had before this refresh (what the compiler holds).
-type Before = BTreeMap<Key, Option<Box<str>>>;
+type Before = BTreeMap<Key, Option<Arc<str>>>;
 
 /// Notes `key`'s winner before the first change this refresh makes to it.
 fn note(before: &mut Before, defs: &HashMap<Key, Vec<Def>>, key: &Key) {
@@ -195,13 +195,13 @@ impl DirIndex {
                 // then the compiler keeps the previous winner, so the def must not pass for
                 // sent: no version is empty.
                 if let Some(d) = self.defs.get_mut(&key).and_then(|d| d.first_mut()) {
-                    d.version = Box::default();
+                    d.version = "".into();
                 }
                 continue;
             };
             upserts.push(ObjectChange {
-                version: Some(def.version.to_string()),
-                key: key.to_string(),
+                version: Some(Arc::clone(&def.version)),
+                key,
                 change,
             });
         }
@@ -304,7 +304,7 @@ mod tests {
                     Change::UpsertPod(p) => p.metadata.labels.map(|l| l["app"].clone()),
                     _ => None,
                 };
-                (c.key, label)
+                (c.key.to_string(), label)
             })
             .collect()
     }
@@ -431,8 +431,8 @@ mod tests {
                 let files = index.candidates(dir.0.path(), &changed).unwrap();
                 for c in index.refresh(&files, false) {
                     match c.version {
-                        Some(v) => live.insert(c.key, v),
-                        None => live.remove(&c.key),
+                        Some(v) => live.insert(c.key.to_string(), v.to_string()),
+                        None => live.remove(&*c.key),
                     };
                 }
                 let full = load_dir(dir.0.path()).unwrap();

@@ -89,7 +89,7 @@ mod tests {
         match update {
             Update::Changes(c) => c
                 .iter()
-                .map(|o| (o.key.clone(), o.version.clone()))
+                .map(|o| (o.key.to_string(), o.version.as_deref().map(str::to_string)))
                 .collect(),
             other => panic!("expected changes, got {other:?}"),
         }

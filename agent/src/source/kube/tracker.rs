@@ -7,6 +7,7 @@
 //! costs no compiler work and no map write.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use kube::runtime::watcher::Event;
 use palisade_policy::Change;
@@ -23,7 +24,8 @@ pub struct Entry {
 
 #[derive(Default)]
 pub struct Tracker {
-    versions: HashMap<String, String>,
+    /// Shared with the changes sent (and the agent's record of them).
+    versions: HashMap<Arc<str>, Arc<str>>,
     /// Set between `Init` and `InitDone`.
     relist: Option<Relist>,
 }
@@ -50,19 +52,20 @@ impl Tracker {
                 Vec::new()
             }
             Event::InitApply(entry) => {
+                let sent = self.has_sent(&entry);
                 let relist = self.relist.get_or_insert_with(Default::default);
                 relist.seen.insert(entry.key.clone());
-                if self.versions.get(&entry.key) != Some(&entry.version) {
+                if !sent {
                     relist.changed.push(entry);
                 }
                 Vec::new()
             }
             Event::InitDone => {
                 let Relist { seen, changed } = self.relist.take().unwrap_or_default();
-                let mut gone: Vec<String> = self
+                let mut gone: Vec<Arc<str>> = self
                     .versions
                     .keys()
-                    .filter(|k| !seen.contains(*k))
+                    .filter(|k| !seen.contains(&***k))
                     .cloned()
                     .collect();
                 gone.sort();
@@ -75,25 +78,30 @@ impl Tracker {
                 out
             }
             Event::Apply(entry) => {
-                if self.versions.get(&entry.key) == Some(&entry.version) {
+                if self.has_sent(&entry) {
                     Vec::new()
                 } else {
                     vec![self.record(entry)]
                 }
             }
-            Event::Delete(entry) => match self.versions.remove(&entry.key) {
+            Event::Delete(entry) => match self.versions.remove(entry.key.as_str()) {
                 Some(_) => ObjectChange::deleted(&entry.key).into_iter().collect(),
                 None => Vec::new(),
             },
         }
     }
 
+    fn has_sent(&self, entry: &Entry) -> bool {
+        self.versions.get(entry.key.as_str()).map(|v| &**v) == Some(entry.version.as_str())
+    }
+
     fn record(&mut self, entry: Entry) -> ObjectChange {
-        self.versions
-            .insert(entry.key.clone(), entry.version.clone());
+        let key: Arc<str> = entry.key.into();
+        let version: Arc<str> = entry.version.into();
+        self.versions.insert(Arc::clone(&key), Arc::clone(&version));
         ObjectChange {
-            key: entry.key,
-            version: Some(entry.version),
+            key,
+            version: Some(version),
             change: entry.upsert,
         }
     }
@@ -118,7 +126,7 @@ mod tests {
     fn summary(changes: &[ObjectChange]) -> Vec<(&str, Option<&str>)> {
         changes
             .iter()
-            .map(|c| (c.key.as_str(), c.version.as_deref()))
+            .map(|c| (&*c.key, c.version.as_deref()))
             .collect()
     }
 
