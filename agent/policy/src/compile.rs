@@ -23,6 +23,7 @@
 mod endpoint;
 pub(crate) mod fxhash;
 mod matches;
+mod pods;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -38,6 +39,7 @@ use palisade_common::{
 
 use self::endpoint::{Endpoint, EpJournal, Sink};
 use self::matches::{port_entries, rule_contributions, PeerCache};
+use self::pods::{PodName, PodTable};
 use crate::identity::{Identities, IdentityClass, PodAttrs};
 use crate::model::{self, ObjectRef, PodInterners, PodRef, PodState, PolicyRef};
 use crate::net;
@@ -63,7 +65,7 @@ struct PrefixSrc {
     /// Peer pods with this IP, sorted; the first one (by namespace/name) gives the pod
     /// attributes, which only matters for inconsistent input where two live pods share an
     /// IP. A Vec: nearly always one pod, and a B-tree node per address is ~0.5 KB.
-    pods: Vec<PodRef>,
+    pods: Vec<PodName>,
     node: bool,
     /// ipBlock cidrs and excepts (counted per referencing peer).
     block_refs: usize,
@@ -191,7 +193,7 @@ fn all_rules(p: &CompiledPolicy) -> impl Iterator<Item = (u8, &Rule)> {
 pub struct Compiler {
     node: String,
     namespaces: BTreeMap<String, Labels>,
-    pods: BTreeMap<PodRef, PodState>,
+    pods: PodTable,
     interners: PodInterners,
     policies: BTreeMap<PolicyRef, Arc<CompiledPolicy>>,
     prefixes: BTreeMap<IpNetwork, PrefixSrc>,
@@ -212,7 +214,7 @@ impl Compiler {
         let mut c = Self {
             node: node.into(),
             namespaces: BTreeMap::new(),
-            pods: BTreeMap::new(),
+            pods: PodTable::default(),
             interners: PodInterners::default(),
             policies: BTreeMap::new(),
             prefixes: BTreeMap::new(),
@@ -350,11 +352,7 @@ impl Compiler {
         if before == self.namespace_labels(&name) {
             return;
         }
-        for st in self
-            .pods
-            .range(ObjectRef::namespace_range(&name))
-            .map(|(_, s)| s)
-        {
+        for st in self.pods.in_namespace(&name) {
             if st.is_peer() {
                 tx.dirty_prefixes
                     .extend(st.ips.iter().map(|ip| net::host(*ip)));
@@ -364,10 +362,13 @@ impl Compiler {
 
     fn set_pod(&mut self, r: PodRef, new: Option<PodState>, tx: &mut Tx) {
         let new = new.map(|n| n.intern(&mut self.interners));
-        let old = self.pods.remove(&r);
+        let (key, old) = match self.pods.remove(&r) {
+            Some((key, st)) => (key, Some(st)),
+            None => (self.pods.name_for(&r), None),
+        };
         if old == new {
             if let Some(o) = old {
-                self.pods.insert(r, o);
+                self.pods.insert(key, o);
             }
             return;
         }
@@ -376,7 +377,7 @@ impl Compiler {
                 for ip in &o.ips {
                     let p = net::host(*ip);
                     if let Some(src) = self.prefixes.get_mut(&p) {
-                        src.pods.retain(|x| x != &r);
+                        src.pods.retain(|x| *x != key);
                     }
                     tx.dirty_prefixes.insert(p);
                 }
@@ -390,10 +391,10 @@ impl Compiler {
                 for ip in &n.ips {
                     let p = net::host(*ip);
                     let pods = &mut self.prefixes.entry(p).or_default().pods;
-                    if let Err(at) = pods.binary_search(&r) {
-                        // A first push would reserve room for four: 144 bytes per address.
+                    if let Err(at) = pods.binary_search(&key) {
+                        // A first push would reserve room for four: 96 bytes per address.
                         pods.reserve_exact(1);
-                        pods.insert(at, r.clone());
+                        pods.insert(at, key.clone());
                     }
                     tx.dirty_prefixes.insert(p);
                 }
@@ -401,7 +402,7 @@ impl Compiler {
             if n.is_local(&self.node) {
                 tx.dirty_pods.insert(r.clone());
             }
-            self.pods.insert(r, n);
+            self.pods.insert(key, n);
         }
         if let Some(o) = old {
             o.release(&mut self.interners);
@@ -485,10 +486,10 @@ impl Compiler {
 
     fn class_of(&self, p: IpNetwork, src: &PrefixSrc) -> IdentityClass {
         let pod = src.pods.first().and_then(|r| {
-            let st = self.pods.get(r)?;
+            let st = self.pods.get(&r.ns, &r.name)?;
             Some(Arc::new(PodAttrs {
-                namespace: r.namespace.clone(),
-                namespace_labels: self.namespace_labels(&r.namespace),
+                namespace: r.ns.to_string(),
+                namespace_labels: self.namespace_labels(&r.ns),
                 labels: (*st.labels).clone(),
                 named_ports: st.named_ports.to_vec(),
             }))
@@ -692,7 +693,7 @@ impl Compiler {
         for r in candidates {
             let state = self
                 .pods
-                .get(&r)
+                .get_ref(&r)
                 .filter(|p| p.is_local(&self.node))
                 .cloned();
             if state.is_none() && !self.endpoints.contains_key(&r) {
