@@ -178,7 +178,7 @@ impl DirIndex {
             }
             let Some(def) = defs.and_then(|d| d.first()) else {
                 if was.is_some() {
-                    deletes.extend(ObjectChange::deleted(&key));
+                    deletes.extend(ObjectChange::deleted(key));
                 }
                 continue;
             };

@@ -134,7 +134,7 @@ pub(super) fn parse_file(file: &Path) -> FileLoad {
     let mut loader = Loader::default();
     loader.load_file(file);
     FileLoad {
-        lines: loader.seen.into_iter().map(|(k, (_, l))| (k, l)).collect(),
+        lines: loader.seen,
         snapshot: loader.snapshot,
         unreadable: loader.unreadable,
     }
@@ -227,8 +227,9 @@ pub(super) fn is_manifest_name(name: &str) -> bool {
 struct Loader {
     snapshot: Snapshot,
     unreadable: bool,
-    /// key -> where it was first defined, for the duplicate report.
-    seen: HashMap<String, (PathBuf, usize)>,
+    /// key -> line of its first definition in the file, for the duplicate report (a
+    /// loader reads one file).
+    seen: HashMap<String, usize>,
 }
 
 /// Where a document or list item came from, for error reports.
@@ -448,8 +449,8 @@ impl Loader {
             None
         };
         let key = object_key(K::KIND, ns.as_deref(), &name);
-        if let Some((first_file, first_line)) = self.seen.get(&key) {
-            let reason = origin.prefix(duplicate_reason(&key, first_file, *first_line));
+        if let Some(&first_line) = self.seen.get(&key) {
+            let reason = origin.prefix(duplicate_reason(&key, origin.file, first_line));
             return self.error(origin.file, Some(origin.line), reason);
         }
         obj.apply_defaults();
@@ -459,8 +460,7 @@ impl Loader {
             .clone()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| content_hash(&obj));
-        self.seen
-            .insert(key.clone(), (origin.file.to_owned(), origin.line));
+        self.seen.insert(key.clone(), origin.line);
         self.snapshot.versions.insert(key, version);
         obj.push(&mut self.snapshot);
     }

@@ -50,7 +50,7 @@ pub struct ObjectChange {
 
 impl ObjectChange {
     /// Parses the kind and name back out of `key` to build the delete change.
-    pub fn deleted(key: &str) -> Option<Self> {
+    pub fn deleted(key: Arc<str>) -> Option<Self> {
         use palisade_policy::ObjectRef;
         let mut parts = key.splitn(3, '/');
         let change = match (parts.next(), parts.next(), parts.next()) {
@@ -62,7 +62,7 @@ impl ObjectChange {
             _ => return None,
         };
         Some(Self {
-            key: key.into(),
+            key,
             version: None,
             change,
         })

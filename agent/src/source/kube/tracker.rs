@@ -73,7 +73,7 @@ impl Tracker {
                     changed.into_iter().map(|e| self.record(e)).collect();
                 for key in gone {
                     self.versions.remove(&key);
-                    out.extend(ObjectChange::deleted(&key));
+                    out.extend(ObjectChange::deleted(key));
                 }
                 out
             }
@@ -84,8 +84,8 @@ impl Tracker {
                     vec![self.record(entry)]
                 }
             }
-            Event::Delete(entry) => match self.versions.remove(entry.key.as_str()) {
-                Some(_) => ObjectChange::deleted(&entry.key).into_iter().collect(),
+            Event::Delete(entry) => match self.versions.remove_entry(entry.key.as_str()) {
+                Some((key, _)) => ObjectChange::deleted(key).into_iter().collect(),
                 None => Vec::new(),
             },
         }
