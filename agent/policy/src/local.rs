@@ -7,12 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS};
 
 use crate::compile::Change;
-use std::sync::Arc;
-
 use crate::model::{ObjectRef, PodRef, PodState, PolicyRef};
 use crate::policy;
 use crate::selector::{Labels, Selector};
@@ -52,7 +51,7 @@ impl LocalPods {
                 let r = ObjectRef::of(&pod.metadata);
                 let st = PodState::from_pod(pod);
                 let live = !st.host_network && !st.terminated;
-                if live && st.node.as_deref() == Some(&self.node) {
+                if live && st.node.as_deref() == Some(self.node.as_str()) {
                     let new = LocalPod {
                         labels: Arc::unwrap_or_clone(st.labels),
                         ips: st.ips,

@@ -54,7 +54,7 @@ pub(crate) struct PodState {
     /// Shared by every pod with the same labels (replicas): see [`Interner`].
     pub labels: Arc<Labels>,
     pub ips: Vec<IpAddr>,
-    pub node: Option<Arc<String>>,
+    pub node: Option<Arc<str>>,
     pub host_network: bool,
     pub terminated: bool,
     /// Shared like the labels: the replicas of a Deployment declare the same ports.
@@ -83,7 +83,7 @@ impl PodState {
         Self {
             labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             ips,
-            node: spec.and_then(|s| s.node_name.clone()).map(Arc::new),
+            node: spec.and_then(|s| s.node_name.as_deref()).map(Arc::from),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminated: matches!(
                 status.and_then(|s| s.phase.as_deref()),
@@ -100,12 +100,13 @@ impl PodState {
 
     /// It gets an endpoint plan on `node`.
     pub fn is_local(&self, node: &str) -> bool {
-        self.is_peer() && self.node.as_deref().map(String::as_str) == Some(node)
+        self.is_peer() && self.node.as_deref() == Some(node)
     }
 }
 
-/// One shared copy of each distinct value (label sets, node names) held by cluster pods:
-/// at 100,000 pods the replicas of a Deployment would otherwise each keep their own.
+/// One shared copy of each distinct value (label sets, node names, named ports) held by
+/// cluster pods: at 100,000 pods the replicas of a Deployment would otherwise each keep
+/// their own.
 pub(crate) struct Interner<T: ?Sized>(HashSet<Arc<T>>);
 
 impl<T: ?Sized> Default for Interner<T> {
@@ -142,7 +143,7 @@ impl<T: Hash + Eq + ?Sized> Interner<T> {
 #[derive(Default)]
 pub(crate) struct PodInterners {
     labels: Interner<Labels>,
-    nodes: Interner<String>,
+    nodes: Interner<str>,
     ports: Interner<[NamedPort]>,
 }
 
@@ -182,11 +183,11 @@ mod tests {
 
     #[test]
     fn interner_shares_equal_values_and_forgets_unused_ones() {
-        let mut interner = Interner::<String>::default();
-        let a = interner.intern(Arc::new("node-1".to_string()));
-        let b = interner.intern(Arc::new("node-1".to_string()));
+        let mut interner = Interner::<str>::default();
+        let a = interner.intern(Arc::from("node-1"));
+        let b = interner.intern(Arc::from("node-1"));
         assert!(Arc::ptr_eq(&a, &b), "equal values share one allocation");
-        let c = interner.intern(Arc::new("node-2".to_string()));
+        let c = interner.intern(Arc::from("node-2"));
         assert_eq!(interner.len(), 2);
 
         interner.release(a);
