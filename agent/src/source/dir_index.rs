@@ -293,6 +293,12 @@ mod tests {
             let files = index.candidates(self.0.path(), &Changed::All).unwrap();
             summary(index.refresh(&files, true))
         }
+        /// What the index sends when the watcher names only `name`.
+        fn refresh_named(&self, index: &mut DirIndex, name: &str) -> Vec<ObjectChange> {
+            let named = Changed::Files([self.path(name)].into());
+            let files = index.candidates(self.0.path(), &named).unwrap();
+            index.refresh(&files, false)
+        }
     }
 
     /// (key, label `app` or "deleted").
@@ -333,10 +339,8 @@ mod tests {
         assert_eq!(dir.refresh_all(&mut index), [], "nothing changed");
 
         dir.write("a.yaml", &pod_yaml("a", "two"));
-        let only_a = Changed::Files([dir.path("a.yaml")].into());
-        let files = index.candidates(dir.0.path(), &only_a).unwrap();
         assert_eq!(
-            summary(index.refresh(&files, false)),
+            summary(dir.refresh_named(&mut index, "a.yaml")),
             [upsert("Pod/x/a", "two")]
         );
 
@@ -362,10 +366,8 @@ mod tests {
         let file = std::fs::File::options().write(true).open(&path).unwrap();
         file.set_modified(mtime).unwrap();
         drop(file);
-        let named = Changed::Files([path].into());
-        let files = index.candidates(dir.0.path(), &named).unwrap();
         assert_eq!(
-            summary(index.refresh(&files, false)),
+            summary(dir.refresh_named(&mut index, "a.yaml")),
             [upsert("Pod/x/a", "two")],
             "the watcher said a.yaml was written"
         );
@@ -427,9 +429,7 @@ mod tests {
                         pod_yaml(&format!("p{}", (pod + file) % 5), "shared"));
                     dir.write(&name, &text);
                 }
-                let changed = Changed::Files([dir.path(&name)].into());
-                let files = index.candidates(dir.0.path(), &changed).unwrap();
-                for c in index.refresh(&files, false) {
+                for c in dir.refresh_named(&mut index, &name) {
                     match c.version {
                         Some(v) => live.insert(c.key.to_string(), v.to_string()),
                         None => live.remove(&*c.key),
