@@ -68,9 +68,11 @@ pub fn map_capacities(layout: &Layout) -> BTreeMap<&'static str, u32> {
 }
 
 /// The fill level of the maps the agent writes: (entries, capacity) by map name.
+/// `missing`: what the maps lack ([`Reconciler::missing_by_map`]).
 pub fn map_fill(
     plan: &Plan,
     rec: &Reconciler,
+    missing: &BTreeMap<&'static str, usize>,
     caps: &BTreeMap<&'static str, u32>,
 ) -> BTreeMap<String, super::status::MapFill> {
     let wired = rec
@@ -99,7 +101,6 @@ pub fn map_fill(
         *planned.entry(policy_map(e.lpm_key(0).0)).or_default() += 1;
     }
     // What the maps hold: the plan minus what a full map did not take.
-    let missing = rec.missing_by_map(plan);
     let held =
         |map: &str, planned: usize| planned.saturating_sub(missing.get(map).copied().unwrap_or(0));
     planned

@@ -112,8 +112,6 @@ pub struct Reconciler {
     used_slots: BTreeSet<u32>,
     /// What full maps could not take.
     pub shortfall: Shortfall,
-    /// Maps that were short at the end of the last apply (to log when they recover).
-    short_maps: BTreeMap<&'static str, usize>,
 }
 
 /// Whether a write went in: `Ok(false)` when a full map refused it (counted), any other
@@ -166,7 +164,6 @@ impl Reconciler {
             inherited,
             used_slots,
             shortfall: Shortfall::default(),
-            short_maps: BTreeMap::new(),
         };
         rec.resync()?;
         Ok(rec)
@@ -376,7 +373,6 @@ impl Reconciler {
         self.retry(plan)?;
         // 7. Interfaces.
         self.sync_interfaces()?;
-        self.log_shortfall(plan);
         Ok(())
     }
 
@@ -529,15 +525,18 @@ impl Reconciler {
         out
     }
 
-    /// The status of each map that lacks entries; `caps`: the maps' sizes.
+    /// The status of each map that lacks entries; `missing`: [`Reconciler::missing_by_map`],
+    /// `caps`: the maps' sizes.
     pub fn map_errors(
         &self,
         plan: &Plan,
+        missing: &BTreeMap<&'static str, usize>,
         caps: &BTreeMap<&'static str, u32>,
     ) -> Vec<super::status::MapError> {
         let sf = &self.shortfall;
-        self.missing_by_map(plan)
-            .into_iter()
+        missing
+            .iter()
+            .map(|(&map, &missing)| (map, missing))
             .filter(|(_, missing)| *missing > 0)
             .map(|(map, missing)| {
                 let capacity = caps.get(map).copied().unwrap_or(0);
@@ -604,33 +603,6 @@ impl Reconciler {
                 }
             })
             .collect()
-    }
-
-    /// An error for each map whose shortfall changed (not one per reconcile while it
-    /// stays), and a note for each that recovered.
-    fn log_shortfall(&mut self, plan: &Plan) {
-        let mut short = BTreeMap::new();
-        for (map, missing) in self.missing_by_map(plan) {
-            if missing == 0 {
-                if self.short_maps.contains_key(map) {
-                    tracing::info!(map, "map no longer full: every entry is written");
-                }
-                continue;
-            }
-            short.insert(map, missing);
-            if self.short_maps.get(map) == Some(&missing) {
-                continue;
-            }
-            let pods: Vec<String> = self.short_pods(map).map(|p| p.to_string()).collect();
-            tracing::error!(
-                map,
-                missing,
-                write_failures = self.shortfall.failures.get(map).copied().unwrap_or(0),
-                ?pods,
-                "map full: entries left out, fewer flows allowed than the policies say"
-            );
-        }
-        self.short_maps = short;
     }
 
     /// The local pods whose entries in `map` are missing.
@@ -960,7 +932,6 @@ impl Reconciler {
         // The room just freed may take what full maps refused.
         self.retry(plan)?;
         self.sync_interfaces()?;
-        self.log_shortfall(plan);
         Ok(())
     }
 }
