@@ -19,7 +19,7 @@ use ipnetwork::IpNetwork;
 use palisade_common::maps as map_names;
 use palisade_policy::Plan;
 
-use super::reconcile::Reconciler;
+use super::reconcile::{Reconciler, WRITTEN_MAPS};
 use super::status::Status;
 use crate::dataplane::{identity_map, policy_map, read_counters, Layout, Maps};
 
@@ -38,23 +38,12 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
-/// The maps whose fill levels are reported: the ones the agent writes, and conntrack.
-const REPORTED_MAPS: [&str; 8] = [
-    map_names::ENDPOINTS,
-    map_names::IDENTITY4_EXACT,
-    map_names::IDENTITY4_CIDR,
-    map_names::IDENTITY6_EXACT,
-    map_names::IDENTITY6_CIDR,
-    map_names::POLICY_EXACT,
-    map_names::POLICY_WILDCARD,
-    map_names::CONNTRACK,
-];
-
 /// Each map's maximum entries, read from the pins (the object file is the only place the
 /// sizes are written down, and `--conntrack-entries` changes one at load time).
 pub fn map_capacities(layout: &Layout) -> BTreeMap<&'static str, u32> {
-    REPORTED_MAPS
+    WRITTEN_MAPS
         .into_iter()
+        .chain([map_names::CONNTRACK])
         .filter_map(
             |name| match aya::maps::MapInfo::from_pin(layout.map(name)) {
                 Ok(info) => Some((name, info.max_entries())),
@@ -81,17 +70,7 @@ pub fn map_fill(
         .filter(|e| e.ifindex.is_some())
         .count();
     // What the plan puts in each map, by the rule the writers follow.
-    let mut planned: BTreeMap<&'static str, usize> = [
-        map_names::IDENTITY4_EXACT,
-        map_names::IDENTITY4_CIDR,
-        map_names::IDENTITY6_EXACT,
-        map_names::IDENTITY6_CIDR,
-        map_names::POLICY_EXACT,
-        map_names::POLICY_WILDCARD,
-    ]
-    .into_iter()
-    .map(|name| (name, 0))
-    .collect();
+    let mut planned = BTreeMap::from(WRITTEN_MAPS.map(|m| (m, 0usize)));
     planned.insert(map_names::ENDPOINTS, wired);
     let v4 = plan.identities_v4.keys().map(|n| IpNetwork::V4(*n));
     for net in v4.chain(plan.identities_v6.keys().map(|n| IpNetwork::V6(*n))) {

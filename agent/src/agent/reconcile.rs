@@ -72,6 +72,17 @@ use crate::dataplane::{
     attached_ifindexes, identity_map, policy_map, Dataplane, DataplaneError, Maps,
 };
 
+/// The maps the reconciler writes, whose fill and shortfall the status reports.
+pub const WRITTEN_MAPS: [&str; 7] = [
+    names::ENDPOINTS,
+    names::IDENTITY4_EXACT,
+    names::IDENTITY4_CIDR,
+    names::IDENTITY6_EXACT,
+    names::IDENTITY6_CIDR,
+    names::POLICY_EXACT,
+    names::POLICY_WILDCARD,
+];
+
 /// The slot of quarantined interfaces: no allow entry ever uses it, so everything an
 /// isolated direction sees there is dropped (and counted under it).
 pub const QUARANTINE_SLOT: u32 = MAX_ENDPOINTS - 1;
@@ -473,26 +484,23 @@ impl Reconciler {
         self.settle_identities(plan)
     }
 
-    /// Entries the plan wants that the maps do not hold, by map.
+    /// Entries the plan wants that the maps do not hold, by map (every written map, if
+    /// only with 0).
     pub fn missing_by_map(&self, plan: &Plan) -> BTreeMap<&'static str, usize> {
         let sf = &self.shortfall;
-        let (mut exact, mut wildcard) = (0, 0);
+        let mut out = BTreeMap::from(WRITTEN_MAPS.map(|m| (m, 0)));
         let slotless = sf
             .no_slot
             .iter()
             .filter_map(|p| plan.endpoints.get(p))
             .flat_map(|e| &e.entries);
         for e in sf.policy.values().flatten().chain(slotless) {
-            match policy_map(e.lpm_key(0).0) {
-                names::POLICY_EXACT => exact += 1,
-                _ => wildcard += 1,
-            }
+            *out.entry(policy_map(e.lpm_key(0).0)).or_default() += 1;
         }
         // Left out: under the map that refused them; withheld: under the map they belong in.
-        let mut identity: BTreeMap<&'static str, usize> = BTreeMap::new();
         let refused = sf.identities.values().copied();
         for map in refused.chain(sf.withheld.iter().map(|n| identity_map(*n))) {
-            *identity.entry(map).or_default() += 1;
+            *out.entry(map).or_default() += 1;
         }
         // Interfaces of those pods that quarantine could not take either count once.
         let pods_ifs: BTreeSet<u32> = sf
@@ -509,19 +517,10 @@ impl Reconciler {
             .filter_map(|ip| self.net.resolve(*ip))
             .collect();
         let strays = sf.unquarantined.difference(&pods_ifs).count();
-        let mut out = BTreeMap::from([
-            (
-                names::ENDPOINTS,
-                sf.no_slot.len() + sf.no_endpoint.len() + strays,
-            ),
-            (names::POLICY_EXACT, exact),
-            (names::POLICY_WILDCARD, wildcard),
-            (names::IDENTITY4_EXACT, 0),
-            (names::IDENTITY4_CIDR, 0),
-            (names::IDENTITY6_EXACT, 0),
-            (names::IDENTITY6_CIDR, 0),
-        ]);
-        out.extend(identity);
+        out.insert(
+            names::ENDPOINTS,
+            sf.no_slot.len() + sf.no_endpoint.len() + strays,
+        );
         out
     }
 
