@@ -156,12 +156,8 @@ impl Health {
         self.pins_broken.store(broken, Ordering::Release);
     }
 
-    /// Ready once the first full sync is programmed, while the pins are in place.
-    pub fn ready(&self) -> bool {
-        self.not_ready().is_none()
-    }
-
-    /// Why the agent is not ready, if it is not.
+    /// Why the agent is not ready, if it is not: ready once the first full sync is
+    /// programmed, while the pins are in place.
     pub fn not_ready(&self) -> Option<&'static str> {
         if !self.ready.load(Ordering::Acquire) {
             Some("first sync not programmed yet")

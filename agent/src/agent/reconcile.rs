@@ -543,10 +543,14 @@ impl Reconciler {
                 let mut policies = BTreeSet::new();
                 // An identity shortfall concerns the policies naming those pods as peers,
                 // which only the compiler could tell: none listed.
-                let selecting = is_policy_map(map) || map == names::ENDPOINTS;
-                for p in pods.iter().filter(|_| selecting) {
-                    let (i, e) = self.isolating(p);
-                    policies.extend(i.into_iter().chain(e));
+                if matches!(
+                    map,
+                    names::POLICY_EXACT | names::POLICY_WILDCARD | names::ENDPOINTS
+                ) {
+                    for p in &pods {
+                        let (i, e) = self.isolating(p);
+                        policies.extend(i.into_iter().chain(e));
+                    }
                 }
                 let mut prefixes = Vec::new();
                 let error = match map {
@@ -933,10 +937,6 @@ impl Reconciler {
         self.sync_interfaces()?;
         Ok(())
     }
-}
-
-fn is_policy_map(map: &str) -> bool {
-    map == names::POLICY_EXACT || map == names::POLICY_WILDCARD
 }
 
 /// Both identity tries' changes as one sequence: the writes are the same for either family.
