@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the agent loop is
-//! turning), `/readyz` (the first full sync is programmed and the pins are in place). Plain HTTP/1.1 on one address;
-//! it binds to loopback unless told otherwise, since the counters name every local pod.
+//! turning), `/readyz` (the first full sync is programmed and the pins are in place).
+//! Plain HTTP/1.1 on one address; it binds to loopback unless told otherwise, since the
+//! counters name every local pod.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

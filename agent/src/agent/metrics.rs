@@ -19,8 +19,8 @@ use ipnetwork::IpNetwork;
 use palisade_common::maps as map_names;
 use palisade_policy::Plan;
 
-use super::reconcile::Reconciler;
-use super::status::Status;
+use super::reconcile::{Reconciler, WRITTEN_MAPS};
+use super::status::{MapFill, Status};
 use crate::dataplane::{identity_map, policy_map, read_counters, Layout, Maps};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,23 +38,12 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
-/// The maps whose fill levels are reported: the ones the agent writes, and conntrack.
-const REPORTED_MAPS: [&str; 8] = [
-    map_names::ENDPOINTS,
-    map_names::IDENTITY4_EXACT,
-    map_names::IDENTITY4_CIDR,
-    map_names::IDENTITY6_EXACT,
-    map_names::IDENTITY6_CIDR,
-    map_names::POLICY_EXACT,
-    map_names::POLICY_WILDCARD,
-    map_names::CONNTRACK,
-];
-
 /// Each map's maximum entries, read from the pins (the object file is the only place the
 /// sizes are written down, and `--conntrack-entries` changes one at load time).
 pub fn map_capacities(layout: &Layout) -> BTreeMap<&'static str, u32> {
-    REPORTED_MAPS
+    WRITTEN_MAPS
         .into_iter()
+        .chain([map_names::CONNTRACK])
         .filter_map(
             |name| match aya::maps::MapInfo::from_pin(layout.map(name)) {
                 Ok(info) => Some((name, info.max_entries())),
@@ -68,50 +57,46 @@ pub fn map_capacities(layout: &Layout) -> BTreeMap<&'static str, u32> {
 }
 
 /// The fill level of the maps the agent writes: (entries, capacity) by map name.
+/// `missing`: what the maps lack ([`Reconciler::missing_by_map`]).
 pub fn map_fill(
     plan: &Plan,
     rec: &Reconciler,
+    missing: &BTreeMap<&'static str, usize>,
     caps: &BTreeMap<&'static str, u32>,
-) -> BTreeMap<String, super::status::MapFill> {
-    let wired = rec
+) -> BTreeMap<String, MapFill> {
+    // ENDPOINTS holds an entry per bound pod and per quarantined interface.
+    let bound = rec
         .endpoints
         .values()
         .filter(|e| e.ifindex.is_some())
         .count();
-    // What the plan puts in each map, by the rule the writers follow.
-    let mut planned: BTreeMap<&'static str, usize> = [
-        map_names::IDENTITY4_EXACT,
-        map_names::IDENTITY4_CIDR,
-        map_names::IDENTITY6_EXACT,
-        map_names::IDENTITY6_CIDR,
-        map_names::POLICY_EXACT,
-        map_names::POLICY_WILDCARD,
-    ]
-    .into_iter()
-    .map(|name| (name, 0))
-    .collect();
-    planned.insert(map_names::ENDPOINTS, wired);
+    fill_levels(plan, missing, bound + rec.quarantined.len(), caps)
+}
+
+/// What the plan puts in each map, by the rule the writers follow, minus what a full map
+/// did not take; ENDPOINTS holds `endpoints` (counted as held, not as planned).
+fn fill_levels(
+    plan: &Plan,
+    missing: &BTreeMap<&'static str, usize>,
+    endpoints: usize,
+    caps: &BTreeMap<&'static str, u32>,
+) -> BTreeMap<String, MapFill> {
+    let mut held = BTreeMap::from(WRITTEN_MAPS.map(|m| (m, 0usize)));
     let v4 = plan.identities_v4.keys().map(|n| IpNetwork::V4(*n));
     for net in v4.chain(plan.identities_v6.keys().map(|n| IpNetwork::V6(*n))) {
-        *planned.entry(identity_map(net)).or_default() += 1;
+        *held.entry(identity_map(net)).or_default() += 1;
     }
     for e in plan.endpoints.values().flat_map(|e| &e.entries) {
-        *planned.entry(policy_map(e.lpm_key(0).0)).or_default() += 1;
+        *held.entry(policy_map(e.lpm_key(0).0)).or_default() += 1;
     }
-    // What the maps hold: the plan minus what a full map did not take.
-    let missing = rec.missing_by_map(plan);
-    let held =
-        |map: &str, planned: usize| planned.saturating_sub(missing.get(map).copied().unwrap_or(0));
-    planned
-        .into_iter()
-        .map(|(name, planned)| {
-            (
-                name.to_string(),
-                super::status::MapFill {
-                    entries: held(name, planned),
-                    capacity: caps.get(name).copied().unwrap_or(0),
-                },
-            )
+    for (map, n) in &mut held {
+        *n = n.saturating_sub(missing.get(map).copied().unwrap_or(0));
+    }
+    held.insert(map_names::ENDPOINTS, endpoints);
+    held.into_iter()
+        .map(|(name, entries)| {
+            let capacity = caps.get(name).copied().unwrap_or(0);
+            (name.to_string(), MapFill { entries, capacity })
         })
         .collect()
 }
@@ -171,12 +156,8 @@ impl Health {
         self.pins_broken.store(broken, Ordering::Release);
     }
 
-    /// Ready once the first full sync is programmed, while the pins are in place.
-    pub fn ready(&self) -> bool {
-        self.not_ready().is_none()
-    }
-
-    /// Why the agent is not ready, if it is not.
+    /// Why the agent is not ready, if it is not: ready once the first full sync is
+    /// programmed, while the pins are in place.
     pub fn not_ready(&self) -> Option<&'static str> {
         if !self.ready.load(Ordering::Acquire) {
             Some("first sync not programmed yet")
@@ -316,15 +297,12 @@ impl Metrics {
     }
 
     /// CONNTRACK's fill as the last GC pass counted it (`None` before the first pass).
-    pub fn conntrack_fill(
-        &self,
-        caps: &BTreeMap<&'static str, u32>,
-    ) -> Option<(String, super::status::MapFill)> {
+    pub fn conntrack_fill(&self, caps: &BTreeMap<&'static str, u32>) -> Option<(String, MapFill)> {
         let label = MapLabel {
             map: map_names::CONNTRACK.to_string(),
         };
         let entries = self.map_entries.get(&label)?.get();
-        let fill = super::status::MapFill {
+        let fill = MapFill {
             entries: usize::try_from(entries).unwrap_or(0),
             capacity: caps.get(map_names::CONNTRACK).copied().unwrap_or(0),
         };
@@ -473,5 +451,63 @@ impl Collector for PacketCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_common::{IdentityValue, DIR_INGRESS, PROTO_TCP};
+    use palisade_policy::{EndpointPlan, PodRef, PolicyEntry};
+
+    #[test]
+    fn fill_is_the_plan_minus_what_is_missing_and_endpoints_as_held() {
+        let mut plan = Plan::default();
+        for n in ["198.18.0.1/32", "198.18.0.2/32", "198.18.0.0/24"] {
+            plan.identities_v4
+                .insert(n.parse().unwrap(), IdentityValue::default());
+        }
+        plan.identities_v6.insert(
+            "fd00:198:18::1/128".parse().unwrap(),
+            IdentityValue::default(),
+        );
+        let entry = |proto, port_prefix_bits| PolicyEntry {
+            identity: 1,
+            dir: DIR_INGRESS,
+            proto,
+            port: 80,
+            port_prefix_bits,
+        };
+        plan.endpoints.insert(
+            PodRef::new("x", "srv"),
+            EndpointPlan {
+                entries: [entry(Some(PROTO_TCP), 16), entry(None, 0)].into(),
+                ..Default::default()
+            },
+        );
+        let missing = BTreeMap::from([
+            (map_names::IDENTITY4_CIDR, 1),
+            (map_names::POLICY_WILDCARD, 1),
+            // A pod left out of ENDPOINTS is not among the entries it holds already.
+            (map_names::ENDPOINTS, 1),
+        ]);
+        let caps = BTreeMap::from([(map_names::ENDPOINTS, 2)]);
+        let fill = fill_levels(&plan, &missing, 2, &caps);
+        let entries: Vec<(&str, usize)> =
+            fill.iter().map(|(m, f)| (m.as_str(), f.entries)).collect();
+        assert_eq!(
+            entries,
+            [
+                (map_names::ENDPOINTS, 2),
+                (map_names::IDENTITY4_CIDR, 0),
+                (map_names::IDENTITY4_EXACT, 2),
+                (map_names::IDENTITY6_CIDR, 0),
+                (map_names::IDENTITY6_EXACT, 1),
+                (map_names::POLICY_EXACT, 1),
+                (map_names::POLICY_WILDCARD, 0),
+            ]
+        );
+        assert_eq!(fill[map_names::ENDPOINTS].capacity, 2);
+        assert_eq!(fill[map_names::POLICY_EXACT].capacity, 0);
     }
 }

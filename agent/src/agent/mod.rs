@@ -309,10 +309,14 @@ fn publish(
     metrics: &Metrics,
     status: &mut Status,
 ) -> anyhow::Result<()> {
-    status.maps = metrics::map_fill(compiler.plan(), rec, caps);
-    status.maps.extend(metrics.conntrack_fill(caps));
     let plan = compiler.plan();
-    status.map_errors = rec.map_errors(plan, caps);
+    // Counted once, for the fill levels, the errors and the log.
+    let missing = rec.missing_by_map(plan);
+    status.maps = metrics::map_fill(plan, rec, &missing, caps);
+    status.maps.extend(metrics.conntrack_fill(caps));
+    let map_errors = rec.map_errors(plan, &missing, caps);
+    log_map_errors(&status.map_errors, &map_errors, &rec.shortfall.failures);
+    status.map_errors = map_errors;
     let rejected_keys: std::collections::BTreeSet<String> = plan
         .rejections
         .keys()
@@ -380,6 +384,36 @@ fn publish(
     // Rebuilt on every publish; between them it would be a second copy of `versions`.
     status.programmed = BTreeMap::new();
     Ok(())
+}
+
+/// An error for each map whose shortfall changed since the last status (not one per
+/// publish while it stays), and a note for each that recovered.
+fn log_map_errors(
+    before: &[status::MapError],
+    now: &[status::MapError],
+    failures: &BTreeMap<&'static str, u64>,
+) {
+    for e in now {
+        if before
+            .iter()
+            .any(|b| b.map == e.map && b.missing == e.missing)
+        {
+            continue;
+        }
+        tracing::error!(
+            map = e.map,
+            missing = e.missing,
+            write_failures = failures.get(e.map.as_str()).copied().unwrap_or(0),
+            pods = ?e.pods,
+            "map full: entries left out, fewer flows allowed than the policies say"
+        );
+    }
+    for b in before
+        .iter()
+        .filter(|b| !now.iter().any(|e| e.map == b.map))
+    {
+        tracing::info!(map = b.map, "map no longer full: every entry is written");
+    }
 }
 
 fn isolation_name(flags: u32) -> &'static str {

@@ -72,6 +72,17 @@ use crate::dataplane::{
     attached_ifindexes, identity_map, policy_map, Dataplane, DataplaneError, Maps,
 };
 
+/// The maps the reconciler writes, whose fill and shortfall the status reports.
+pub const WRITTEN_MAPS: [&str; 7] = [
+    names::ENDPOINTS,
+    names::IDENTITY4_EXACT,
+    names::IDENTITY4_CIDR,
+    names::IDENTITY6_EXACT,
+    names::IDENTITY6_CIDR,
+    names::POLICY_EXACT,
+    names::POLICY_WILDCARD,
+];
+
 /// The slot of quarantined interfaces: no allow entry ever uses it, so everything an
 /// isolated direction sees there is dropped (and counted under it).
 pub const QUARANTINE_SLOT: u32 = MAX_ENDPOINTS - 1;
@@ -112,8 +123,6 @@ pub struct Reconciler {
     used_slots: BTreeSet<u32>,
     /// What full maps could not take.
     pub shortfall: Shortfall,
-    /// Maps that were short at the end of the last apply (to log when they recover).
-    short_maps: BTreeMap<&'static str, usize>,
 }
 
 /// Whether a write went in: `Ok(false)` when a full map refused it (counted), any other
@@ -166,7 +175,6 @@ impl Reconciler {
             inherited,
             used_slots,
             shortfall: Shortfall::default(),
-            short_maps: BTreeMap::new(),
         };
         rec.resync()?;
         Ok(rec)
@@ -376,7 +384,6 @@ impl Reconciler {
         self.retry(plan)?;
         // 7. Interfaces.
         self.sync_interfaces()?;
-        self.log_shortfall(plan);
         Ok(())
     }
 
@@ -477,26 +484,23 @@ impl Reconciler {
         self.settle_identities(plan)
     }
 
-    /// Entries the plan wants that the maps do not hold, by map.
+    /// Entries the plan wants that the maps do not hold, by map (every written map, if
+    /// only with 0).
     pub fn missing_by_map(&self, plan: &Plan) -> BTreeMap<&'static str, usize> {
         let sf = &self.shortfall;
-        let (mut exact, mut wildcard) = (0, 0);
+        let mut out = BTreeMap::from(WRITTEN_MAPS.map(|m| (m, 0)));
         let slotless = sf
             .no_slot
             .iter()
             .filter_map(|p| plan.endpoints.get(p))
             .flat_map(|e| &e.entries);
         for e in sf.policy.values().flatten().chain(slotless) {
-            match policy_map(e.lpm_key(0).0) {
-                names::POLICY_EXACT => exact += 1,
-                _ => wildcard += 1,
-            }
+            *out.entry(policy_map(e.lpm_key(0).0)).or_default() += 1;
         }
         // Left out: under the map that refused them; withheld: under the map they belong in.
-        let mut identity: BTreeMap<&'static str, usize> = BTreeMap::new();
         let refused = sf.identities.values().copied();
         for map in refused.chain(sf.withheld.iter().map(|n| identity_map(*n))) {
-            *identity.entry(map).or_default() += 1;
+            *out.entry(map).or_default() += 1;
         }
         // Interfaces of those pods that quarantine could not take either count once.
         let pods_ifs: BTreeSet<u32> = sf
@@ -513,31 +517,25 @@ impl Reconciler {
             .filter_map(|ip| self.net.resolve(*ip))
             .collect();
         let strays = sf.unquarantined.difference(&pods_ifs).count();
-        let mut out = BTreeMap::from([
-            (
-                names::ENDPOINTS,
-                sf.no_slot.len() + sf.no_endpoint.len() + strays,
-            ),
-            (names::POLICY_EXACT, exact),
-            (names::POLICY_WILDCARD, wildcard),
-            (names::IDENTITY4_EXACT, 0),
-            (names::IDENTITY4_CIDR, 0),
-            (names::IDENTITY6_EXACT, 0),
-            (names::IDENTITY6_CIDR, 0),
-        ]);
-        out.extend(identity);
+        out.insert(
+            names::ENDPOINTS,
+            sf.no_slot.len() + sf.no_endpoint.len() + strays,
+        );
         out
     }
 
-    /// The status of each map that lacks entries; `caps`: the maps' sizes.
+    /// The status of each map that lacks entries; `missing`: [`Reconciler::missing_by_map`],
+    /// `caps`: the maps' sizes.
     pub fn map_errors(
         &self,
         plan: &Plan,
+        missing: &BTreeMap<&'static str, usize>,
         caps: &BTreeMap<&'static str, u32>,
     ) -> Vec<super::status::MapError> {
         let sf = &self.shortfall;
-        self.missing_by_map(plan)
-            .into_iter()
+        missing
+            .iter()
+            .map(|(&map, &missing)| (map, missing))
             .filter(|(_, missing)| *missing > 0)
             .map(|(map, missing)| {
                 let capacity = caps.get(map).copied().unwrap_or(0);
@@ -545,10 +543,14 @@ impl Reconciler {
                 let mut policies = BTreeSet::new();
                 // An identity shortfall concerns the policies naming those pods as peers,
                 // which only the compiler could tell: none listed.
-                let selecting = is_policy_map(map) || map == names::ENDPOINTS;
-                for p in pods.iter().filter(|_| selecting) {
-                    let (i, e) = self.isolating(p);
-                    policies.extend(i.into_iter().chain(e));
+                if matches!(
+                    map,
+                    names::POLICY_EXACT | names::POLICY_WILDCARD | names::ENDPOINTS
+                ) {
+                    for p in &pods {
+                        let (i, e) = self.isolating(p);
+                        policies.extend(i.into_iter().chain(e));
+                    }
                 }
                 let mut prefixes = Vec::new();
                 let error = match map {
@@ -604,33 +606,6 @@ impl Reconciler {
                 }
             })
             .collect()
-    }
-
-    /// An error for each map whose shortfall changed (not one per reconcile while it
-    /// stays), and a note for each that recovered.
-    fn log_shortfall(&mut self, plan: &Plan) {
-        let mut short = BTreeMap::new();
-        for (map, missing) in self.missing_by_map(plan) {
-            if missing == 0 {
-                if self.short_maps.contains_key(map) {
-                    tracing::info!(map, "map no longer full: every entry is written");
-                }
-                continue;
-            }
-            short.insert(map, missing);
-            if self.short_maps.get(map) == Some(&missing) {
-                continue;
-            }
-            let pods: Vec<String> = self.short_pods(map).map(|p| p.to_string()).collect();
-            tracing::error!(
-                map,
-                missing,
-                write_failures = self.shortfall.failures.get(map).copied().unwrap_or(0),
-                ?pods,
-                "map full: entries left out, fewer flows allowed than the policies say"
-            );
-        }
-        self.short_maps = short;
     }
 
     /// The local pods whose entries in `map` are missing.
@@ -960,13 +935,8 @@ impl Reconciler {
         // The room just freed may take what full maps refused.
         self.retry(plan)?;
         self.sync_interfaces()?;
-        self.log_shortfall(plan);
         Ok(())
     }
-}
-
-fn is_policy_map(map: &str) -> bool {
-    map == names::POLICY_EXACT || map == names::POLICY_WILDCARD
 }
 
 /// Both identity tries' changes as one sequence: the writes are the same for either family.

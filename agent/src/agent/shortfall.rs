@@ -62,15 +62,6 @@ impl Shortfall {
         self.no_slot.remove(pod);
         self.no_endpoint.remove(pod);
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.policy.is_empty()
-            && self.identities.is_empty()
-            && self.withheld.is_empty()
-            && self.no_slot.is_empty()
-            && self.no_endpoint.is_empty()
-            && self.unquarantined.is_empty()
-    }
 }
 
 /// The identity the plan wants at `net`, if any.

@@ -146,26 +146,11 @@ impl Status {
             move |source| StatusError::Unreadable { path, source }
         };
         let dir = std::fs::metadata(run_dir).map_err(unreadable(run_dir))?;
-        let me = euid();
-        if let Some(why) = distrust(dir.mode(), dir.uid(), me) {
-            return Err(untrusted(
-                run_dir,
-                why,
-                dir.uid() != 0 && dir.uid() != me,
-                true,
-            ));
-        }
+        trusted(run_dir, &dir, true)?;
         let path = run_dir.join(STATUS_FILE);
         let file = std::fs::File::open(&path).map_err(unreadable(&path))?;
         let meta = file.metadata().map_err(unreadable(&path))?;
-        if let Some(why) = distrust(meta.mode(), meta.uid(), me) {
-            return Err(untrusted(
-                &path,
-                why,
-                meta.uid() != 0 && meta.uid() != me,
-                false,
-            ));
-        }
+        trusted(&path, &meta, false)?;
         serde_json::from_reader(std::io::BufReader::new(file))
             .map_err(|source| StatusError::Malformed { path, source })
     }
@@ -219,18 +204,25 @@ fn distrust(mode: u32, owner: u32, me: u32) -> Option<String> {
     None
 }
 
-fn untrusted(path: &Path, why: String, foreign_owner: bool, dir: bool) -> StatusError {
+/// Refuses `path` (the run directory when `dir`, else the status) unless this user can
+/// trust what it holds, naming the fix.
+fn trusted(path: &Path, meta: &std::fs::Metadata, dir: bool) -> Result<(), StatusError> {
+    let me = euid();
+    let Some(why) = distrust(meta.mode(), meta.uid(), me) else {
+        return Ok(());
+    };
     let p = path.display();
+    let foreign_owner = meta.uid() != 0 && meta.uid() != me;
     let fix = match (foreign_owner, dir) {
         (true, _) => format!("chown root {p} (or pass the agent's --run-dir)"),
         (false, true) => format!("chmod 0700 {p} (the agent creates it so)"),
         (false, false) => format!("chmod 0600 {p} (the agent writes it so)"),
     };
-    StatusError::Untrusted {
+    Err(StatusError::Untrusted {
         path: path.to_path_buf(),
         why,
         fix,
-    }
+    })
 }
 
 /// Creates `dir` `0700`, or makes an existing one `0700` and the agent's own, warning

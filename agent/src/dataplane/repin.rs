@@ -210,9 +210,7 @@ fn ensure_bpffs(root: &Path) -> Result<Option<PathBuf>, String> {
 }
 
 fn mount_bpffs(target: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let target = std::ffi::CString::new(target.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let target = sys::c_path(target)?;
     // SAFETY: every argument is a NUL-terminated string that outlives the call.
     let rc = unsafe {
         libc::mount(

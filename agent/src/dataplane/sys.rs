@@ -165,7 +165,8 @@ struct ObjAttr {
     file_flags: u32,
 }
 
-fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+/// `path` as a C string (`InvalidInput` if it holds a NUL byte).
+pub fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt as _;
     std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
