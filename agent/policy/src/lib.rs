@@ -72,7 +72,7 @@ pub mod explain;
 mod identity;
 mod local;
 mod model;
-mod net;
+pub mod net;
 mod plan;
 mod policy;
 mod ports;

@@ -19,7 +19,7 @@ pub(crate) fn normalize(net: IpNetwork) -> IpNetwork {
 }
 
 /// The prefix of length `len` containing `ip`; `len` must fit the family.
-pub(crate) fn truncate(ip: IpAddr, len: u8) -> IpNetwork {
+pub fn truncate(ip: IpAddr, len: u8) -> IpNetwork {
     match ip {
         IpAddr::V4(a) => {
             let bits = u32::from(a);

@@ -22,12 +22,11 @@
 //! unless p is, and every ipBlock containing f contains p: rules match peers only by pod
 //! attributes, node-ness and ipBlocks, and port entries (named ports) only by pod.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use ipnetwork::IpNetwork;
 use palisade_common::IdentityValue;
-use palisade_policy::{IdentityClass, Plan, PodRef, PolicyEntry};
+use palisade_policy::{net, IdentityClass, Plan, PodRef, PolicyEntry};
 
 /// Identity prefixes left out, with the map that refused each.
 pub type Missing = BTreeMap<IpNetwork, &'static str>;
@@ -142,24 +141,11 @@ fn fallback_by(
     absent: &dyn Fn(&IpNetwork) -> bool,
 ) -> Option<(IpNetwork, IdentityValue)> {
     (0..p.prefix()).rev().find_map(|len| {
-        let f = truncate(p.network(), len)?;
+        let f = net::truncate(p.network(), len);
         if absent(&f) {
             return None;
         }
         wanted(plan, f).map(|v| (f, v))
-    })
-}
-
-fn truncate(ip: IpAddr, len: u8) -> Option<IpNetwork> {
-    Some(match ip {
-        IpAddr::V4(a) => {
-            let n = Ipv4Network::new(a, len).ok()?;
-            IpNetwork::V4(Ipv4Network::new(n.network(), len).ok()?)
-        }
-        IpAddr::V6(a) => {
-            let n = Ipv6Network::new(a, len).ok()?;
-            IpNetwork::V6(Ipv6Network::new(n.network(), len).ok()?)
-        }
     })
 }
 
