@@ -15,139 +15,12 @@ mod common;
 
 use std::time::Instant;
 
-use common::{labels, sel, Labels, Objects, COMBOS, FAST_TIMEOUT, WORKERS};
+use common::{labels, sel, Suite, Target};
 use palisade::dataplane::ServiceOptions;
-use palisade_tests::matrix::{truth_table, Matrix, NAMESPACES, PODS};
+use palisade_tests::matrix::{NAMESPACES, PODS};
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model};
 use serde_json::{json, Value};
-
-/// What an expectation sees of a pod.
-struct View<'a> {
-    /// `ns/pod`
-    name: &'a str,
-    ns: &'a str,
-    labels: &'a Labels,
-    ns_labels: &'a Labels,
-}
-
-impl View<'_> {
-    fn is(&self, name: &str) -> bool {
-        self.name == name
-    }
-    fn pod(&self) -> &str {
-        self.labels.get("pod").map_or("", String::as_str)
-    }
-}
-
-type Expect<'e> = &'e dyn Fn(&View, &View, u16, Proto) -> bool;
-
-struct Suite {
-    // The agent stops before the model's pods and node go.
-    objects: Objects,
-    model: Model,
-    tag: &'static str,
-    cases: usize,
-}
-
-impl Suite {
-    fn new(flavour: Flavour, tag: &'static str) -> Suite {
-        let model = Model::new(tag, flavour).unwrap();
-        let objects = Objects::start(&model, tag, ServiceOptions::default());
-        Suite {
-            objects,
-            model,
-            tag,
-            cases: 0,
-        }
-    }
-
-    fn apply(&mut self, ns: &str, name: &str, spec: Value) {
-        self.objects.apply(ns, name, spec);
-    }
-
-    fn delete_policy(&mut self, ns: &str, name: &str) {
-        self.objects.delete_policy(ns, name);
-    }
-
-    fn set_ns_labels(&mut self, ns: &str, l: Labels) {
-        self.objects.set_ns_labels(ns, l);
-    }
-
-    fn set_pod_labels(&mut self, name: &str, l: Labels) {
-        self.objects.set_pod_labels(&self.model, name, l);
-    }
-
-    fn reset(&mut self) {
-        self.objects.reset(&self.model);
-    }
-
-    /// Checks every matrix of [`COMBOS`] (IPv4) against `expect(from, to, port, proto)`.
-    fn check(&mut self, case: &str, expect: Expect) {
-        self.check_family(case, Family::V4, expect);
-    }
-
-    fn check_family(&mut self, case: &str, family: Family, expect: Expect) {
-        self.cases += 1;
-        let started = Instant::now();
-        let names = self.model.names();
-        let views: Vec<View> = names
-            .iter()
-            .map(|n| {
-                let (ns, _) = n.split_once('/').unwrap();
-                View {
-                    name: n,
-                    ns,
-                    labels: &self.objects.pod_labels[n],
-                    ns_labels: &self.objects.ns_labels[ns],
-                }
-            })
-            .collect();
-        let wanted: Vec<Matrix> = COMBOS
-            .iter()
-            .map(|&(port, proto)| {
-                let mut m = Matrix::new(names.clone(), false);
-                for f in &views {
-                    for t in &views {
-                        m.set(f.name, t.name, expect(f, t, port, proto));
-                    }
-                }
-                m
-            })
-            .collect();
-        let seen = self
-            .model
-            .probe_many(family, &COMBOS, FAST_TIMEOUT, WORKERS, &wanted);
-        let mut failures = String::new();
-        for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
-            if !want.diff(got).is_empty() {
-                let (port, proto) = COMBOS[c];
-                failures += &format!(
-                    "--- {proto:?}/{port} {family:?}\n{}\n",
-                    truth_table(want, got)
-                );
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "[{}] case {case:?}: reachability mismatch\n{failures}",
-            self.tag
-        );
-        eprintln!(
-            "[{}] {case}: ok ({} ms)",
-            self.tag,
-            started.elapsed().as_millis()
-        );
-    }
-
-    fn cidr(&self) -> String {
-        self.model.node().pod_cidr_v4()
-    }
-
-    fn host(&self, name: &str) -> String {
-        format!("{}/32", self.model.pod(name).ipv4())
-    }
-}
 
 fn expr(key: &str, op: &str, values: &[&str]) -> Value {
     if values.is_empty() {
@@ -160,7 +33,8 @@ fn expr(key: &str, op: &str, values: &[&str]) -> Value {
 fn run_suite(flavour: Flavour, tag: &'static str) {
     require_root();
     let started = Instant::now();
-    let mut s = Suite::new(flavour, tag);
+    let model = Model::new(tag, flavour).unwrap();
+    let mut s = Suite::start(model, tag, ServiceOptions::default(), Target::PodIp);
     let setup = started.elapsed();
     s.check("no policy: everything reachable", &|_, _, _, _| true);
 
@@ -543,19 +417,17 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
         "from-d",
         json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": sel(&[("pod", "d")])}]}]}),
     );
-    s.model.add_pod("x/d").unwrap();
-    s.set_pod_labels("x/d", labels(&[("pod", "d")]));
+    s.add_pod("x/d");
     s.check("pod created after the policy (10 pods)", &|f, t, _, _| {
         t.ns != "x" || f.is("x/d")
     });
-    s.objects.remove_pod("x/d");
-    s.model.remove_pod("x/d");
+    s.remove_pod("x/d");
     s.reset();
     s.check("back to open after the last case", &|_, _, _, _| true);
 
     eprintln!(
         "[{tag}] {} matrix checks of {}x{} pods x 4 (port, protocol) in {:.1} s (setup {:.1} s)",
-        s.cases,
+        s.checks,
         PODS.len() * NAMESPACES.len(),
         PODS.len() * NAMESPACES.len(),
         started.elapsed().as_secs_f64(),

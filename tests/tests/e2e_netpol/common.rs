@@ -1,20 +1,21 @@
 //! Shared by the `e2e_netpol*` tests: one agent running in-process in a node's network
 //! namespace, fed a manifest directory with one object per file, every object carrying a
 //! `metadata.resourceVersion`, so a test waits on `status.json` for exactly the versions
-//! it wrote.
+//! it wrote; and the policy [`Suite`] on the e2e model that `e2e_netpol` runs by pod IP
+//! and `e2e_netpol_services` by ClusterIP.
 
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use palisade::dataplane::{Layout, ServiceOptions};
 use palisade_tests::inproc::ManifestAgent;
-use palisade_tests::matrix;
-use palisade_tests::probe::Proto;
+use palisade_tests::matrix::{self, truth_table, Matrix, ModelPod};
+use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{Model, NetNs};
 use serde_json::{json, Value};
-use std::time::Duration;
 
 pub const NODE: &str = "n1";
 
@@ -203,22 +204,85 @@ pub fn ns_file(ns: &str) -> String {
     format!("ns-{ns}.json")
 }
 
-/// The objects a policy suite wrote for its agent, one per file: every change bumps the
-/// resourceVersion and waits until the agent has programmed (or forgotten) it.
-pub struct Objects {
-    pub agent: Agent,
+/// How a suite's probes reach their target pod.
+pub enum Target {
+    /// The pod's own IP.
+    PodIp,
+    /// The ClusterIPs (IPv4, IPv6) of the pod's own Service, by pod name.
+    ClusterIp(BTreeMap<String, (IpAddr, IpAddr)>),
+}
+
+impl Target {
+    fn addr(&self, family: Family, target: &ModelPod, port: u16) -> SocketAddr {
+        match self {
+            Target::PodIp => target.pod.addr(family, port),
+            Target::ClusterIp(vips) => {
+                let (v4, v6) = vips[&target.name];
+                SocketAddr::new(if family == Family::V4 { v4 } else { v6 }, port)
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Target::PodIp => "pod IP",
+            Target::ClusterIp(_) => "ClusterIP",
+        }
+    }
+}
+
+/// What an expectation sees of a pod.
+pub struct View<'a> {
+    /// `ns/pod`
+    pub name: &'a str,
+    pub ns: &'a str,
+    pub labels: &'a Labels,
+    pub ns_labels: &'a Labels,
+}
+
+impl View<'_> {
+    pub fn is(&self, name: &str) -> bool {
+        self.name == name
+    }
+
+    pub fn pod(&self) -> &str {
+        self.labels.get("pod").map_or("", String::as_str)
+    }
+}
+
+/// `expect(from, to, port, proto)`: whether `from` reaches `to` on `port`/`proto`.
+pub type Expect<'e> = &'e dyn Fn(&View, &View, u16, Proto) -> bool;
+
+/// A policy suite on the model: one agent fed the model's namespaces, pods and the
+/// current case's policies, one object per file. Every change bumps the resourceVersion
+/// and waits until the agent has programmed (or forgotten) it; every check probes the
+/// matrices of [`COMBOS`] at the suite's [`Target`] against an expectation.
+pub struct Suite {
+    // The agent stops before the model's pods and node go.
+    agent: Agent,
+    pub model: Model,
+    target: Target,
+    tag: &'static str,
     /// Labels as last written, by namespace and by pod name.
-    pub ns_labels: BTreeMap<String, Labels>,
-    pub pod_labels: BTreeMap<String, Labels>,
+    ns_labels: BTreeMap<String, Labels>,
+    pod_labels: BTreeMap<String, Labels>,
     /// Policy files written by the current case: (file, status key).
     policy_files: Vec<(String, String)>,
     rv: u64,
+    /// Matrix checks run, and cells compared (ordered pod pairs × (port, protocol)).
+    pub checks: usize,
+    pub cells: usize,
 }
 
-impl Objects {
-    /// Starts an agent in `model`'s node on its namespaces and pods with their base
-    /// labels, and waits until it has programmed them all.
-    pub fn start(model: &Model, tag: &str, services: ServiceOptions) -> Objects {
+impl Suite {
+    /// Starts an agent with `services` in `model`'s node on its namespaces and pods with
+    /// their base labels, and waits until it has programmed them all.
+    pub fn start(
+        model: Model,
+        tag: &'static str,
+        services: ServiceOptions,
+        target: Target,
+    ) -> Suite {
         let rv = 1;
         let ns_labels: BTreeMap<String, Labels> = matrix::NAMESPACES
             .iter()
@@ -240,18 +304,23 @@ impl Objects {
             files.push((ns_file(ns), vec![o]));
         }
         for (name, l) in &pod_labels {
-            let o = pod_object(model, name, l, rv);
+            let o = pod_object(&model, name, l, rv);
             want.push(programmed(&o));
             files.push((pod_file(name), vec![o]));
         }
         let agent = Agent::start_with_services(model.node().ns(), tag, &files, services);
         agent.wait(&want);
-        Objects {
+        Suite {
             agent,
+            model,
+            target,
+            tag,
             ns_labels,
             pod_labels,
             policy_files: Vec::new(),
             rv: rv + 1,
+            checks: 0,
+            cells: 0,
         }
     }
 
@@ -288,25 +357,33 @@ impl Objects {
         self.agent.wait(&[programmed(&o)]);
     }
 
-    /// Writes the object of `model`'s pod `name` (`ns/name`) with labels `l`: a label
-    /// change, or the first object of a pod the case just added to the model.
-    pub fn set_pod_labels(&mut self, model: &Model, name: &str, l: Labels) {
+    /// Writes the object of the model's pod `name` (`ns/name`) with labels `l`.
+    pub fn set_pod_labels(&mut self, name: &str, l: Labels) {
         let rv = self.next_rv();
-        let o = pod_object(model, name, &l, rv);
+        let o = pod_object(&self.model, name, &l, rv);
         self.agent.write(&pod_file(name), std::slice::from_ref(&o));
         self.pod_labels.insert(name.to_string(), l);
         self.agent.wait(&[programmed(&o)]);
     }
 
-    /// Removes pod `name`'s object and waits until the agent has forgotten it.
+    /// Adds pod `name` to the model (CNI ADD, servers) and writes its object with its
+    /// base labels.
+    pub fn add_pod(&mut self, name: &str) {
+        self.model.add_pod(name).unwrap();
+        self.set_pod_labels(name, base_pod_labels(name));
+    }
+
+    /// Removes pod `name`'s object, waits until the agent has forgotten it, and removes
+    /// the pod from the model.
     pub fn remove_pod(&mut self, name: &str) {
         self.agent.remove(&pod_file(name));
         self.agent.wait(&[(format!("Pod/{name}"), None)]);
         self.pod_labels.remove(name);
+        self.model.remove_pod(name);
     }
 
-    /// Removes the case's policies and restores the base labels of `model`'s objects.
-    pub fn reset(&mut self, model: &Model) {
+    /// Removes the case's policies and restores the base labels of the model's objects.
+    pub fn reset(&mut self) {
         let files = std::mem::take(&mut self.policy_files);
         for (f, _) in &files {
             self.agent.remove(f);
@@ -318,10 +395,86 @@ impl Objects {
                 self.set_ns_labels(ns, base_ns_labels(ns));
             }
         }
-        for name in model.names() {
+        for name in self.model.names() {
             if self.pod_labels[&name] != base_pod_labels(&name) {
-                self.set_pod_labels(model, &name, base_pod_labels(&name));
+                self.set_pod_labels(&name, base_pod_labels(&name));
             }
         }
+    }
+
+    /// Checks every matrix of [`COMBOS`] (IPv4) against `expect`.
+    pub fn check(&mut self, case: &str, expect: Expect) {
+        self.check_family(case, Family::V4, expect);
+    }
+
+    /// Probes every matrix of [`COMBOS`] at the [`Target`]'s addresses of `family` and
+    /// compares it with `expect`.
+    pub fn check_family(&mut self, case: &str, family: Family, expect: Expect) {
+        self.checks += 1;
+        let n = self.model.pods().len();
+        self.cells += COMBOS.len() * n * (n - 1);
+        let started = Instant::now();
+        let names = self.model.names();
+        let views: Vec<View> = names
+            .iter()
+            .map(|n| {
+                let (ns, _) = n.split_once('/').unwrap();
+                View {
+                    name: n,
+                    ns,
+                    labels: &self.pod_labels[n],
+                    ns_labels: &self.ns_labels[ns],
+                }
+            })
+            .collect();
+        let wanted: Vec<Matrix> = COMBOS
+            .iter()
+            .map(|&(port, proto)| {
+                let mut m = Matrix::new(names.clone(), false);
+                for f in &views {
+                    for t in &views {
+                        m.set(f.name, t.name, expect(f, t, port, proto));
+                    }
+                }
+                m
+            })
+            .collect();
+        let target = &self.target;
+        let seen =
+            self.model
+                .probe_many_at(&COMBOS, FAST_TIMEOUT, WORKERS, &wanted, |pod, port| {
+                    target.addr(family, pod, port)
+                });
+        let mut failures = String::new();
+        for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
+            if !want.diff(got).is_empty() {
+                let (port, proto) = COMBOS[c];
+                failures += &format!(
+                    "--- {proto:?}/{port} {family:?} by {}\n{}\n",
+                    target.name(),
+                    truth_table(want, got)
+                );
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "[{}] case {case:?}: reachability mismatch\n{failures}",
+            self.tag
+        );
+        eprintln!(
+            "[{}] {case}: ok ({} ms)",
+            self.tag,
+            started.elapsed().as_millis()
+        );
+    }
+
+    /// The node's IPv4 pod CIDR.
+    pub fn cidr(&self) -> String {
+        self.model.node().pod_cidr_v4()
+    }
+
+    /// The /32 of model pod `name`'s IPv4 address.
+    pub fn host(&self, name: &str) -> String {
+        format!("{}/32", self.model.pod(name).ipv4())
     }
 }
