@@ -15,20 +15,12 @@ mod common;
 
 use std::time::Instant;
 
-use common::{labels, sel, Suite, Target};
+use common::{expr, labels, sel, Suite, Target};
 use palisade::dataplane::ServiceOptions;
 use palisade_tests::matrix::{NAMESPACES, PODS};
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model};
-use serde_json::{json, Value};
-
-fn expr(key: &str, op: &str, values: &[&str]) -> Value {
-    if values.is_empty() {
-        json!({"key": key, "operator": op})
-    } else {
-        json!({"key": key, "operator": op, "values": values})
-    }
-}
+use serde_json::json;
 
 fn run_suite(flavour: Flavour, tag: &'static str) {
     require_root();
@@ -80,21 +72,7 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
     );
     s.reset();
 
-    s.apply(
-        "x",
-        "deny-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
-    );
-    s.apply(
-        "x",
-        "allow-all-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
-    );
-    s.check(
-        "allow-all egress wins over default-deny-egress",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::allow_all_egress_wins_over_default_deny(&mut s);
 
     // --- Selectors.
     s.apply(
@@ -272,28 +250,9 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
     s.reset();
 
     // --- ipBlock.
-    let (cidr, yb, xa) = (s.cidr(), s.host("y/b"), s.host("x/a"));
-    s.apply(
-        "x",
-        "a-egress-block",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": cidr, "except": [yb]}}]}]}),
-    );
-    s.check("ipBlock with except, egress", &|f, t, _, _| {
-        !f.is("x/a") || !t.is("y/b")
-    });
-    s.apply(
-        "x",
-        "a-egress-yb",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": yb}}]}]}),
-    );
-    s.check(
-        "an except hole allowed by another policy's ipBlock",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::egress_ip_block_with_except(&mut s);
 
+    let xa = s.host("x/a");
     s.apply(
         "z",
         "c-from-block",
@@ -325,34 +284,9 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
     });
     s.reset();
 
-    s.apply(
-        "x",
-        "a-both",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns", "y")])}]}],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "z")])}]}]}),
-    );
-    s.check("ingress and egress in one policy", &|f, t, _, _| {
-        (!t.is("x/a") || f.ns == "y") && (!f.is("x/a") || t.ns == "z")
-    });
-    s.reset();
+    common::ingress_and_egress_in_one_policy(&mut s);
 
-    s.apply(
-        "z",
-        "allow-all",
-        json!({"podSelector": {}, "ingress": [{}]}),
-    );
-    s.apply(
-        "x",
-        "a-egress-y",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "y")])}]}]}),
-    );
-    s.check(
-        "client egress deny holds even if the server allows",
-        &|f, t, _, _| !f.is("x/a") || t.ns == "y",
-    );
-    s.reset();
+    common::client_egress_deny_holds_if_the_server_allows(&mut s);
 
     // --- Changes.
     s.apply(

@@ -41,7 +41,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{labels, sel, Suite, Target, View, COMBOS};
+use common::{expr, labels, sel, Suite, Target, View, COMBOS};
 use palisade::dataplane::ServiceOptions;
 use palisade_common::SVC_DEFAULT_MARK_MASK;
 use palisade_tests::kube_proxy::{install_iptables_ports, install_nftables, ServicePort};
@@ -259,17 +259,7 @@ fn core_cases(s: &mut Suite) {
     );
     s.reset();
 
-    s.apply(
-        "x",
-        "a-both",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns", "y")])}]}],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "z")])}]}]}),
-    );
-    s.check("ingress and egress in one policy", &|f, t, _, _| {
-        (!t.is("x/a") || f.ns == "y") && (!f.is("x/a") || t.ns == "z")
-    });
-    s.reset();
+    common::ingress_and_egress_in_one_policy(s);
 
     // Both ends isolated: the deferred egress check of the client and the backend's own
     // ingress check run one after the other on the backend's hook.
@@ -344,21 +334,7 @@ fn more_cases(s: &mut Suite, late_ips: (Ipv4Addr, Ipv6Addr)) {
     s.check("deny-all deleted", &|_, _, _, _| true);
     s.reset();
 
-    s.apply(
-        "x",
-        "deny-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
-    );
-    s.apply(
-        "x",
-        "allow-all-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
-    );
-    s.check(
-        "allow-all egress wins over default-deny-egress",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::allow_all_egress_wins_over_default_deny(s);
 
     s.apply(
         "x",
@@ -376,8 +352,7 @@ fn more_cases(s: &mut Suite, late_ips: (Ipv4Addr, Ipv6Addr)) {
         "a-to-and",
         json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
             "egress": [{"to": [{
-                "namespaceSelector": {"matchExpressions":
-                    [{"key": "ns", "operator": "NotIn", "values": ["x"]}]},
+                "namespaceSelector": {"matchExpressions": [expr("ns", "NotIn", &["x"])]},
                 "podSelector": sel(&[("pod", "b")])}]}]}),
     );
     s.check(
@@ -415,46 +390,9 @@ fn more_cases(s: &mut Suite, late_ips: (Ipv4Addr, Ipv6Addr)) {
     s.reset();
 
     // An ipBlock sees the backend too (the ClusterIP is outside the pod CIDR).
-    let cidr = s.model.node().pod_cidr_v4();
-    let yb = format!("{}/32", s.model.pod("y/b").ipv4());
-    s.apply(
-        "x",
-        "a-egress-block",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": cidr, "except": [yb]}}]}]}),
-    );
-    s.check("egress ipBlock with except", &|f, t, _, _| {
-        !f.is("x/a") || !t.is("y/b")
-    });
-    let yb = format!("{}/32", s.model.pod("y/b").ipv4());
-    s.apply(
-        "x",
-        "a-egress-yb",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": yb}}]}]}),
-    );
-    s.check(
-        "an except hole allowed by another policy's ipBlock",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::egress_ip_block_with_except(s);
 
-    s.apply(
-        "z",
-        "allow-all",
-        json!({"podSelector": {}, "ingress": [{}]}),
-    );
-    s.apply(
-        "x",
-        "a-egress-y",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "y")])}]}]}),
-    );
-    s.check(
-        "client egress deny holds even if the server allows",
-        &|f, t, _, _| !f.is("x/a") || t.ns == "y",
-    );
-    s.reset();
+    common::client_egress_deny_holds_if_the_server_allows(s);
 
     // Labels change under a live policy: the backend's identity (peer) or the client's
     // (subject) moves.
