@@ -41,10 +41,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{expr, labels, sel, Suite, Target, View, COMBOS};
+use common::{expr, labels, sel, ProxyMode, Suite, Target, View, COMBOS};
 use palisade::dataplane::ServiceOptions;
 use palisade_common::SVC_DEFAULT_MARK_MASK;
-use palisade_tests::kube_proxy::{install_iptables_ports, install_nftables, ServicePort};
+use palisade_tests::kube_proxy::ServicePort;
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model, NetNs};
 use serde_json::json;
@@ -60,12 +60,6 @@ const UPLINK_PEER: &str = "svcup1";
 /// The pod a case creates after its policies (with its Service).
 const LATE_POD: &str = "x/d";
 
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    Iptables,
-    Nftables,
-}
-
 /// The ClusterIP of the Service of the model pod at `index`.
 fn cluster_ip(family: Family, index: usize) -> IpAddr {
     let host = 10 + index as u8;
@@ -78,7 +72,7 @@ fn cluster_ip(family: Family, index: usize) -> IpAddr {
 /// The suite on a `flavour` node whose model pods are reached through their own Services,
 /// whose rules kube-proxy in `mode` wrote; also the addresses [`LATE_POD`]'s Service
 /// sends to.
-fn start(flavour: Flavour, mode: Mode, tag: &'static str) -> (Suite, (Ipv4Addr, Ipv6Addr)) {
+fn start(flavour: Flavour, mode: ProxyMode, tag: &'static str) -> (Suite, (Ipv4Addr, Ipv6Addr)) {
     let model = Model::new(tag, flavour).unwrap();
     let node = model.node().ns();
     if flavour == Flavour::Bridged {
@@ -122,10 +116,7 @@ fn start(flavour: Flavour, mode: Mode, tag: &'static str) -> (Suite, (Ipv4Addr, 
             }
         }
     }
-    match mode {
-        Mode::Iptables => install_iptables_ports(node, &ports).unwrap(),
-        Mode::Nftables => install_nftables(node, &ports).unwrap(),
-    }
+    mode.install(node, &ports, &[]);
 
     let services = ServiceOptions {
         cidrs: vec![
@@ -476,7 +467,7 @@ enum Cases {
     Core,
 }
 
-fn run_suite(flavour: Flavour, mode: Mode, cases: Cases, tag: &'static str) {
+fn run_suite(flavour: Flavour, mode: ProxyMode, cases: Cases, tag: &'static str) {
     require_root();
     let started = Instant::now();
     let (mut s, late_ips) = start(flavour, mode, tag);
@@ -502,20 +493,20 @@ fn run_suite(flavour: Flavour, mode: Mode, cases: Cases, tag: &'static str) {
 // Full runs first: the test harness starts tests in name order, two at a time here.
 #[test]
 fn netpol_suite_through_cluster_ips_bridged_node_kube_proxy_iptables() {
-    run_suite(Flavour::Bridged, Mode::Iptables, Cases::All, "nsbrip");
+    run_suite(Flavour::Bridged, ProxyMode::Iptables, Cases::All, "nsbrip");
 }
 
 #[test]
 fn netpol_suite_through_cluster_ips_routed_node_kube_proxy_nftables() {
-    run_suite(Flavour::Routed, Mode::Nftables, Cases::All, "nsrtnf");
+    run_suite(Flavour::Routed, ProxyMode::Nftables, Cases::All, "nsrtnf");
 }
 
 #[test]
 fn other_kube_proxy_mode_through_cluster_ips_bridged_node_nftables() {
-    run_suite(Flavour::Bridged, Mode::Nftables, Cases::Core, "nsbrnf");
+    run_suite(Flavour::Bridged, ProxyMode::Nftables, Cases::Core, "nsbrnf");
 }
 
 #[test]
 fn other_kube_proxy_mode_through_cluster_ips_routed_node_iptables() {
-    run_suite(Flavour::Routed, Mode::Iptables, Cases::Core, "nsrtip");
+    run_suite(Flavour::Routed, ProxyMode::Iptables, Cases::Core, "nsrtip");
 }

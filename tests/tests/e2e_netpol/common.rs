@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use palisade::dataplane::{Layout, ServiceOptions};
 use palisade_tests::inproc::ManifestAgent;
+use palisade_tests::kube_proxy::{
+    install_iptables_with_nodeports, install_nftables_with_nodeports, NodePort, ServicePort,
+};
 use palisade_tests::matrix::{self, truth_table, Matrix, ModelPod};
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{Model, NetNs};
@@ -65,6 +68,25 @@ pub fn expr(key: &str, op: &str, values: &[&str]) -> Value {
         json!({"key": key, "operator": op})
     } else {
         json!({"key": key, "operator": op, "values": values})
+    }
+}
+
+/// kube-proxy's mode: which rules of `palisade_tests::kube_proxy` a test's node gets.
+#[derive(Clone, Copy, Debug)]
+pub enum ProxyMode {
+    Iptables,
+    Nftables,
+}
+
+impl ProxyMode {
+    /// Writes the rules of `ports` and `nodeports` into `node` as kube-proxy in this mode
+    /// would.
+    pub fn install(self, node: &NetNs, ports: &[ServicePort], nodeports: &[NodePort]) {
+        match self {
+            ProxyMode::Iptables => install_iptables_with_nodeports(node, ports, nodeports),
+            ProxyMode::Nftables => install_nftables_with_nodeports(node, ports, nodeports),
+        }
+        .unwrap_or_else(|e| panic!("kube-proxy {self:?} rules: {e:#}"))
     }
 }
 
