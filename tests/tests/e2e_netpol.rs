@@ -15,152 +15,18 @@ mod common;
 
 use std::time::Instant;
 
-use common::{labels, sel, Labels, Objects, COMBOS, FAST_TIMEOUT, WORKERS};
+use common::{expr, labels, sel, Suite, Target};
 use palisade::dataplane::ServiceOptions;
-use palisade_tests::matrix::{truth_table, Matrix, NAMESPACES, PODS};
+use palisade_tests::matrix::{NAMESPACES, PODS};
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model};
-use serde_json::{json, Value};
-
-/// What an expectation sees of a pod.
-struct View<'a> {
-    /// `ns/pod`
-    name: &'a str,
-    ns: &'a str,
-    labels: &'a Labels,
-    ns_labels: &'a Labels,
-}
-
-impl View<'_> {
-    fn is(&self, name: &str) -> bool {
-        self.name == name
-    }
-    fn pod(&self) -> &str {
-        self.labels.get("pod").map_or("", String::as_str)
-    }
-}
-
-type Expect<'e> = &'e dyn Fn(&View, &View, u16, Proto) -> bool;
-
-struct Suite {
-    // The agent stops before the model's pods and node go.
-    objects: Objects,
-    model: Model,
-    tag: &'static str,
-    cases: usize,
-}
-
-impl Suite {
-    fn new(flavour: Flavour, tag: &'static str) -> Suite {
-        let model = Model::new(tag, flavour).unwrap();
-        let objects = Objects::start(&model, tag, ServiceOptions::default());
-        Suite {
-            objects,
-            model,
-            tag,
-            cases: 0,
-        }
-    }
-
-    fn apply(&mut self, ns: &str, name: &str, spec: Value) {
-        self.objects.apply(ns, name, spec);
-    }
-
-    fn delete_policy(&mut self, ns: &str, name: &str) {
-        self.objects.delete_policy(ns, name);
-    }
-
-    fn set_ns_labels(&mut self, ns: &str, l: Labels) {
-        self.objects.set_ns_labels(ns, l);
-    }
-
-    fn set_pod_labels(&mut self, name: &str, l: Labels) {
-        self.objects.set_pod_labels(&self.model, name, l);
-    }
-
-    fn reset(&mut self) {
-        self.objects.reset(&self.model);
-    }
-
-    /// Checks every matrix of [`COMBOS`] (IPv4) against `expect(from, to, port, proto)`.
-    fn check(&mut self, case: &str, expect: Expect) {
-        self.check_family(case, Family::V4, expect);
-    }
-
-    fn check_family(&mut self, case: &str, family: Family, expect: Expect) {
-        self.cases += 1;
-        let started = Instant::now();
-        let names = self.model.names();
-        let views: Vec<View> = names
-            .iter()
-            .map(|n| {
-                let (ns, _) = n.split_once('/').unwrap();
-                View {
-                    name: n,
-                    ns,
-                    labels: &self.objects.pod_labels[n],
-                    ns_labels: &self.objects.ns_labels[ns],
-                }
-            })
-            .collect();
-        let wanted: Vec<Matrix> = COMBOS
-            .iter()
-            .map(|&(port, proto)| {
-                let mut m = Matrix::new(names.clone(), false);
-                for f in &views {
-                    for t in &views {
-                        m.set(f.name, t.name, expect(f, t, port, proto));
-                    }
-                }
-                m
-            })
-            .collect();
-        let seen = self
-            .model
-            .probe_many(family, &COMBOS, FAST_TIMEOUT, WORKERS, &wanted);
-        let mut failures = String::new();
-        for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
-            if !want.diff(got).is_empty() {
-                let (port, proto) = COMBOS[c];
-                failures += &format!(
-                    "--- {proto:?}/{port} {family:?}\n{}\n",
-                    truth_table(want, got)
-                );
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "[{}] case {case:?}: reachability mismatch\n{failures}",
-            self.tag
-        );
-        eprintln!(
-            "[{}] {case}: ok ({} ms)",
-            self.tag,
-            started.elapsed().as_millis()
-        );
-    }
-
-    fn cidr(&self) -> String {
-        self.model.node().pod_cidr_v4()
-    }
-
-    fn host(&self, name: &str) -> String {
-        format!("{}/32", self.model.pod(name).ipv4())
-    }
-}
-
-fn expr(key: &str, op: &str, values: &[&str]) -> Value {
-    if values.is_empty() {
-        json!({"key": key, "operator": op})
-    } else {
-        json!({"key": key, "operator": op, "values": values})
-    }
-}
+use serde_json::json;
 
 fn run_suite(flavour: Flavour, tag: &'static str) {
     require_root();
     let started = Instant::now();
-    let mut s = Suite::new(flavour, tag);
+    let model = Model::new(tag, flavour).unwrap();
+    let mut s = Suite::start(model, tag, ServiceOptions::default(), Target::PodIp);
     let setup = started.elapsed();
     s.check("no policy: everything reachable", &|_, _, _, _| true);
 
@@ -206,21 +72,7 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
     );
     s.reset();
 
-    s.apply(
-        "x",
-        "deny-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
-    );
-    s.apply(
-        "x",
-        "allow-all-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
-    );
-    s.check(
-        "allow-all egress wins over default-deny-egress",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::allow_all_egress_wins_over_default_deny(&mut s);
 
     // --- Selectors.
     s.apply(
@@ -398,28 +250,9 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
     s.reset();
 
     // --- ipBlock.
-    let (cidr, yb, xa) = (s.cidr(), s.host("y/b"), s.host("x/a"));
-    s.apply(
-        "x",
-        "a-egress-block",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": cidr, "except": [yb]}}]}]}),
-    );
-    s.check("ipBlock with except, egress", &|f, t, _, _| {
-        !f.is("x/a") || !t.is("y/b")
-    });
-    s.apply(
-        "x",
-        "a-egress-yb",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": yb}}]}]}),
-    );
-    s.check(
-        "an except hole allowed by another policy's ipBlock",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::egress_ip_block_with_except(&mut s);
 
+    let xa = s.host("x/a");
     s.apply(
         "z",
         "c-from-block",
@@ -451,34 +284,9 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
     });
     s.reset();
 
-    s.apply(
-        "x",
-        "a-both",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns", "y")])}]}],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "z")])}]}]}),
-    );
-    s.check("ingress and egress in one policy", &|f, t, _, _| {
-        (!t.is("x/a") || f.ns == "y") && (!f.is("x/a") || t.ns == "z")
-    });
-    s.reset();
+    common::ingress_and_egress_in_one_policy(&mut s);
 
-    s.apply(
-        "z",
-        "allow-all",
-        json!({"podSelector": {}, "ingress": [{}]}),
-    );
-    s.apply(
-        "x",
-        "a-egress-y",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "y")])}]}]}),
-    );
-    s.check(
-        "client egress deny holds even if the server allows",
-        &|f, t, _, _| !f.is("x/a") || t.ns == "y",
-    );
-    s.reset();
+    common::client_egress_deny_holds_if_the_server_allows(&mut s);
 
     // --- Changes.
     s.apply(
@@ -543,19 +351,17 @@ fn run_suite(flavour: Flavour, tag: &'static str) {
         "from-d",
         json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": sel(&[("pod", "d")])}]}]}),
     );
-    s.model.add_pod("x/d").unwrap();
-    s.set_pod_labels("x/d", labels(&[("pod", "d")]));
+    s.add_pod("x/d");
     s.check("pod created after the policy (10 pods)", &|f, t, _, _| {
         t.ns != "x" || f.is("x/d")
     });
-    s.objects.remove_pod("x/d");
-    s.model.remove_pod("x/d");
+    s.remove_pod("x/d");
     s.reset();
     s.check("back to open after the last case", &|_, _, _, _| true);
 
     eprintln!(
         "[{tag}] {} matrix checks of {}x{} pods x 4 (port, protocol) in {:.1} s (setup {:.1} s)",
-        s.cases,
+        s.checks,
         PODS.len() * NAMESPACES.len(),
         PODS.len() * NAMESPACES.len(),
         started.elapsed().as_secs_f64(),

@@ -3,11 +3,12 @@
 //! own Service, whose ClusterIP kube-proxy's rules in the node's namespace DNAT to that pod
 //! on the same port (TCP and UDP, 80 and 81). The real agent runs in-process with
 //! `--service-cidr`, fed a manifest directory, and every matrix is probed by ClusterIP
-//! instead of pod IP. The API judges a connection to a Service on the backend it reaches
-//! (egress of the client, ingress of the backend), so each case's expected matrix is
-//! exactly the pod-IP expectation of the same case in `e2e_netpol.rs`: a predicate over the
-//! pods' names, not the compiler. A pod probing its own ClusterIP is not judged (the
-//! model skips self pairs, and that hairpin would need masquerade).
+//! instead of pod IP (the same `common::Suite` as `e2e_netpol.rs`, with
+//! `Target::ClusterIp`). The API judges a connection to a Service on the backend it
+//! reaches (egress of the client, ingress of the backend), so each case's expected matrix
+//! is exactly the pod-IP expectation of the same case in `e2e_netpol.rs`: a predicate over
+//! the pods' names and labels, not the compiler. A pod probing its own ClusterIP is not
+//! judged (the model skips self pairs, and that hairpin would need masquerade).
 //!
 //! On both kinds of node the CNI plugins make: every case on a bridged node with
 //! kube-proxy in iptables mode and on a routed node with kube-proxy in nftables mode
@@ -40,14 +41,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{base_pod_labels, labels, sel, Labels, Objects, COMBOS, FAST_TIMEOUT, WORKERS};
+use common::{expr, labels, sel, ProxyMode, Suite, Target, View, COMBOS};
 use palisade::dataplane::ServiceOptions;
 use palisade_common::SVC_DEFAULT_MARK_MASK;
-use palisade_tests::kube_proxy::{install_iptables_ports, install_nftables, ServicePort};
-use palisade_tests::matrix::{truth_table, Matrix, ModelPod};
+use palisade_tests::kube_proxy::ServicePort;
 use palisade_tests::probe::{Family, Proto};
 use palisade_tests::{require_root, Flavour, Model, NetNs};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Inside 198.19.0.0/16 below the underlays (see `palisade_tests::cni`), and a v6 range
 /// inside fd00:198:18::/48 no node subnet (decimal digits as hex groups) or underlay
@@ -60,12 +60,6 @@ const UPLINK_PEER: &str = "svcup1";
 /// The pod a case creates after its policies (with its Service).
 const LATE_POD: &str = "x/d";
 
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    Iptables,
-    Nftables,
-}
-
 /// The ClusterIP of the Service of the model pod at `index`.
 fn cluster_ip(family: Family, index: usize) -> IpAddr {
     let host = 10 + index as u8;
@@ -75,203 +69,65 @@ fn cluster_ip(family: Family, index: usize) -> IpAddr {
     }
 }
 
-/// What an expectation sees of a pod: its name `ns/pod` and namespace.
-struct Peer<'a> {
-    name: &'a str,
-    ns: &'a str,
-}
-
-impl Peer<'_> {
-    fn is(&self, name: &str) -> bool {
-        self.name == name
+/// The suite on a `flavour` node whose model pods are reached through their own Services,
+/// whose rules kube-proxy in `mode` wrote; also the addresses [`LATE_POD`]'s Service
+/// sends to.
+fn start(flavour: Flavour, mode: ProxyMode, tag: &'static str) -> (Suite, (Ipv4Addr, Ipv6Addr)) {
+    let model = Model::new(tag, flavour).unwrap();
+    let node = model.node().ns();
+    if flavour == Flavour::Bridged {
+        bridge_calls_netfilter(node);
     }
-}
+    node.ip(&[
+        "link",
+        "add",
+        UPLINK,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        UPLINK_PEER,
+    ])
+    .unwrap();
+    node.ip(&["link", "set", UPLINK, "up"]).unwrap();
 
-type Expect<'e> = &'e dyn Fn(&Peer, &Peer, u16, Proto) -> bool;
-
-struct Suite {
-    // The agent stops before the model's pods and node go.
-    objects: Objects,
-    model: Model,
-    /// ClusterIPs by model pod name: (IPv4, IPv6).
-    vips: BTreeMap<String, (IpAddr, IpAddr)>,
-    /// The addresses [`LATE_POD`]'s Service sends to.
-    late_ips: (Ipv4Addr, Ipv6Addr),
-    tag: &'static str,
-    checks: usize,
-    /// Cells compared (ordered pod pairs × (port, protocol)), all checks together.
-    cells: usize,
-}
-
-impl Suite {
-    fn new(flavour: Flavour, mode: Mode, tag: &'static str) -> Suite {
-        let model = Model::new(tag, flavour).unwrap();
-        let node = model.node().ns();
-        if flavour == Flavour::Bridged {
-            bridge_calls_netfilter(node);
-        }
-        node.ip(&[
-            "link",
-            "add",
-            UPLINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            UPLINK_PEER,
-        ])
-        .unwrap();
-        node.ip(&["link", "set", UPLINK, "up"]).unwrap();
-
-        // One Service per model pod, and one for the pod a case creates later, whose
-        // addresses the node will hand out next (kube-proxy would add it once the pod is
-        // ready; its rules are in place before, so only Palisade's programming is timed).
-        let (late_v4, late_v6) = model.node().next_pod_ips();
-        let backends = model
-            .pods()
-            .iter()
-            .map(|mp| (mp.name.clone(), mp.pod.ipv4(), mp.pod.ipv6()))
-            .chain([(LATE_POD.to_string(), late_v4, late_v6)]);
-        let mut vips = BTreeMap::new();
-        let mut ports = Vec::new();
-        for (i, (name, ip4, ip6)) in backends.enumerate() {
-            let (v4, v6) = (cluster_ip(Family::V4, i), cluster_ip(Family::V6, i));
-            vips.insert(name, (v4, v6));
-            for (vip, ip) in [(v4, IpAddr::from(ip4)), (v6, IpAddr::from(ip6))] {
-                for (port, proto) in COMBOS {
-                    ports.push(ServicePort {
-                        cluster_ip: vip,
-                        proto,
-                        port,
-                        endpoints: vec![SocketAddr::new(ip, port)],
-                    });
-                }
+    // One Service per model pod, and one for the pod a case creates later, whose
+    // addresses the node will hand out next (kube-proxy would add it once the pod is
+    // ready; its rules are in place before, so only Palisade's programming is timed).
+    let (late_v4, late_v6) = model.node().next_pod_ips();
+    let backends = model
+        .pods()
+        .iter()
+        .map(|mp| (mp.name.clone(), mp.pod.ipv4(), mp.pod.ipv6()))
+        .chain([(LATE_POD.to_string(), late_v4, late_v6)]);
+    let mut vips = BTreeMap::new();
+    let mut ports = Vec::new();
+    for (i, (name, ip4, ip6)) in backends.enumerate() {
+        let (v4, v6) = (cluster_ip(Family::V4, i), cluster_ip(Family::V6, i));
+        vips.insert(name, (v4, v6));
+        for (vip, ip) in [(v4, IpAddr::from(ip4)), (v6, IpAddr::from(ip6))] {
+            for (port, proto) in COMBOS {
+                ports.push(ServicePort {
+                    cluster_ip: vip,
+                    proto,
+                    port,
+                    endpoints: vec![SocketAddr::new(ip, port)],
+                });
             }
         }
-        match mode {
-            Mode::Iptables => install_iptables_ports(node, &ports).unwrap(),
-            Mode::Nftables => install_nftables(node, &ports).unwrap(),
-        }
-
-        let services = ServiceOptions {
-            cidrs: vec![
-                SERVICE_CIDR_V4.parse().unwrap(),
-                SERVICE_CIDR_V6.parse().unwrap(),
-            ],
-            mark_mask: SVC_DEFAULT_MARK_MASK,
-            uplinks: vec![UPLINK.to_string()],
-        };
-        let objects = Objects::start(&model, tag, services);
-        Suite {
-            objects,
-            model,
-            vips,
-            late_ips: (late_v4, late_v6),
-            tag,
-            checks: 0,
-            cells: 0,
-        }
     }
+    mode.install(node, &ports, &[]);
 
-    fn apply(&mut self, ns: &str, name: &str, spec: Value) {
-        self.objects.apply(ns, name, spec);
-    }
-
-    fn delete_policy(&mut self, ns: &str, name: &str) {
-        self.objects.delete_policy(ns, name);
-    }
-
-    fn set_ns_labels(&mut self, ns: &str, l: Labels) {
-        self.objects.set_ns_labels(ns, l);
-    }
-
-    fn set_pod_labels(&mut self, name: &str, l: Labels) {
-        self.objects.set_pod_labels(&self.model, name, l);
-    }
-
-    /// Creates [`LATE_POD`] (CNI ADD, servers) and writes its object.
-    fn add_late_pod(&mut self) {
-        let pd = self.model.add_pod(LATE_POD).unwrap();
-        assert_eq!(
-            (pd.ipv4(), pd.ipv6()),
-            self.late_ips,
-            "{LATE_POD} did not get the addresses its Service's endpoints point to"
-        );
-        self.set_pod_labels(LATE_POD, base_pod_labels(LATE_POD));
-    }
-
-    fn remove_late_pod(&mut self) {
-        self.objects.remove_pod(LATE_POD);
-        self.model.remove_pod(LATE_POD);
-    }
-
-    fn reset(&mut self) {
-        self.objects.reset(&self.model);
-    }
-
-    fn check(&mut self, case: &str, expect: Expect) {
-        self.check_family(case, Family::V4, expect);
-    }
-
-    /// Probes every matrix of [`COMBOS`] by ClusterIP of `family` and compares it with
-    /// `expect(from, to, port, proto)`.
-    fn check_family(&mut self, case: &str, family: Family, expect: Expect) {
-        self.checks += 1;
-        let n = self.model.pods().len();
-        self.cells += COMBOS.len() * n * (n - 1);
-        let started = Instant::now();
-        let names = self.model.names();
-        let peers: Vec<Peer> = names
-            .iter()
-            .map(|n| Peer {
-                name: n,
-                ns: n.split_once('/').unwrap().0,
-            })
-            .collect();
-        let wanted: Vec<Matrix> = COMBOS
-            .iter()
-            .map(|&(port, proto)| {
-                let mut m = Matrix::new(names.clone(), false);
-                for f in &peers {
-                    for t in &peers {
-                        m.set(f.name, t.name, expect(f, t, port, proto));
-                    }
-                }
-                m
-            })
-            .collect();
-        let vips = &self.vips;
-        let seen = self.model.probe_many_at(
-            &COMBOS,
-            FAST_TIMEOUT,
-            WORKERS,
-            &wanted,
-            |target: &ModelPod, port| {
-                let (v4, v6) = vips[&target.name];
-                SocketAddr::new(if family == Family::V4 { v4 } else { v6 }, port)
-            },
-        );
-        let mut failures = String::new();
-        for (c, (want, got)) in wanted.iter().zip(&seen).enumerate() {
-            if !want.diff(got).is_empty() {
-                let (port, proto) = COMBOS[c];
-                failures += &format!(
-                    "--- {proto:?}/{port} {family:?} by ClusterIP\n{}\n",
-                    truth_table(want, got)
-                );
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "[{}] case {case:?}: reachability through ClusterIPs mismatch\n{failures}",
-            self.tag
-        );
-        eprintln!(
-            "[{}] {case}: ok ({} ms)",
-            self.tag,
-            started.elapsed().as_millis()
-        );
-    }
+    let services = ServiceOptions {
+        cidrs: vec![
+            SERVICE_CIDR_V4.parse().unwrap(),
+            SERVICE_CIDR_V6.parse().unwrap(),
+        ],
+        mark_mask: SVC_DEFAULT_MARK_MASK,
+        uplinks: vec![UPLINK.to_string()],
+    };
+    let suite = Suite::start(model, tag, services, Target::ClusterIp(vips));
+    (suite, (late_v4, late_v6))
 }
 
 /// `net.bridge.bridge-nf-call-ip{,6}tables=1` in the bridged node's namespace (see the
@@ -394,17 +250,7 @@ fn core_cases(s: &mut Suite) {
     );
     s.reset();
 
-    s.apply(
-        "x",
-        "a-both",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [{"namespaceSelector": sel(&[("ns", "y")])}]}],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "z")])}]}]}),
-    );
-    s.check("ingress and egress in one policy", &|f, t, _, _| {
-        (!t.is("x/a") || f.ns == "y") && (!f.is("x/a") || t.ns == "z")
-    });
-    s.reset();
+    common::ingress_and_egress_in_one_policy(s);
 
     // Both ends isolated: the deferred egress check of the client and the backend's own
     // ingress check run one after the other on the backend's hook.
@@ -424,7 +270,7 @@ fn core_cases(s: &mut Suite) {
     );
     // x/a → x/b: TCP 80 passes both; UDP 81 only the egress check, UDP 80 only the
     // ingress check.
-    let both_ends = |f: &Peer, t: &Peer, port, proto| {
+    let both_ends = |f: &View, t: &View, port, proto| {
         let pp = (port, proto);
         let egress =
             !f.is("x/a") || (t.is("x/b") && [(80, Proto::Tcp), (81, Proto::Udp)].contains(&pp));
@@ -466,8 +312,9 @@ fn core_cases(s: &mut Suite) {
     s.reset();
 }
 
-/// The other egress-relevant cases of the upstream suite.
-fn more_cases(s: &mut Suite) {
+/// The other egress-relevant cases of the upstream suite; `late_ips`: the addresses
+/// [`LATE_POD`]'s Service sends to.
+fn more_cases(s: &mut Suite, late_ips: (Ipv4Addr, Ipv6Addr)) {
     s.apply(
         "x",
         "deny-all",
@@ -478,21 +325,7 @@ fn more_cases(s: &mut Suite) {
     s.check("deny-all deleted", &|_, _, _, _| true);
     s.reset();
 
-    s.apply(
-        "x",
-        "deny-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
-    );
-    s.apply(
-        "x",
-        "allow-all-egress",
-        json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
-    );
-    s.check(
-        "allow-all egress wins over default-deny-egress",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::allow_all_egress_wins_over_default_deny(s);
 
     s.apply(
         "x",
@@ -510,8 +343,7 @@ fn more_cases(s: &mut Suite) {
         "a-to-and",
         json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
             "egress": [{"to": [{
-                "namespaceSelector": {"matchExpressions":
-                    [{"key": "ns", "operator": "NotIn", "values": ["x"]}]},
+                "namespaceSelector": {"matchExpressions": [expr("ns", "NotIn", &["x"])]},
                 "podSelector": sel(&[("pod", "b")])}]}]}),
     );
     s.check(
@@ -549,46 +381,9 @@ fn more_cases(s: &mut Suite) {
     s.reset();
 
     // An ipBlock sees the backend too (the ClusterIP is outside the pod CIDR).
-    let cidr = s.model.node().pod_cidr_v4();
-    let yb = format!("{}/32", s.model.pod("y/b").ipv4());
-    s.apply(
-        "x",
-        "a-egress-block",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": cidr, "except": [yb]}}]}]}),
-    );
-    s.check("egress ipBlock with except", &|f, t, _, _| {
-        !f.is("x/a") || !t.is("y/b")
-    });
-    let yb = format!("{}/32", s.model.pod("y/b").ipv4());
-    s.apply(
-        "x",
-        "a-egress-yb",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": yb}}]}]}),
-    );
-    s.check(
-        "an except hole allowed by another policy's ipBlock",
-        &|_, _, _, _| true,
-    );
-    s.reset();
+    common::egress_ip_block_with_except(s);
 
-    s.apply(
-        "z",
-        "allow-all",
-        json!({"podSelector": {}, "ingress": [{}]}),
-    );
-    s.apply(
-        "x",
-        "a-egress-y",
-        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Egress"],
-            "egress": [{"to": [{"namespaceSelector": sel(&[("ns", "y")])}]}]}),
-    );
-    s.check(
-        "client egress deny holds even if the server allows",
-        &|f, t, _, _| !f.is("x/a") || t.ns == "y",
-    );
-    s.reset();
+    common::client_egress_deny_holds_if_the_server_allows(s);
 
     // Labels change under a live policy: the backend's identity (peer) or the client's
     // (subject) moves.
@@ -648,11 +443,17 @@ fn more_cases(s: &mut Suite) {
             "egress": [{"to": [{"podSelector": sel(&[("pod", "d")])}]}]}),
     );
     s.check("before the pod exists", &|f, _, _, _| !f.is("x/a"));
-    s.add_late_pod();
+    s.add_pod(LATE_POD);
+    let late = s.model.pod(LATE_POD);
+    assert_eq!(
+        (late.ipv4(), late.ipv6()),
+        late_ips,
+        "{LATE_POD} did not get the addresses its Service's endpoints point to"
+    );
     s.check("pod created after the policies (10 pods)", &|f, t, _, _| {
         (!f.is("x/d") || t.ns == "y") && (!f.is("x/a") || t.is("x/d"))
     });
-    s.remove_late_pod();
+    s.remove_pod(LATE_POD);
     s.reset();
 }
 
@@ -666,16 +467,16 @@ enum Cases {
     Core,
 }
 
-fn run_suite(flavour: Flavour, mode: Mode, cases: Cases, tag: &'static str) {
+fn run_suite(flavour: Flavour, mode: ProxyMode, cases: Cases, tag: &'static str) {
     require_root();
     let started = Instant::now();
-    let mut s = Suite::new(flavour, mode, tag);
+    let (mut s, late_ips) = start(flavour, mode, tag);
     let setup = started.elapsed();
     s.check("no policy: every ClusterIP answers", &|_, _, _, _| true);
 
     core_cases(&mut s);
     if cases == Cases::All {
-        more_cases(&mut s);
+        more_cases(&mut s, late_ips);
     }
     s.check("back to open after the last case", &|_, _, _, _| true);
 
@@ -692,20 +493,20 @@ fn run_suite(flavour: Flavour, mode: Mode, cases: Cases, tag: &'static str) {
 // Full runs first: the test harness starts tests in name order, two at a time here.
 #[test]
 fn netpol_suite_through_cluster_ips_bridged_node_kube_proxy_iptables() {
-    run_suite(Flavour::Bridged, Mode::Iptables, Cases::All, "nsbrip");
+    run_suite(Flavour::Bridged, ProxyMode::Iptables, Cases::All, "nsbrip");
 }
 
 #[test]
 fn netpol_suite_through_cluster_ips_routed_node_kube_proxy_nftables() {
-    run_suite(Flavour::Routed, Mode::Nftables, Cases::All, "nsrtnf");
+    run_suite(Flavour::Routed, ProxyMode::Nftables, Cases::All, "nsrtnf");
 }
 
 #[test]
 fn other_kube_proxy_mode_through_cluster_ips_bridged_node_nftables() {
-    run_suite(Flavour::Bridged, Mode::Nftables, Cases::Core, "nsbrnf");
+    run_suite(Flavour::Bridged, ProxyMode::Nftables, Cases::Core, "nsbrnf");
 }
 
 #[test]
 fn other_kube_proxy_mode_through_cluster_ips_routed_node_iptables() {
-    run_suite(Flavour::Routed, Mode::Iptables, Cases::Core, "nsrtip");
+    run_suite(Flavour::Routed, ProxyMode::Iptables, Cases::Core, "nsrtip");
 }

@@ -40,12 +40,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{labels, namespace, pod, policy, programmed, Agent};
+use common::{labels, namespace, pod, policy, programmed, Agent, ProxyMode};
 use palisade::dataplane::{read_counters, Maps, ServiceOptions};
 use palisade_common::SVC_DEFAULT_MARK_MASK;
-use palisade_tests::kube_proxy::{
-    install_iptables_with_nodeports, install_nftables_with_nodeports, NodePort, TrafficPolicy,
-};
+use palisade_tests::kube_proxy::{NodePort, TrafficPolicy};
 use palisade_tests::probe::expecting_reply;
 use palisade_tests::{require_root, tcp_connect, Family, Flavour, NetNs, Node, ProbeError, Proto};
 use palisade_tests::{Pod, Server};
@@ -62,12 +60,6 @@ const HOST_PORT: u16 = 10250;
 const SERVICE_CIDR: &str = "198.19.202.0/24";
 /// The node's end of the outside link (its client's end is `eth0` in the client's netns).
 const EXT_IF: &str = "npext0";
-
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    Iptables,
-    Nftables,
-}
 
 /// The external client: its own namespace on a veth pair to the node, default routes via
 /// the node. Dropping it deletes the pair, then the namespace.
@@ -247,7 +239,7 @@ fn tcp80_from(peers: Value) -> Value {
     json!([{"from": peers, "ports": [{"protocol": "TCP", "port": BACKEND_PORT}]}])
 }
 
-fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
+fn node_paths(flavour: Flavour, mode: ProxyMode, tag: &str, k: u8) {
     require_root();
     let node = Node::new(tag, flavour).unwrap();
     let web = node.add_pod("x/web").unwrap();
@@ -272,10 +264,7 @@ fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
             });
         }
     }
-    match mode {
-        Mode::Iptables => install_iptables_with_nodeports(node.ns(), &[], &nodeports).unwrap(),
-        Mode::Nftables => install_nftables_with_nodeports(node.ns(), &[], &nodeports).unwrap(),
-    }
+    mode.install(node.ns(), &[], &nodeports);
     // kube-proxy's rules alone: Local keeps the client's address, Cluster shows the node's.
     for f in Family::BOTH {
         assert_eq!(
@@ -473,10 +462,10 @@ fn node_paths(flavour: Flavour, mode: Mode, tag: &str, k: u8) {
 
 #[test]
 fn node_paths_bridged_iptables() {
-    node_paths(Flavour::Bridged, Mode::Iptables, "npb", 0);
+    node_paths(Flavour::Bridged, ProxyMode::Iptables, "npb", 0);
 }
 
 #[test]
 fn node_paths_routed_nftables() {
-    node_paths(Flavour::Routed, Mode::Nftables, "npr", 1);
+    node_paths(Flavour::Routed, ProxyMode::Nftables, "npr", 1);
 }
