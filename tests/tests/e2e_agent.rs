@@ -3,50 +3,17 @@
 //! and 81), on a bridged and a routed node made by the CNI plugins.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use palisade::source::SourceSpec;
 use palisade_tests::agent::TempDir;
 use palisade_tests::cases::{ALLOW_A_FROM_Y_ON_NAMED_80, DENY_EGRESS_Z_C, DENY_INGRESS_X};
+use palisade_tests::http::{http_get, sample};
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::PinDir;
 use palisade_tests::{require_root, Flavour, Model, Proto};
 
 const NODE: &str = "n1";
 const HTTP_ADDR: &str = "127.0.0.1:9977";
-
-/// GET on the agent's HTTP port from inside the node namespace: (status code, body).
-fn http_get(model: &Model, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    model.node().ns().run(|| {
-        let mut s = std::net::TcpStream::connect(HTTP_ADDR).expect("agent HTTP port");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let code = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (code, body)
-    })
-}
-
-/// The value of the first sample of `metric` whose line contains every label in `labels`.
-fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 /// The agent running in the node's namespace on its own thread; stopped on drop.
 struct AgentGuard {
@@ -186,9 +153,9 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     model.assert_reach(&want, 80, Proto::Tcp);
 
     // The drops just probed show on /metrics under the pod's name, and the agent is ready.
-    assert_eq!(http_get(&model, "/readyz").0, 200);
-    assert_eq!(http_get(&model, "/healthz").0, 200);
-    let (code, text) = http_get(&model, "/metrics");
+    assert_eq!(http_get(model.node().ns(), HTTP_ADDR, "/readyz").0, 200);
+    assert_eq!(http_get(model.node().ns(), HTTP_ADDR, "/healthz").0, 200);
+    let (code, text) = http_get(model.node().ns(), HTTP_ADDR, "/metrics");
     assert_eq!(code, 200);
     let dropped = sample(
         &text,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use palisade::dataplane::Maps;
 use palisade_common::maps as names;
+use palisade_tests::http;
 use palisade_tests::inproc::{ManifestAgent, PROGRAM_TIMEOUT};
 use palisade_tests::manifests;
 use palisade_tests::probe::{expecting_reply, tcp_connect, ProbeError};
@@ -86,27 +87,14 @@ impl Agent {
 
 /// GET /metrics from inside the node namespace.
 fn metrics(node: &Node) -> String {
-    use std::io::{Read as _, Write as _};
-    node.ns().run(|| {
-        let mut s = std::net::TcpStream::connect(HTTP_ADDR).expect("agent HTTP port");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        resp
-    })
+    let (code, text) = http::http_get(node.ns(), HTTP_ADDR, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    text
 }
 
 /// The value of `metric{map="<map>"}`.
 fn sample(text: &str, metric: &str, map: &str) -> Option<f64> {
-    let label = format!("map=\"{map}\"");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(&label))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    http::sample(text, metric, &[&format!("map=\"{map}\"")])
 }
 
 fn passes(from: &Pod, to: &Pod, port: u16) -> bool {
