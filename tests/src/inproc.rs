@@ -206,4 +206,17 @@ impl ManifestAgent {
     pub fn remove(&self, file: &str) {
         std::fs::remove_file(self.manifests.join(file)).expect("removing a manifest");
     }
+
+    /// [`ManifestAgent::write`]s `file` and waits until every key of `programmed` is
+    /// programmed.
+    pub fn apply(&self, file: &str, contents: &str, programmed: &[&str]) {
+        self.write(file, contents);
+        self.agent.wait_programmed(programmed);
+    }
+
+    /// [`ManifestAgent::remove`]s `file` and waits until `gone` is no longer programmed.
+    pub fn delete(&self, file: &str, gone: &str) {
+        self.remove(file);
+        self.agent.wait_gone(gone);
+    }
 }

@@ -149,10 +149,11 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
         objects += &manifests::pod(p, NODE);
     }
     let agent = Agent::start(&node, "mfpol", &[(names::POLICY_EXACT, 2)], &objects, true);
-    agent.write("10-srv.yaml", SRV_FROM_CLI);
-    agent
-        .agent
-        .wait_programmed(&["NetworkPolicy/x/srv-from-cli", "Pod/x/srv"]);
+    agent.apply(
+        "10-srv.yaml",
+        SRV_FROM_CLI,
+        &["NetworkPolicy/x/srv-from-cli", "Pod/x/srv"],
+    );
     assert!(
         passes(&cli, &srv, 80),
         "x/cli -> x/srv:80 before POLICY is full"
@@ -226,8 +227,7 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
         "{text}"
     );
     // And removing the extra policy opens y/oth again.
-    agent.remove("20-oth.yaml");
-    agent.agent.wait_gone("NetworkPolicy/y/oth-from-cli");
+    agent.delete("20-oth.yaml", "NetworkPolicy/y/oth-from-cli");
     assert!(passes(&cli, &oth, 82), "y/oth is no longer isolated");
 }
 
@@ -281,10 +281,11 @@ fn identity_full_never_lets_an_excepted_address_in() {
     // How many entries IDENTITY4_CIDR holds with `any`, on a first agent.
     let full = {
         let first = Agent::start(&node, "mfid0", &[], &objects, false);
-        first.write("10-any.yaml", &any);
-        first
-            .agent
-            .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
+        first.apply(
+            "10-any.yaml",
+            &any,
+            &["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"],
+        );
         let maps = Maps::open(&first.layout()).unwrap();
         // The except is a shorter-than-host prefix: it goes to the CIDR trie.
         let n = maps.identity_v4.trie.keys().filter_map(Result::ok).count() as u32;
@@ -297,10 +298,11 @@ fn identity_full_never_lets_an_excepted_address_in() {
         &objects,
         true,
     );
-    agent.write("10-any.yaml", &any);
-    agent
-        .agent
-        .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
+    agent.apply(
+        "10-any.yaml",
+        &any,
+        &["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"],
+    );
     assert!(passes(&stranger, &srv, 80), "x/any admits the stranger");
     assert!(dropped(&stranger, &srv, 81), "nothing admits port 81 yet");
 
