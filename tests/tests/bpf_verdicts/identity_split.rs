@@ -80,11 +80,7 @@ fn probes(rng: &mut Rng, set: &BTreeMap<IpNetwork, u32>) -> Vec<IpAddr> {
 }
 
 fn syn(peer: IpAddr, port: u16) -> Vec<u8> {
-    let l4 = L4::tcp(40000, port, TCP_SYN);
-    match peer {
-        IpAddr::V4(a) => out4(a, &l4),
-        IpAddr::V6(a) => out6(a, &l4),
-    }
+    out(peer, &L4::tcp(40000, port, TCP_SYN))
 }
 
 fn check_all(fx: &mut Fx, rng: &mut Rng, set: &BTreeMap<IpNetwork, u32>, when: &str) {

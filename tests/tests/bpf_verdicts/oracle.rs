@@ -61,19 +61,7 @@ fn identity_of(table: &[(IpNetwork, u32, u32)], a: IpAddr) -> (u32, u32) {
 
 fn rule_allows(id: u32, dir: u8, proto: u8, port: u16) -> bool {
     RULES.iter().any(|&(prefix, rid, rdir, rproto, rport)| {
-        if rid != id || rdir != dir {
-            return false;
-        }
-        if prefix == POLICY_PREFIX_ANY_PROTO {
-            return true;
-        }
-        let bits = prefix - POLICY_PREFIX_ANY_PORT;
-        let mask = if bits == 0 {
-            0
-        } else {
-            u16::MAX << (16 - bits)
-        };
-        rproto == proto && (port & mask) == (rport & mask)
+        rid == id && rdir == dir && entry_covers(prefix, rproto, rport, proto, port)
     })
 }
 
