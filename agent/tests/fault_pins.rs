@@ -262,14 +262,7 @@ fn without_cap_sys_admin_an_unmounted_bpffs_is_reported_until_mounted_again() {
     let agent = InProcessAgent::spawn_with(node.ns(), cfg, drop_cap_sys_admin_from_this_thread);
     agent.wait_programmed(PROGRAMMED);
     let ids = pinned_ids(&layout, b.host_ifindex());
-    let slot = agent.status().unwrap()["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["pod"] == "x/b")
-        .unwrap()["slot"]
-        .as_u64()
-        .unwrap() as u32;
+    let slot = agent.slot("x/b").unwrap();
     let maps = Maps::open(&layout).unwrap();
     let drops_before = dropped(&maps, slot, Some("ingress"));
     let traffic = Traffic::start(&trio, Duration::from_millis(20)).unwrap();
