@@ -164,6 +164,16 @@ impl Fx {
         }
     }
 
+    /// [`Fx::run`], then forgets the flow (and fragments) a passed frame left behind: for
+    /// the randomized tests, whose every frame must be judged on the rules alone.
+    fn run_alone(&mut self, hook: Hook, frame: &[u8]) -> (u32, Option<&'static str>) {
+        let r = self.run(hook, frame);
+        if r.0 == TC_ACT_OK {
+            self.forget_flows();
+        }
+        r
+    }
+
     /// Asserts the verdict that `reason` implies and that exactly its counter moved.
     #[track_caller]
     fn expect(&mut self, hook: Hook, frame: &[u8], reason: &str) {
