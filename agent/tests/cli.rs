@@ -1,21 +1,28 @@
 //! The `palisade` binary as users run it: as a kubectl plugin, with completions, and the
 //! errors it gives when there is no agent to talk to.
 
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 
-fn run(cmd: &mut Command) -> (bool, String, String) {
+/// Runs `cmd` to the end: (exit status, stdout, stderr).
+fn output(cmd: &mut Command) -> (ExitStatus, String, String) {
     let Output {
         status,
         stdout,
         stderr,
     } = cmd.output().expect("running palisade");
     (
-        status.success(),
+        status,
         String::from_utf8_lossy(&stdout).into_owned(),
         String::from_utf8_lossy(&stderr).into_owned(),
     )
+}
+
+/// `cmd`: (success, stdout, stderr).
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let (status, out, err) = output(cmd);
+    (status.success(), out, err)
 }
 
 #[test]
@@ -82,15 +89,8 @@ fn rejects_a_bad_http_address_naming_the_flag() {
 
 /// `palisade ARGS`: (exit code, stdout, stderr).
 fn run_code(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("running palisade");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (status, out, err) = output(Command::new(BIN).args(args));
+    (status.code(), out, err)
 }
 
 fn mode(path: &std::path::Path) -> u32 {

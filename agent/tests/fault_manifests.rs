@@ -66,7 +66,6 @@ fn plan_of(dir: &Path) -> (palisade::source::Snapshot, Plan) {
     (snap, plan)
 }
 
-/// The good policy still compiled: web is isolated and admits TCP 80 from client's identity.
 /// Loads and compiles `dir` (logging how long that took under `what`): nothing is
 /// refused or rejected, and the good policy keeps its entries.
 fn plan_all_accepted(dir: &Path, what: &str) -> Plan {
@@ -83,6 +82,7 @@ fn plan_all_accepted(dir: &Path, what: &str) -> Plan {
     plan
 }
 
+/// The good policy still compiled: web is isolated and admits TCP 80 from client's identity.
 fn assert_good_policy_intact(snap: &palisade::source::Snapshot, plan: &Plan) {
     assert!(
         snap.policies
@@ -452,20 +452,23 @@ fn ten_thousand_policies_selecting_one_pod() {
     let plan = plan_all_accepted(dir.path(), "10,000 policies on one pod");
     let web = &plan.endpoints[&ObjectRef::new("app", "web")];
     let client = plan.identity_of("198.18.0.20".parse().unwrap()).id;
-    let tcp_from_client: std::collections::BTreeSet<u16> = web
+    let entries: Vec<u16> = web
         .entries
         .iter()
         .filter(|e| e.identity == client && e.proto == Some(6) && e.port_prefix_bits == 16)
         .map(|e| e.port)
         .collect();
+    let tcp_from_client: std::collections::BTreeSet<u16> = entries.iter().copied().collect();
     for port in [20_000, 25_000, 29_999] {
         assert!(tcp_from_client.contains(&port), "TCP {port} from client");
     }
     assert!(!tcp_from_client.contains(&30_000), "no policy admits 30000");
-    assert!(
-        tcp_from_client.range(20_000..30_000).count() == 10_000,
-        "every policy's port, each once"
+    assert_eq!(
+        tcp_from_client.range(20_000..30_000).count(),
+        10_000,
+        "every policy's port"
     );
+    assert_eq!(entries.len(), tcp_from_client.len(), "each port once");
 }
 
 #[test]

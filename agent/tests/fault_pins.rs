@@ -18,17 +18,20 @@ use std::time::{Duration, Instant};
 use palisade::dataplane::{link_ids, map_ids, Hook, Layout, Maps};
 use palisade::source::SourceSpec;
 use palisade_tests::agent::{AgentDirs, AgentProcess, TempDir};
+use palisade_tests::http::http_get;
 use palisade_tests::inproc::{self, InProcessAgent};
 use palisade_tests::pins::{PinDir, PrivateBpffs};
 use palisade_tests::privilege::drop_cap_sys_admin_from_this_thread;
 use palisade_tests::traffic::{dropped, Traffic, Trio, POLICIES, PROGRAMMED};
-use palisade_tests::{manifests, require_root, wait_until, Flavour, NetNs, Node};
+use palisade_tests::{manifests, require_root, wait_until, Flavour, Node};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 const NODE: &str = "n1";
 /// The agent checks its pins every second; this leaves room for a loaded machine.
 const REPAIR: Duration = Duration::from_secs(15);
+/// The agent's HTTP port: its default, on the node namespace's loopback.
+const HTTP_ADDR: &str = "127.0.0.1:9977";
 
 /// `palisade ARGS --bpffs-dir .. --run-dir ..`: (success, stdout, stderr).
 fn cli(dirs: &AgentDirs, args: &[&str]) -> (bool, String, String) {
@@ -65,29 +68,6 @@ fn drops_of_b_at(bpffs_dir: &Path, run_dir: &Path) -> Option<u64> {
             .map(|r| r["packets"].as_u64().unwrap())
             .sum(),
     )
-}
-
-/// GET on the agent's HTTP port (its default, in the node namespace): (code, body).
-fn http_get(ns: &NetNs, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    ns.run(|| {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9977").expect("agent HTTP port");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let code = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-        (code, body.unwrap_or_default())
-    })
 }
 
 /// The kernel ids of the maps and of x/b's links, as their pins show them.
@@ -199,7 +179,7 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
     assert!(now > shown, "x/b's drop counter stopped: {shown} -> {now}");
     let (ok, out, err) = cli(&dirs, &["status"]);
     assert!(ok && !out.contains("pin problems"), "{out}{err}");
-    assert_eq!(http_get(node.ns(), "/readyz").0, 200);
+    assert_eq!(http_get(node.ns(), HTTP_ADDR, "/readyz").0, 200);
 
     // 3. Another object at one of its paths (CONFIG's map renamed over COUNTERS): the
     // agent does not fight it; it says so until the path is free, then pins COUNTERS.
@@ -220,12 +200,12 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
         out.contains("pin problems") && out.contains("COUNTERS") && out.contains("not the agent's"),
         "{out}"
     );
-    let (code, body) = http_get(node.ns(), "/readyz");
+    let (code, body) = http_get(node.ns(), HTTP_ADDR, "/readyz");
     assert_eq!(
         (code, body.trim()),
         (503, "pins missing and not repairable (see palisade status)")
     );
-    let metrics = http_get(node.ns(), "/metrics").1;
+    let metrics = http_get(node.ns(), HTTP_ADDR, "/metrics").1;
     assert!(
         metrics.lines().any(|l| l == "palisade_pin_problems 1"),
         "{}",
@@ -242,7 +222,7 @@ fn pins_removed_unmounted_or_replaced_under_traffic() {
     let cleared = wait_until(REPAIR, || {
         dirs.status()
             .is_some_and(|s| s["pin_problems"] == serde_json::json!([]))
-            && http_get(node.ns(), "/readyz").0 == 200
+            && http_get(node.ns(), HTTP_ADDR, "/readyz").0 == 200
     });
     assert!(cleared, "problem not cleared: {:?}", dirs.status());
 
@@ -282,14 +262,7 @@ fn without_cap_sys_admin_an_unmounted_bpffs_is_reported_until_mounted_again() {
     let agent = InProcessAgent::spawn_with(node.ns(), cfg, drop_cap_sys_admin_from_this_thread);
     agent.wait_programmed(PROGRAMMED);
     let ids = pinned_ids(&layout, b.host_ifindex());
-    let slot = agent.status().unwrap()["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["pod"] == "x/b")
-        .unwrap()["slot"]
-        .as_u64()
-        .unwrap() as u32;
+    let slot = agent.slot("x/b").unwrap();
     let maps = Maps::open(&layout).unwrap();
     let drops_before = dropped(&maps, slot, Some("ingress"));
     let traffic = Traffic::start(&trio, Duration::from_millis(20)).unwrap();

@@ -79,18 +79,28 @@ impl AgentDirs {
 
     /// The agent's `status.json`, if it wrote one.
     pub fn status(&self) -> Option<Value> {
-        serde_json::from_slice(&std::fs::read(self.run_dir.join("status.json")).ok()?).ok()
+        read_status(&self.run_dir)
     }
 
     /// Slot of `pod` (`ns/name`) in the agent's status.
     pub fn slot(&self, pod: &str) -> Option<u32> {
-        self.status()?["endpoints"]
-            .as_array()?
-            .iter()
-            .find(|e| e["pod"] == pod)?["slot"]
-            .as_u64()
-            .map(|s| s as u32)
+        slot_in(&self.status()?, pod)
     }
+}
+
+/// The `status.json` an agent wrote in `run_dir`, if any.
+pub fn read_status(run_dir: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).ok()?).ok()
+}
+
+/// Slot of `pod` (`ns/name`) in an agent's `status`.
+pub fn slot_in(status: &Value, pod: &str) -> Option<u32> {
+    status["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["pod"] == pod)?["slot"]
+        .as_u64()
+        .map(|s| s as u32)
 }
 
 /// A running `palisade agent`; SIGKILLed on drop (pins stay, as after a crash; the

@@ -10,7 +10,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::netns::NetNs;
+use crate::netns::{output_with_input, NetNs};
 use crate::probe::Family;
 use crate::util::wait_until;
 
@@ -396,30 +396,23 @@ impl NodeInner {
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_ns};K8S_POD_NAME={k8s_pod};\
              K8S_POD_INFRA_CONTAINER_ID={id}"
         );
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                self.ns.name(),
-                &format!("{CNI_PATH}/{plugin}"),
-            ])
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", pod_ns.path())
-            .env("CNI_IFNAME", ifname)
-            .env("CNI_PATH", CNI_PATH)
-            .env("CNI_ARGS", args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning CNI plugin {plugin}"))?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(conf.as_bytes())?;
-        let out = child.wait_with_output()?;
+        let out = output_with_input(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    self.ns.name(),
+                    &format!("{CNI_PATH}/{plugin}"),
+                ])
+                .env("CNI_COMMAND", command)
+                .env("CNI_CONTAINERID", id)
+                .env("CNI_NETNS", pod_ns.path())
+                .env("CNI_IFNAME", ifname)
+                .env("CNI_PATH", CNI_PATH)
+                .env("CNI_ARGS", args),
+            conf,
+        )
+        .with_context(|| format!("CNI plugin {plugin}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             bail!(

@@ -11,7 +11,7 @@ use palisade::dataplane::Layout;
 use palisade::source::SourceSpec;
 use serde_json::Value;
 
-use crate::agent::TempDir;
+use crate::agent::{read_status, slot_in, TempDir};
 use crate::netns::NetNs;
 use crate::pins::PinDir;
 use crate::util::wait_until;
@@ -86,7 +86,12 @@ impl InProcessAgent {
 
     /// The agent's `status.json`, if it wrote one.
     pub fn status(&self) -> Option<Value> {
-        serde_json::from_slice(&std::fs::read(self.run_dir.join("status.json")).ok()?).ok()
+        read_status(&self.run_dir)
+    }
+
+    /// Slot of `pod` (`ns/name`) in the agent's status.
+    pub fn slot(&self, pod: &str) -> Option<u32> {
+        slot_in(&self.status()?, pod)
     }
 
     /// Waits (at most `timeout`) until `check` holds on the status; panics naming `what`
@@ -205,5 +210,18 @@ impl ManifestAgent {
     /// Removes manifest `file`, which must exist.
     pub fn remove(&self, file: &str) {
         std::fs::remove_file(self.manifests.join(file)).expect("removing a manifest");
+    }
+
+    /// [`ManifestAgent::write`]s `file` and waits until every key of `programmed` is
+    /// programmed.
+    pub fn apply(&self, file: &str, contents: &str, programmed: &[&str]) {
+        self.write(file, contents);
+        self.agent.wait_programmed(programmed);
+    }
+
+    /// [`ManifestAgent::remove`]s `file` and waits until `gone` is no longer programmed.
+    pub fn delete(&self, file: &str, gone: &str) {
+        self.remove(file);
+        self.agent.wait_gone(gone);
     }
 }

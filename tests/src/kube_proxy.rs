@@ -24,13 +24,12 @@
 //! Every endpoint has its own port, as a named targetPort resolves per backend. Chains are
 //! named by index, so install once per namespace; the rules go away with the namespace.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 
-use crate::netns::NetNs;
+use crate::netns::{output_with_input, NetNs};
 use crate::probe::Proto;
 
 /// One TCP Service: its ClusterIP and port, and its endpoints (backend IP and port).
@@ -397,20 +396,12 @@ fn check_nodeports(nodeports: &[NodePort]) -> Result<()> {
 
 /// Runs `argv` in `ns` with `input` on its stdin.
 fn feed(ns: &NetNs, argv: &[&str], input: &str) -> Result<()> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .args(argv)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {}", argv.join(" ")))?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
+    let out = output_with_input(
+        Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .args(argv),
+        input,
+    )?;
     if !out.status.success() {
         bail!(
             "{} in {} failed ({}): {}\ninput:\n{input}",

@@ -30,6 +30,7 @@
 pub mod agent;
 pub mod cases;
 pub mod cni;
+pub mod http;
 pub mod inproc;
 pub mod kube_proxy;
 pub mod manifests;

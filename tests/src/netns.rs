@@ -1,10 +1,10 @@
 //! Named network namespaces (`ip netns` compatible) and running code in them.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write as _};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, Once};
 use std::thread::JoinHandle;
@@ -232,6 +232,23 @@ pub(crate) fn run_cmd(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` with `input` on its stdin (a config, a ruleset); its output, whatever the
+/// exit status.
+pub(crate) fn output_with_input(cmd: &mut Command, input: &str) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())?;
+    Ok(child.wait_with_output()?)
 }
 
 #[cfg(test)]

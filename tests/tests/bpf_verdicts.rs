@@ -164,6 +164,16 @@ impl Fx {
         }
     }
 
+    /// [`Fx::run`], then forgets the flow (and fragments) a passed frame left behind: for
+    /// the randomized tests, whose every frame must be judged on the rules alone.
+    fn run_alone(&mut self, hook: Hook, frame: &[u8]) -> (u32, Option<&'static str>) {
+        let r = self.run(hook, frame);
+        if r.0 == TC_ACT_OK {
+            self.forget_flows();
+        }
+        r
+    }
+
     /// Asserts the verdict that `reason` implies and that exactly its counter moved.
     #[track_caller]
     fn expect(&mut self, hook: Hook, frame: &[u8], reason: &str) {
@@ -235,6 +245,24 @@ fn out6(peer: Ipv6Addr, l4: &L4) -> Vec<u8> {
 }
 fn in6(peer: Ipv6Addr, l4: &L4) -> Vec<u8> {
     frame(v6(peer), v6(POD6), l4)
+}
+/// A frame of the pod to `peer`, from the pod's address of `peer`'s family.
+fn out(peer: IpAddr, l4: &L4) -> Vec<u8> {
+    let pod = if peer.is_ipv4() { v4(POD4) } else { v6(POD6) };
+    frame(pod, peer, l4)
+}
+
+/// Whether an allow entry under `prefix` (any protocol, any port of `proto`, a block of
+/// ports around `port`, or `port` alone) covers a packet of `pproto` to `pport`: the
+/// reading of one entry the randomized tests judge the programs against.
+fn entry_covers(prefix: u32, proto: u8, port: u16, pproto: u8, pport: u16) -> bool {
+    if prefix == POLICY_PREFIX_ANY_PROTO {
+        return true;
+    }
+    // The port's leading `bits` bits are significant (none for any port).
+    let bits = prefix - POLICY_PREFIX_ANY_PORT;
+    let mask = u16::MAX.checked_shl(16 - bits).unwrap_or(0);
+    proto == pproto && pport & mask == port & mask
 }
 
 // ---------------------------------------------------------------------------------------

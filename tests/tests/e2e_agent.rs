@@ -2,100 +2,31 @@
 //! the wire, on the upstream e2e netpol model (namespaces x, y, z; pods a, b, c serving 80
 //! and 81), on a bridged and a routed node made by the CNI plugins.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use palisade::source::SourceSpec;
-use palisade_tests::agent::TempDir;
 use palisade_tests::cases::{ALLOW_A_FROM_Y_ON_NAMED_80, DENY_EGRESS_Z_C, DENY_INGRESS_X};
-use palisade_tests::inproc::{self, InProcessAgent};
-use palisade_tests::pins::PinDir;
+use palisade_tests::http::{http_get, sample};
+use palisade_tests::inproc::ManifestAgent;
 use palisade_tests::{require_root, Flavour, Model, Proto};
 
 const NODE: &str = "n1";
 const HTTP_ADDR: &str = "127.0.0.1:9977";
 
-/// GET on the agent's HTTP port from inside the node namespace: (status code, body).
-fn http_get(model: &Model, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    model.node().ns().run(|| {
-        let mut s = std::net::TcpStream::connect(HTTP_ADDR).expect("agent HTTP port");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let code = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (code, body)
-    })
-}
-
-/// The value of the first sample of `metric` whose line contains every label in `labels`.
-fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// The agent running in the node's namespace on its own thread; stopped on drop.
-struct AgentGuard {
-    agent: InProcessAgent,
-    manifests: PathBuf,
-    // Dropped after the agent: removes the pins and directories once it has stopped.
-    pins: PinDir,
-    _tmp: TempDir,
-}
-
-impl AgentGuard {
-    fn start(model: &Model, tag: &str) -> AgentGuard {
-        let pins = PinDir::new(tag);
-        let tmp = TempDir::new(&format!("e2e-{tag}")).unwrap();
-        let manifests = tmp.path().join("manifests");
-        let run_dir = tmp.path().join("run");
-        std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::write(manifests.join("00-model.yaml"), model_yaml(model)).unwrap();
-        let mut cfg = inproc::config(
-            NODE,
-            SourceSpec::Manifests(manifests.clone()),
-            pins.layout(),
-            &run_dir,
-        );
+/// The agent in the node's namespace on the model's objects, serving HTTP; waits for the
+/// model's pods to be programmed.
+fn start_agent(model: &Model, tag: &str) -> ManifestAgent {
+    let agent = ManifestAgent::spawn(
+        model.node().ns(),
+        NODE,
+        &format!("e2e-{tag}"),
+        &[("00-model.yaml", &model_yaml(model))],
         // The node namespace has its own loopback, so the port cannot collide.
-        cfg.http_addr = Some(HTTP_ADDR.parse().unwrap());
-        let g = AgentGuard {
-            agent: InProcessAgent::spawn(model.node().ns(), cfg),
-            manifests,
-            pins,
-            _tmp: tmp,
-        };
-        g.agent.wait_programmed(&["Pod/x/a", "Pod/z/c"]);
-        g
-    }
-
-    fn apply(&self, file: &str, yaml: &str, keys: &[&str]) {
-        std::fs::write(self.manifests.join(file), yaml).unwrap();
-        self.agent.wait_programmed(keys);
-    }
-
-    fn delete(&self, file: &str, gone: &str) {
-        std::fs::remove_file(self.manifests.join(file)).unwrap();
-        self.agent.wait_gone(gone);
-    }
+        |cfg| cfg.http_addr = Some(HTTP_ADDR.parse().unwrap()),
+    );
+    agent.agent.wait_programmed(&["Pod/x/a", "Pod/z/c"]);
+    agent
 }
 
 /// The first drop event of `pod` in the ring buffer, through `palisade monitor`'s code.
-fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Event {
+fn first_drop_event(agent: &ManifestAgent, pod: &str) -> palisade::cli::monitor::Event {
     use palisade::cli::monitor::{stream, MonitorArgs};
     let args = MonitorArgs {
         filters: palisade::cli::Filters {
@@ -107,7 +38,7 @@ fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Ev
         count: Some(1),
         duration: Some(10.0),
         dirs: palisade::cli::Dirs {
-            bpffs_dir: agent.pins.layout().root().to_owned(),
+            bpffs_dir: agent.layout().root().to_owned(),
             run_dir: agent.agent.run_dir().to_owned(),
         },
     };
@@ -126,7 +57,7 @@ fn first_drop_event(agent: &AgentGuard, pod: &str) -> palisade::cli::monitor::Ev
 
 /// `palisade explain SRC DST PORT` with no --manifests, in the node's namespace, as a user
 /// on the node runs it: the verdict it prints.
-fn explain_live(model: &Model, agent: &AgentGuard, src: &str, dst: &str, port: &str) -> bool {
+fn explain_live(model: &Model, agent: &ManifestAgent, src: &str, dst: &str, port: &str) -> bool {
     use clap::Parser as _;
     let run_dir = agent.agent.run_dir().to_str().unwrap();
     let cli = palisade::cli::Cli::try_parse_from([
@@ -169,7 +100,7 @@ fn model_yaml(model: &Model) -> String {
 fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     require_root();
     let model = Model::new(tag, flavour).unwrap();
-    let agent = AgentGuard::start(&model, tag);
+    let agent = start_agent(&model, tag);
 
     model.assert_reach(&model.expect(true), 80, Proto::Tcp);
 
@@ -186,9 +117,9 @@ fn policies_change_the_matrix(flavour: Flavour, tag: &str) {
     model.assert_reach(&want, 80, Proto::Tcp);
 
     // The drops just probed show on /metrics under the pod's name, and the agent is ready.
-    assert_eq!(http_get(&model, "/readyz").0, 200);
-    assert_eq!(http_get(&model, "/healthz").0, 200);
-    let (code, text) = http_get(&model, "/metrics");
+    assert_eq!(http_get(model.node().ns(), HTTP_ADDR, "/readyz").0, 200);
+    assert_eq!(http_get(model.node().ns(), HTTP_ADDR, "/healthz").0, 200);
+    let (code, text) = http_get(model.node().ns(), HTTP_ADDR, "/metrics");
     assert_eq!(code, 200);
     let dropped = sample(
         &text,

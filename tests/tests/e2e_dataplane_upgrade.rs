@@ -101,6 +101,10 @@ impl Agent {
     fn stop(self) {
         self.0.stop();
     }
+
+    fn slot(&self, pod: &str) -> u32 {
+        self.0.slot(pod).unwrap()
+    }
 }
 
 struct Dirs {
@@ -123,20 +127,6 @@ impl Dirs {
         manifests::write(&dirs.manifests, "10-policies.yaml", POLICIES).unwrap();
         dirs
     }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        serde_json::from_slice(&std::fs::read(self.run.join("status.json")).ok()?).ok()
-    }
-
-    fn slot(&self, pod: &str) -> u32 {
-        self.status().unwrap()["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["pod"] == pod)
-            .and_then(|e| e["slot"].as_u64())
-            .unwrap() as u32
-    }
 }
 
 fn conntrack_size(layout: &Layout) -> u32 {
@@ -156,7 +146,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     let root = pins.path();
     let v1 = Layout::with_version(&root, 1);
     let agent = Agent::start(&node, v1.clone(), &dirs, 65_536, ALLOWING);
-    let (slot_a, slot_b) = (dirs.slot("x/a"), dirs.slot("x/b"));
+    let (slot_a, slot_b) = (agent.slot("x/a"), agent.slot("x/b"));
     let maps_v1 = map_ids(&v1);
     assert_eq!(maps_v1.len(), names::PINNED.len());
     let links_v1: Vec<_> = Hook::ALL
@@ -233,7 +223,7 @@ fn upgrade_under_traffic(flavour: Flavour, tag: &str) {
     let counted = || denied_in_b(&maps) - drops_before;
     report.assert_enforced_throughout(tag, &trio, counted);
     assert_eq!(quiet(&maps), quiet_before, "drops on the allowed path");
-    assert_eq!((dirs.slot("x/a"), dirs.slot("x/b")), (slot_a, slot_b));
+    assert_eq!((agent.slot("x/a"), agent.slot("x/b")), (slot_a, slot_b));
     agent.stop();
 }
 
@@ -329,7 +319,7 @@ fn upgrade_from_layout_1_rebuilds_the_identity_and_allow_maps_split_under_traffi
     let root = pins.path();
     let v1 = Layout::with_version(&root, 1);
     let agent = Agent::start(&node, v1.clone(), &dirs, 65_536, ALLOWING);
-    let slot_b = dirs.slot("x/b");
+    let slot_b = agent.slot("x/b");
     let nets_v1 = identity_nets(&Maps::open(&v1).unwrap());
     let policy_v1 = Maps::open(&v1).unwrap().policy.keys().count();
     assert!(policy_v1 > 0);

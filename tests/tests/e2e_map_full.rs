@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use palisade::dataplane::Maps;
 use palisade_common::maps as names;
+use palisade_tests::http;
 use palisade_tests::inproc::{ManifestAgent, PROGRAM_TIMEOUT};
 use palisade_tests::manifests;
 use palisade_tests::probe::{expecting_reply, tcp_connect, ProbeError};
@@ -86,27 +87,14 @@ impl Agent {
 
 /// GET /metrics from inside the node namespace.
 fn metrics(node: &Node) -> String {
-    use std::io::{Read as _, Write as _};
-    node.ns().run(|| {
-        let mut s = std::net::TcpStream::connect(HTTP_ADDR).expect("agent HTTP port");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        resp
-    })
+    let (code, text) = http::http_get(node.ns(), HTTP_ADDR, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    text
 }
 
 /// The value of `metric{map="<map>"}`.
 fn sample(text: &str, metric: &str, map: &str) -> Option<f64> {
-    let label = format!("map=\"{map}\"");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(&label))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    http::sample(text, metric, &[&format!("map=\"{map}\"")])
 }
 
 fn passes(from: &Pod, to: &Pod, port: u16) -> bool {
@@ -161,10 +149,11 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
         objects += &manifests::pod(p, NODE);
     }
     let agent = Agent::start(&node, "mfpol", &[(names::POLICY_EXACT, 2)], &objects, true);
-    agent.write("10-srv.yaml", SRV_FROM_CLI);
-    agent
-        .agent
-        .wait_programmed(&["NetworkPolicy/x/srv-from-cli", "Pod/x/srv"]);
+    agent.apply(
+        "10-srv.yaml",
+        SRV_FROM_CLI,
+        &["NetworkPolicy/x/srv-from-cli", "Pod/x/srv"],
+    );
     assert!(
         passes(&cli, &srv, 80),
         "x/cli -> x/srv:80 before POLICY is full"
@@ -238,8 +227,7 @@ fn policy_full_isolates_allows_what_fits_reports_and_recovers() {
         "{text}"
     );
     // And removing the extra policy opens y/oth again.
-    agent.remove("20-oth.yaml");
-    agent.agent.wait_gone("NetworkPolicy/y/oth-from-cli");
+    agent.delete("20-oth.yaml", "NetworkPolicy/y/oth-from-cli");
     assert!(passes(&cli, &oth, 82), "y/oth is no longer isolated");
 }
 
@@ -293,10 +281,11 @@ fn identity_full_never_lets_an_excepted_address_in() {
     // How many entries IDENTITY4_CIDR holds with `any`, on a first agent.
     let full = {
         let first = Agent::start(&node, "mfid0", &[], &objects, false);
-        first.write("10-any.yaml", &any);
-        first
-            .agent
-            .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
+        first.apply(
+            "10-any.yaml",
+            &any,
+            &["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"],
+        );
         let maps = Maps::open(&first.layout()).unwrap();
         // The except is a shorter-than-host prefix: it goes to the CIDR trie.
         let n = maps.identity_v4.trie.keys().filter_map(Result::ok).count() as u32;
@@ -309,10 +298,11 @@ fn identity_full_never_lets_an_excepted_address_in() {
         &objects,
         true,
     );
-    agent.write("10-any.yaml", &any);
-    agent
-        .agent
-        .wait_programmed(&["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"]);
+    agent.apply(
+        "10-any.yaml",
+        &any,
+        &["Pod/x/srv", "Pod/y/oth", "NetworkPolicy/x/any"],
+    );
     assert!(passes(&stranger, &srv, 80), "x/any admits the stranger");
     assert!(dropped(&stranger, &srv, 81), "nothing admits port 81 yet");
 

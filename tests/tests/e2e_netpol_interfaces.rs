@@ -280,7 +280,6 @@ fn isolated_from_the_first_packet(flavour: Flavour, tag: &str, ip_known: bool) {
         };
         bed.agent.wait_status("the quarantine listed", listed);
         obj = bed.put(pod("x", "new", &new_labels, &[v4.into(), v6.into()], 0));
-        bed.agent.wait(&[programmed(&obj)]);
         bed.agent
             .wait_status("the quarantine lifted", |s| !listed(s));
     }

@@ -6,7 +6,7 @@
 //! The client may egress only to app=db on TCP 5432 (the Services' targetPort; their port
 //! is 80): a connection to a ClusterIP succeeds exactly when kube-proxy picked a db backend.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
@@ -15,10 +15,10 @@ use palisade_common::{
     Config, Endpoint, IdentityValue, PolicyKey, SvcConfig, DIR_EGRESS, DIR_INGRESS,
     EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, POLICY_PREFIX_FULL, PROTO_TCP, SVC_DEFAULT_MARK_MASK,
 };
-use palisade_tests::kube_proxy::{install_iptables, Service};
+use palisade_tests::kube_proxy::{install_iptables_ports, install_nftables, ServicePort};
 use palisade_tests::netns::NetNs;
 use palisade_tests::pins::PinDir;
-use palisade_tests::{require_root, tcp_connect, Family, Node, ProbeError, Server};
+use palisade_tests::{require_root, tcp_connect, Family, Node, ProbeError, Proto, Server};
 
 const T: Duration = Duration::from_millis(700);
 const SVC_PORT: u16 = 80;
@@ -41,59 +41,26 @@ fn cip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 128, n)
 }
 
-/// kube-proxy (iptables mode) rules for `services` (ClusterIP, backends), every backend
-/// on [`TARGET_PORT`].
-fn iptables_rules(ns: &NetNs, services: &[(Ipv4Addr, Vec<Ipv4Addr>)]) {
-    let services: Vec<Service> = services
+/// kube-proxy's rules for `services` (ClusterIP, backends) in `ns`, in `mode`: TCP on
+/// [`SVC_PORT`], every backend on [`TARGET_PORT`].
+fn kube_proxy_rules(ns: &NetNs, mode: Mode, services: &[(Ipv4Addr, Vec<Ipv4Addr>)]) {
+    let ports: Vec<ServicePort> = services
         .iter()
-        .map(|(vip, eps)| Service {
-            cluster_ip: *vip,
+        .map(|(vip, eps)| ServicePort {
+            cluster_ip: (*vip).into(),
+            proto: Proto::Tcp,
             port: SVC_PORT,
             endpoints: eps
                 .iter()
-                .map(|ep| SocketAddrV4::new(*ep, TARGET_PORT))
+                .map(|ep| SocketAddr::new((*ep).into(), TARGET_PORT))
                 .collect(),
         })
         .collect();
-    install_iptables(ns, &services).unwrap();
-}
-
-/// kube-proxy (nftables mode) rules: a `service-ips` verdict map and per-service chains
-/// that pick an endpoint with `numgen random`.
-fn nftables_rules(ns: &NetNs, tag: &str, services: &[(Ipv4Addr, Vec<Ipv4Addr>)]) {
-    let mut s = String::from("table ip kube-proxy {\n");
-    let elements: Vec<String> = services
-        .iter()
-        .enumerate()
-        .map(|(i, (vip, _))| format!("{vip} . tcp . {SVC_PORT} : goto service-{i}"))
-        .collect();
-    s += &format!(
-        "  map service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; elements = {{ {} }} }}\n",
-        elements.join(", ")
-    );
-    s += "  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }\n";
-    s += "  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n";
-    for (i, (_, eps)) in services.iter().enumerate() {
-        let arms: Vec<String> = (0..eps.len())
-            .map(|j| format!("{j} : goto endpoint-{i}-{j}"))
-            .collect();
-        s += &format!(
-            "  chain service-{i} {{ numgen random mod {} vmap {{ {} }}; }}\n",
-            eps.len(),
-            arms.join(", ")
-        );
-        for (j, ep) in eps.iter().enumerate() {
-            s += &format!(
-                "  chain endpoint-{i}-{j} {{ meta l4proto tcp dnat to {ep}:{TARGET_PORT}; }}\n"
-            );
-        }
+    match mode {
+        Mode::Iptables => install_iptables_ports(ns, &ports),
+        Mode::Nftables => install_nftables(ns, &ports),
     }
-    s += "}\n";
-    let path = std::env::temp_dir().join(format!("palisade-{tag}-{}.nft", std::process::id()));
-    std::fs::write(&path, s).unwrap();
-    let r = ns.exec(&["nft", "-f", path.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&path);
-    r.unwrap();
+    .unwrap();
 }
 
 fn v4(ip: IpAddr) -> Ipv4Addr {
@@ -137,10 +104,7 @@ fn scenario(mode: Mode, tag: &str) {
         (cip(13), vec![d1, w1]), // one allowed, one denied (local)
         (cip(14), vec![d2, w1]), // one allowed (remote), one denied
     ];
-    match mode {
-        Mode::Iptables => iptables_rules(a.ns(), &services),
-        Mode::Nftables => nftables_rules(a.ns(), tag, &services),
-    }
+    kube_proxy_rules(a.ns(), mode, &services);
     let connect = |vip: Ipv4Addr| tcp_connect(client.ns(), IpAddr::V4(vip), SVC_PORT, T);
     // kube-proxy's rules work before Palisade is there.
     assert_eq!(connect(cip(12)).as_deref(), Ok("x/web1"));

@@ -67,40 +67,30 @@ fn allow_egress(name: &str, app: &str, port: &str) -> String {
     )
 }
 
-/// The agent running in-process in a node's namespace on its own manifest directory.
-struct Agent(ManifestAgent);
-
-impl Agent {
-    /// Starts the agent of `node` (named `node_name`) on `yaml`, with service egress
-    /// deferral for [`SERVICE_CIDR`] and `uplink`; returns once `keys` are programmed.
-    fn start(node: &Node, node_name: &str, uplink: &str, yaml: &str, keys: &[&str]) -> Agent {
-        let tag = node.ns().name().to_string();
-        let m = ManifestAgent::spawn(
-            node.ns(),
-            node_name,
-            &tag,
-            &[("00-objects.yaml", yaml)],
-            |cfg| {
-                cfg.services = ServiceOptions {
-                    cidrs: vec![SERVICE_CIDR.parse().unwrap()],
-                    mark_mask: SVC_DEFAULT_MARK_MASK,
-                    uplinks: vec![uplink.to_string()],
-                }
-            },
-        );
-        m.agent.wait_programmed(keys);
-        Agent(m)
-    }
-
-    fn apply(&self, file: &str, yaml: &str, key: &str) {
-        self.0.write(file, yaml);
-        self.0.agent.wait_programmed(&[key]);
-    }
-
-    fn delete(&self, file: &str, key: &str) {
-        self.0.remove(file);
-        self.0.agent.wait_gone(key);
-    }
+/// Starts the agent of `node` (named `node_name`) on `yaml`, with service egress deferral
+/// for [`SERVICE_CIDR`] and `uplink`; returns once `keys` are programmed.
+fn start_agent(
+    node: &Node,
+    node_name: &str,
+    uplink: &str,
+    yaml: &str,
+    keys: &[&str],
+) -> ManifestAgent {
+    let agent = ManifestAgent::spawn(
+        node.ns(),
+        node_name,
+        node.ns().name(),
+        &[("00-objects.yaml", yaml)],
+        |cfg| {
+            cfg.services = ServiceOptions {
+                cidrs: vec![SERVICE_CIDR.parse().unwrap()],
+                mark_mask: SVC_DEFAULT_MARK_MASK,
+                uplinks: vec![uplink.to_string()],
+            }
+        },
+    );
+    agent.agent.wait_programmed(keys);
+    agent
 }
 
 fn connect(client: &Pod, vip: Ipv4Addr) -> Result<String, ProbeError> {
@@ -167,7 +157,7 @@ fn agent_judges_service_egress_on_the_backend_with_kube_proxy_iptables() {
         pod_yaml(&db2, NODE_B, "db", &[]),
     ]
     .concat();
-    let agent = Agent::start(
+    let agent = start_agent(
         &a,
         NODE_A,
         underlay.ifname(),
@@ -183,7 +173,7 @@ fn agent_judges_service_egress_on_the_backend_with_kube_proxy_iptables() {
     agent.apply(
         "10-db.yaml",
         &allow_egress("allow-db", "db", "5432"),
-        "NetworkPolicy/x/allow-db",
+        &["NetworkPolicy/x/allow-db"],
     );
     assert_eq!(
         connect(&client, cip(40)).as_deref(),
@@ -202,7 +192,7 @@ fn agent_judges_service_egress_on_the_backend_with_kube_proxy_iptables() {
     agent.apply(
         "20-web.yaml",
         &allow_egress("allow-web", "web", "5432"),
-        "NetworkPolicy/x/allow-web",
+        &["NetworkPolicy/x/allow-web"],
     );
     assert_eq!(connect(&client, cip(42)).as_deref(), Ok("x/web1"), "web");
     let (answered, blocked) = spread(&client, cip(43));
@@ -270,7 +260,7 @@ fn service_egress_follows_each_backends_own_target_port() {
         pod_yaml(&dbc, NODE_B, "db", &[("db", 6432)]),
     ]
     .concat();
-    let agent = Agent::start(
+    let agent = start_agent(
         &a,
         NODE_A,
         underlay.ifname(),
@@ -282,7 +272,7 @@ fn service_egress_follows_each_backends_own_target_port() {
     agent.apply(
         "10-num.yaml",
         &allow_egress("allow-5432", "db", "5432"),
-        "NetworkPolicy/x/allow-5432",
+        &["NetworkPolicy/x/allow-5432"],
     );
     assert_eq!(connect(&client, cip(50)).as_deref(), Ok("x/dba"), "A:5432");
     assert_eq!(
@@ -306,7 +296,7 @@ fn service_egress_follows_each_backends_own_target_port() {
     agent.apply(
         "20-named.yaml",
         &allow_egress("allow-named", "db", "db"),
-        "NetworkPolicy/x/allow-named",
+        &["NetworkPolicy/x/allow-named"],
     );
     agent.delete("10-num.yaml", "NetworkPolicy/x/allow-5432");
     assert_eq!(connect(&client, cip(50)).as_deref(), Ok("x/dba"), "A:5432");

@@ -371,8 +371,11 @@ pub fn unavailable() -> serde_json::Value {
            "reason": "ServiceUnavailable", "code": 503})
 }
 
-/// The 410 of a resume point the API server no longer has.
+/// The 410 of a resume point the API server no longer has: the Status of the
+/// `watch-error-gone.jsonl` fixture's ERROR event (read relative to this file, so that
+/// tests/tests/e2e_kube.rs, which includes it, finds it too).
 pub fn gone() -> serde_json::Value {
-    serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": "too old resource version: 1000 (1423)", "reason": "Expired", "code": 410})
+    let event: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/kube/watch-error-gone.jsonl")).unwrap();
+    event["object"].clone()
 }
