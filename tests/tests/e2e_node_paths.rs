@@ -43,6 +43,7 @@ use std::time::Duration;
 use common::{labels, namespace, pod, policy, programmed, Agent, ProxyMode};
 use palisade::dataplane::{read_counters, Maps, ServiceOptions};
 use palisade_common::SVC_DEFAULT_MARK_MASK;
+use palisade_tests::agent::slot_in;
 use palisade_tests::kube_proxy::{NodePort, TrafficPolicy};
 use palisade_tests::probe::expecting_reply;
 use palisade_tests::{require_root, tcp_connect, Family, Flavour, NetNs, Node, ProbeError, Proto};
@@ -196,11 +197,7 @@ impl Drop for PeerEcho {
 /// Packets of `pod` counted under `reason` in `direction` by the pinned counters.
 fn counted(agent: &Agent, pod: &str, direction: &str, reason: &str) -> u64 {
     let status = agent.status().unwrap();
-    let slot = status["endpoints"]
-        .as_array()
-        .and_then(|eps| eps.iter().find(|e| e["pod"] == pod))
-        .and_then(|e| e["slot"].as_u64())
-        .unwrap_or_else(|| panic!("{pod} has no slot: {status}")) as u32;
+    let slot = slot_in(&status, pod).unwrap_or_else(|| panic!("{pod} has no slot: {status}"));
     let maps = Maps::open(&agent.layout()).unwrap();
     read_counters(&maps, Some(&[slot]))
         .unwrap()
